@@ -1,0 +1,38 @@
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit lint bench vllm proto clean
+
+setup: $(VENV)/.installed
+	@bash deploy/node-setup.sh
+
+# The venv comes from Debian's python3 with the system site packages, so that
+# Debian's bcc (python3-bpfcc) imports; everything else comes from PyPI.
+$(VENV)/.installed: pyproject.toml
+	@[ $$(id -u) -eq 0 ] || { echo "make setup needs root (apt, bpffs, cgroups)"; exit 1; }
+	@bash deploy/node-setup.sh
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/kvroute lab demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check dataplane controller lab tests
+	$(VENV)/bin/mypy dataplane controller lab
+
+bench: setup
+	$(PY) -m dataplane.bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

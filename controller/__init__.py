@@ -1,0 +1,1 @@
+"""kvroute controller: discovery, engine load, breakers, policy and snapshots."""

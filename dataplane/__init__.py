@@ -1,0 +1,1 @@
+"""kvroute node dataplane: eBPF programs, the agent that owns them, and the CLI."""

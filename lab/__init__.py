@@ -1,0 +1,1 @@
+"""A one-machine lab of network namespaces: GPU pods, clients, engines and traffic."""
