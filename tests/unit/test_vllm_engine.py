@@ -33,6 +33,7 @@ def test_argv_defaults_are_the_measured_tiny_cpu_recipe() -> None:
     assert _opt(args, "--max-model-len") == "512"
     assert _opt(args, "--kv-cache-memory-bytes") == str(8 * 1024 * 1024)
     assert _opt(args, "--distributed-executor-backend") == "uni"
+    assert _opt(args, "--block-size") == "32"
     assert "--enable-prefix-caching" in args
     assert "--no-enable-prefix-caching" not in args
     assert "--max-num-seqs" not in args
@@ -44,6 +45,7 @@ def test_argv_options_and_extra_arguments() -> None:
         9000,
         max_model_len=256,
         kv_cache_bytes=4096 * 16,
+        block_size=64,
         max_num_seqs=4,
         prefix_caching=False,
         served_model_name="m2",
@@ -52,6 +54,7 @@ def test_argv_options_and_extra_arguments() -> None:
     assert _opt(args, "--max-model-len") == "256"
     assert _opt(args, "--kv-cache-memory-bytes") == "65536"
     assert _opt(args, "--max-num-seqs") == "4"
+    assert _opt(args, "--block-size") == "64"
     assert _opt(args, "--served-model-name") == "m2"
     assert "--no-enable-prefix-caching" in args
     assert "--enable-prefix-caching" not in args
@@ -62,6 +65,12 @@ def test_argv_options_and_extra_arguments() -> None:
 def test_argv_rejects_bad_port(port: int) -> None:
     with pytest.raises(ValueError):
         vllm_engine.argv("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("block_size", [0, 16, 48])
+def test_argv_rejects_block_sizes_the_cpu_backend_refuses(block_size: int) -> None:
+    with pytest.raises(ValueError):
+        vllm_engine.argv("127.0.0.1", 9000, block_size=block_size)
 
 
 def test_argv_rejects_empty_cache() -> None:
