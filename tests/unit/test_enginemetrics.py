@@ -5,6 +5,7 @@ prometheus-client itself round-trip)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -389,3 +390,14 @@ def test_pages_rendered_by_prometheus_client_round_trip(
     hi = next((b for b in TTFT_BOUNDS if true_median <= b), TTFT_BOUNDS[-1])
     lo = max((b for b in bounds if b < hi), default=0.0)
     assert lo - 1e-12 <= load.ttft_p50 <= hi + 1e-12
+
+
+_CAPTURED = Path(__file__).resolve().parents[1] / "data" / "vllm_metrics_0.32.txt"
+
+
+@pytest.mark.skipif(not _CAPTURED.exists(), reason="captured vLLM 0.32 page not in the tree")
+def test_page_captured_from_a_real_vllm_parses() -> None:
+    load = em.parse(_CAPTURED.read_text())
+    assert load.kv_family == em.KV_USAGE and load.engines >= 1
+    assert load.ttft_count is not None and load.ttft_count == load.ttft_buckets[-1][1]
+    assert math.isinf(load.ttft_buckets[-1][0])
