@@ -9,7 +9,10 @@ Layout of a lab with tag ``T`` on subnet ``S`` (all names start with ``kvr`` + t
     cgroup: <cgroup2 root>/kvrT-clients-<random>   (for client processes)
 
 Everything is L2 on the one bridge, so no forwarding or NAT is touched on the host, and the
-only addresses involved are the lab's own.
+only addresses involved are the lab's own. One host setting can still interfere: with
+br_netfilter loaded (net.bridge.bridge-nf-call-iptables=1), bridged client→pod frames pass the
+host's iptables FORWARD chain, so a host whose FORWARD policy is DROP (Docker sets that) blocks
+them; host→pod traffic is local and unaffected.
 
 Teardown keeps a registry of undo steps, pushed right after each thing is made, run newest
 first; every step tolerates what is already gone. A failure half-way through up() or add_pod()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,19 @@ def start_podservers(pods: list[lab.netns.Pod]) -> list[subprocess.Popen[bytes]]
     return procs
 
 
+def two_requests_one_connection(address: str) -> bytes:
+    """HTTP/1.1 keeps the connection for the first request; the second asks to close."""
+    with socket.create_connection((address, PORT), timeout=2) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
 def connect_loop(address: str, count: int) -> list[str]:
     return [lab.podserver.ask(address, PORT) for _ in range(count)]
 
@@ -168,6 +182,9 @@ def test_podservers_answer_clients_and_host_with_their_own_name(make_lab: MakeLa
     start_podservers(pods)
     for p in pods:
         assert client.call(lab.podserver.ask, str(p.address), PORT) == p.name
+    both = client.call(two_requests_one_connection, str(pods[1].address))
+    assert both.count(b"HTTP/1.1 200 OK\r\nX-Pod: gpu1\r\n") == 2
+    assert b"Connection: keep-alive" in both and both.endswith(b"Connection: close\r\n\r\ngpu1")
     # The host reaches pods through the bridge, with no route added by hand.
     assert lab.podserver.ask(str(pods[2].address), PORT) == "gpu2"
     # Many sequential connects in one forked call, all landing on the pod asked.
