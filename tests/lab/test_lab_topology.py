@@ -259,6 +259,22 @@ def test_a_lab_on_a_subnet_in_use_fails_and_leaves_nothing(make_lab: MakeLab) ->
     clash.down()
 
 
+def test_up_failing_after_the_bridge_removes_the_bridge(
+    make_lab: MakeLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_cgroup(name: str, parent: Path | None = None) -> lab.cgroup.Cgroup:
+        raise lab.cgroup.CgroupError("injected: cgroup creation refused")
+
+    monkeypatch.setattr(lab.cgroup.Cgroup, "create", no_cgroup)
+    broken = lab.netns.Lab(free_subnet())  # make_lab is only asked for its root check here
+    try:
+        with pytest.raises(lab.cgroup.CgroupError, match="injected"):
+            broken.up()
+        assert leftovers(broken.names) == NOTHING
+    finally:
+        broken.down()
+
+
 def test_add_pod_failing_half_way_removes_what_it_made(make_lab: MakeLab) -> None:
     one = make_lab()
     # Occupy the name the first veth will want, so add_pod fails after making the netns.
