@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * kvroute ABI: every struct, enum, flag and counter slot shared between the
+ * eBPF programs and the Python agent. Python gets these layouts from bcc's
+ * own type information (table.Key / table.Leaf); dataplane/abi.py mirrors the
+ * constants and a test compares both field by field.
+ *
+ * Layout rules: fixed-width types only, explicit pad fields, no implicit
+ * trailing padding in any hash key, a size assertion on every struct. A layout
+ * change gets a new map name suffix (_v2) instead of an in-place migration.
+ */
+#ifndef __KVR_ABI_H
+#define __KVR_ABI_H
+
+/* setsockopt(SOL_KVROUTE, KVROUTE_SESSION, &u64, 8): tag a socket with a
+ * session hash before connect(). Caught by cgroup/setsockopt, never seen by
+ * the kernel's own socket code. 0x6b76 is "kv"; real SOL_* levels are < 0x200. */
+#define KVR_SOL_KVROUTE		0x6b76
+#define KVR_SO_SESSION		1
+
+/* How a service derives the key that picks a backend. */
+enum kvr_affinity {
+	KVR_AFF_NONE	= 0,	/* random backend per connection */
+	KVR_AFF_CLIENT	= 1,	/* network-namespace cookie (the pod), with a timeout */
+	KVR_AFF_SESSION	= 2,	/* u64 the client put on its socket; untagged -> client */
+};
+
+/* Backend state as user space set it. The kernel adds its own breaker trip
+ * (struct kvr_health.flags & KVR_HEALTH_TRIPPED), which reads as "open". */
+enum kvr_be_state {
+	KVR_BE_ACTIVE	= 0,	/* chosen normally */
+	KVR_BE_DRAINING	= 1,	/* no new connections; sessions move on their next connect */
+	KVR_BE_OPEN	= 2,	/* breaker open: never chosen */
+	KVR_BE_PROBING	= 3,	/* half-open: admitted for probe_milli/1000 of picks */
+};
+
+/* struct kvr_svc.flags */
+#define KVR_SVC_F_SATURATED	(1U << 0)	/* every engine saturated: fail fast */
+
+/* struct kvr_svc.eps_milli value that disables the bounded-load check. */
+#define KVR_EPS_OFF		0xffff
+
+/* Key of kvr_svc_v1 (services) and kvr_be_addr (backend reverse lookup). */
+struct kvr_l4_key {
+	__be32	addr;		/* IPv4 address, network order */
+	__be16	port;		/* L4 port, network order */
+	__u8	proto;		/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8	pad;		/* always 0: part of the hash key */
+};
+_Static_assert(sizeof(struct kvr_l4_key) == 8, "kvr_l4_key size");
+
+/* Value of kvr_svc_v1: one per Service VIP:port/proto. */
+struct kvr_svc {
+	__u32	id;		/* agent-local service id, keys every per-service map */
+	__u32	table_size;	/* M: entries in this service's Maglev table */
+	__u32	aff_timeout;	/* affinity entry lifetime, seconds (client and session) */
+	__u16	eps_milli;	/* bounded-load epsilon x1000, KVR_EPS_OFF disables */
+	__u16	probe_milli;	/* share of picks a probing backend accepts, x1000 */
+	__u8	affinity;	/* enum kvr_affinity */
+	__u8	flags;		/* KVR_SVC_F_* */
+	__u16	n_backends;	/* members, for people reading the map */
+	__u32	pad;
+	__u64	revision;	/* hash of the desired service: a restarted agent diffs on it */
+};
+_Static_assert(sizeof(struct kvr_svc) == 32, "kvr_svc size");
+
+/* Value of kvr_be_v1: one per backend endpoint, shared by the services it serves. */
+struct kvr_backend {
+	__be32	addr;		/* pod IPv4, network order */
+	__be16	port;		/* pod port, network order */
+	__u8	proto;		/* IPPROTO_* */
+	__u8	state;		/* enum kvr_be_state */
+};
+_Static_assert(sizeof(struct kvr_backend) == 8, "kvr_backend size");
+
+/* Key of kvr_member: a backend belongs to a service (affinity hits check it). */
+struct kvr_member_key {
+	__u32	svc_id;
+	__u32	be_id;
+};
+_Static_assert(sizeof(struct kvr_member_key) == 8, "kvr_member_key size");
+
+/* Value of kvr_health: the kernel's own view of a backend, written by sockops. */
+struct kvr_health {
+	__u32	consec_fail;	/* failed connects since the last established one */
+	__u32	flags;		/* KVR_HEALTH_* */
+	__u32	srtt_us;	/* smoothed RTT of established connections, microseconds */
+	__u32	pad;
+	__u64	tripped_ns;	/* bpf_ktime_get_ns() when the kernel tripped it, 0 if not */
+};
+_Static_assert(sizeof(struct kvr_health) == 24, "kvr_health size");
+
+#define KVR_HEALTH_TRIPPED	(1U << 0)	/* K consecutive failed connects: treat as open */
+
+/* Key of kvr_affinity. */
+struct kvr_aff_key {
+	__u32	svc_id;
+	__u32	pad;
+	__u64	key;		/* session hash or network-namespace cookie */
+};
+_Static_assert(sizeof(struct kvr_aff_key) == 16, "kvr_aff_key size");
+
+/* Value of kvr_affinity. */
+struct kvr_aff_val {
+	__u32	be_id;
+	__u32	pad;
+	__u64	last_ns;	/* bpf_ktime_get_ns() of the last connect that used it */
+};
+_Static_assert(sizeof(struct kvr_aff_val) == 16, "kvr_aff_val size");
+
+/* Socket-local storage (kvr_sk): the session tag and the translation made. */
+struct kvr_sk {
+	__u64	session;	/* 0: untagged */
+	__be32	vip;		/* original destination, for getpeername */
+	__be16	vport;
+	__u8	flags;		/* KVR_SK_* */
+	__u8	pad;
+	__u32	be_id;		/* backend chosen at connect() */
+	__u32	pad2;
+};
+_Static_assert(sizeof(struct kvr_sk) == 24, "kvr_sk size");
+
+#define KVR_SK_XLATED		(1U << 0)	/* connect() was translated: reverse getpeername */
+
+/* Value of kvr_svc_name: the service's name, for people (never read by programs). */
+struct kvr_svc_name {
+	char	name[64];	/* NUL-terminated */
+};
+_Static_assert(sizeof(struct kvr_svc_name) == 64, "kvr_svc_name size");
+
+/* Value of kvr_meta[0]: the build-time options the programs were compiled
+ * with, so the CLI predicts the same choices (programs never read it). */
+struct kvr_meta {
+	__u64	hash_seed;	/* KVR_HASH_SEED */
+	__u32	fail_k;		/* KVR_FAIL_K */
+	__u32	candidates;	/* KVR_CANDIDATES */
+	__u32	abi_version;	/* KVR_ABI_VERSION */
+	__u32	pad;
+};
+_Static_assert(sizeof(struct kvr_meta) == 24, "kvr_meta size");
+
+#define KVR_ABI_VERSION		1
+
+/* Per-service counter slots (kvr_svc_cnt, per CPU). */
+enum kvr_svc_cnt {
+	KVR_SC_SELECTED = 0,	/* connects translated to a backend */
+	KVR_SC_AFF_HIT,		/* reused a live affinity entry */
+	KVR_SC_AFF_MISS,	/* no entry, expired, or unusable: picked from the table */
+	KVR_SC_SPILLED,		/* owner over the bounded-load limit: next candidate taken */
+	KVR_SC_NO_BACKEND,	/* nothing usable: connect failed with ECONNREFUSED */
+	KVR_SC_UNTAGGED,	/* session mode, socket untagged: fell back to client */
+	KVR_SC_MOVED,		/* affinity entry pointed at an unusable backend */
+	KVR_SC_SATURATED,	/* refused because the service is saturated */
+	KVR_SC_MAX,
+};
+
+struct kvr_svc_cnt_val {
+	__u64	c[KVR_SC_MAX];
+};
+
+/* Per-backend counter slots (kvr_be_cnt, per CPU). */
+enum kvr_be_cnt {
+	KVR_BC_SELECTED = 0,	/* connect() translated to this backend */
+	KVR_BC_CONNECTS,	/* TCP SYNs sent (sockops) */
+	KVR_BC_FAILED,		/* SYN_SENT -> CLOSE: refused, reset or timed out */
+	KVR_BC_ESTABLISHED,	/* active connections established */
+	KVR_BC_CLOSED,		/* established connections closed */
+	KVR_BC_TRIPS,		/* times the kernel tripped this backend open */
+	KVR_BC_MAX,
+};
+
+struct kvr_be_cnt_val {
+	__u64	c[KVR_BC_MAX];
+};
+
+/* Why a program left a connection alone or failed it (kvr_reasons, per CPU). */
+enum kvr_reason {
+	KVR_R_NO_TABLE = 0,	/* service has no Maglev table yet (fail open) */
+	KVR_R_NO_SK_STORAGE,	/* socket storage could not be created */
+	KVR_R_BAD_SOCKOPT,	/* KVROUTE_SESSION with a length other than 8 */
+	KVR_R_TAGGED,		/* sockets tagged with a session */
+	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */
+	KVR_R_MAX,
+};
+
+#endif /* __KVR_ABI_H */

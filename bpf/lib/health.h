@@ -1,0 +1,61 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The kernel's own view of backend health, fed by sockops: connect outcomes,
+ * smoothed RTT, and the breaker trip after KVR_FAIL_K consecutive failed
+ * connects. User space (the controller's breaker) is the one that clears a
+ * trip again.
+ */
+#ifndef __KVR_HEALTH_H
+#define __KVR_HEALTH_H
+
+#include "maps.h"
+#include "stats.h"
+
+#ifndef KVR_FAIL_K
+#define KVR_FAIL_K 3
+#endif
+
+/* sock_ops carries the remote port in network order in its upper 16 bits. */
+static __always_inline __u32 ops4_backend(const struct bpf_sock_ops *skops)
+{
+	struct kvr_l4_key key = {
+		.addr	= skops->remote_ip4,
+		.port	= (__be16)(skops->remote_port >> 16),
+		.proto	= IPPROTO_TCP,
+	};
+	__u32 *be_id = kvr_be_addr.lookup(&key);
+
+	return be_id ? *be_id : KVR_NO_BACKEND;
+}
+
+static __always_inline void ops4_connect_failed(__u32 be_id)
+{
+	struct kvr_health *h = kvr_health.lookup(&be_id);
+	__u32 fails;
+
+	kvr_be_inc(be_id, KVR_BC_FAILED);
+	if (!h)
+		return;
+	/* Older BPF ISAs cannot return the fetched value of an atomic add. */
+	__sync_fetch_and_add(&h->consec_fail, 1);
+	fails = h->consec_fail;
+	if (fails >= KVR_FAIL_K && !(h->flags & KVR_HEALTH_TRIPPED)) {
+		h->flags |= KVR_HEALTH_TRIPPED;
+		h->tripped_ns = bpf_ktime_get_ns();
+		kvr_be_inc(be_id, KVR_BC_TRIPS);
+	}
+}
+
+static __always_inline void ops4_established(__u32 be_id, __u32 srtt_us)
+{
+	struct kvr_health *h = kvr_health.lookup(&be_id);
+
+	kvr_be_inc(be_id, KVR_BC_ESTABLISHED);
+	if (!h)
+		return;
+	h->consec_fail = 0;
+	/* EWMA with gain 1/8, as TCP smooths its own RTT. */
+	h->srtt_us = h->srtt_us ? h->srtt_us - (h->srtt_us >> 3) + (srtt_us >> 3) : srtt_us;
+}
+
+#endif /* __KVR_HEALTH_H */

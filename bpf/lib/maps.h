@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every kvroute map, in one place. Build-time options come from the agent's
+ * config as -D flags (dataplane/loader.py); the defaults here only let the
+ * file compile on its own.
+ *
+ * Pinned maps live under KVR_PIN_DIR, so a restarted agent (or a new program
+ * version) adopts them and routing never stops. Hash maps are not
+ * preallocated: memory grows with the services and backends that exist;
+ * max_entries is only a ceiling.
+ */
+#ifndef __KVR_MAPS_H
+#define __KVR_MAPS_H
+
+#include "abi.h"
+
+#ifndef KVR_PIN_DIR
+#define KVR_PIN_DIR "/sys/fs/bpf/kvroute"
+#endif
+#ifndef KVR_MAX_SERVICES
+#define KVR_MAX_SERVICES 65536
+#endif
+#ifndef KVR_MAX_BACKENDS
+#define KVR_MAX_BACKENDS 262144
+#endif
+#ifndef KVR_AFFINITY_ENTRIES
+#define KVR_AFFINITY_ENTRIES 262144
+#endif
+
+#define KVR_PIN(name) KVR_PIN_DIR "/" name
+
+/* (vip, port, proto) -> service */
+BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_svc, kvr_svc_v1,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_v1"), BPF_F_NO_PREALLOC);
+
+/* service id -> name, for the CLI (programs never read it) */
+BPF_TABLE_PINNED7("hash", u32, struct kvr_svc_name, kvr_svc_name,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_name"), BPF_F_NO_PREALLOC);
+
+/* Template of a Maglev table: slot -> backend id. Real tables are created at
+ * run time with the service's own size (BPF_F_INNER_MAP lifts the size match). */
+BPF_F_TABLE("array", u32, u32, kvr_tbl_tmpl, 1, BPF_F_INNER_MAP);
+
+/* service id -> that service's Maglev table; replaced whole, so a connect()
+ * sees the old table or the new one, never a mix */
+BPF_TABLE_PINNED("hash_of_maps$kvr_tbl_tmpl", u32, int, kvr_maglev_v1,
+		 KVR_MAX_SERVICES, KVR_PIN("kvr_maglev_v1"));
+
+/* backend id -> endpoint and state */
+BPF_TABLE_PINNED7("hash", u32, struct kvr_backend, kvr_be_v1,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_v1"), BPF_F_NO_PREALLOC);
+
+/* (pod ip, port, proto) -> backend id, for sockops which sees only addresses */
+BPF_TABLE_PINNED7("hash", struct kvr_l4_key, u32, kvr_be_addr,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_addr"), BPF_F_NO_PREALLOC);
+
+/* (service id, backend id) -> weight: membership, checked on affinity hits */
+BPF_TABLE_PINNED7("hash", struct kvr_member_key, u32, kvr_member,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_member"), BPF_F_NO_PREALLOC);
+
+/* backend id -> current load, written by user space (bounded-load input) */
+BPF_TABLE_PINNED7("hash", u32, u32, kvr_be_load,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_load"), BPF_F_NO_PREALLOC);
+
+/* service id -> mean load of its usable backends, written with kvr_be_load */
+BPF_TABLE_PINNED7("hash", u32, u32, kvr_svc_load,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_load"), BPF_F_NO_PREALLOC);
+
+/* backend id -> the kernel's health view (consecutive failures, trip, RTT) */
+BPF_TABLE_PINNED7("hash", u32, struct kvr_health, kvr_health,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_health"), BPF_F_NO_PREALLOC);
+
+/* (service id, key) -> backend id + last use: live sessions stay put */
+BPF_TABLE_PINNED("lru_hash", struct kvr_aff_key, struct kvr_aff_val, kvr_affinity,
+		 KVR_AFFINITY_ENTRIES, KVR_PIN("kvr_affinity"));
+
+/* socket -> session tag and the translation done at connect() */
+BPF_TABLE_PINNED7("sk_storage", int, struct kvr_sk, kvr_sk,
+		  0, KVR_PIN("kvr_sk"), BPF_F_NO_PREALLOC);
+
+/* service id -> per-CPU outcome counters (enum kvr_svc_cnt) */
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt"), BPF_F_NO_PREALLOC);
+
+/* backend id -> per-CPU counters (enum kvr_be_cnt) */
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_be_cnt_val, kvr_be_cnt,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_cnt"), BPF_F_NO_PREALLOC);
+
+/* 0 -> the options the programs were built with (struct kvr_meta) */
+BPF_TABLE_PINNED("array", u32, struct kvr_meta, kvr_meta, 1, KVR_PIN("kvr_meta"));
+
+/* enum kvr_reason -> per-CPU count of fail-open and bookkeeping events */
+BPF_TABLE_PINNED("percpu_array", u32, u64, kvr_reasons,
+		 KVR_R_MAX, KVR_PIN("kvr_reasons"));
+
+#endif /* __KVR_MAPS_H */

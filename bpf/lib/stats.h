@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Counter helpers. Entries are created by the agent with the service or
+ * backend; a missing entry means the object is going away, so it is skipped. */
+#ifndef __KVR_STATS_H
+#define __KVR_STATS_H
+
+#include "maps.h"
+
+static __always_inline void kvr_reason_inc(__u32 reason)
+{
+	u64 *v = kvr_reasons.lookup(&reason);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void kvr_svc_inc(__u32 svc_id, __u32 slot)
+{
+	struct kvr_svc_cnt_val *v = kvr_svc_cnt.lookup(&svc_id);
+
+	if (v && slot < KVR_SC_MAX)
+		v->c[slot] += 1;
+}
+
+static __always_inline void kvr_be_inc(__u32 be_id, __u32 slot)
+{
+	struct kvr_be_cnt_val *v = kvr_be_cnt.lookup(&be_id);
+
+	if (v && slot < KVR_BC_MAX)
+		v->c[slot] += 1;
+}
+
+#endif /* __KVR_STATS_H */
