@@ -1,0 +1,193 @@
+"""Python view of bpf/lib/abi.h.
+
+The agent and the CLI read and write the pinned maps through these ctypes
+mirrors, so that inspecting a node needs neither a compiler nor kernel headers.
+Each class names the C struct it must match; tests/kernel/test_abi.py compares
+every field (name, offset, size) with the types bcc derives from the C source.
+Byte order is converted here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+import ipaddress
+import socket
+import struct
+
+SOL_KVROUTE = 0x6B76
+KVROUTE_SESSION = 1
+EPS_OFF = 0xFFFF
+SVC_F_SATURATED = 1 << 0
+HEALTH_TRIPPED = 1 << 0
+SK_XLATED = 1 << 0
+NO_BACKEND = 0xFFFFFFFF
+
+IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+
+
+class Affinity(enum.IntEnum):
+    """enum kvr_affinity"""
+
+    NONE = 0
+    CLIENT = 1
+    SESSION = 2
+
+
+class BackendState(enum.IntEnum):
+    """enum kvr_be_state"""
+
+    ACTIVE = 0
+    DRAINING = 1
+    OPEN = 2
+    PROBING = 3
+
+
+class SvcCounter(enum.IntEnum):
+    """enum kvr_svc_cnt"""
+
+    SELECTED = 0
+    AFF_HIT = 1
+    AFF_MISS = 2
+    SPILLED = 3
+    NO_BACKEND = 4
+    UNTAGGED = 5
+    MOVED = 6
+    SATURATED = 7
+
+
+class BeCounter(enum.IntEnum):
+    """enum kvr_be_cnt"""
+
+    SELECTED = 0
+    CONNECTS = 1
+    FAILED = 2
+    ESTABLISHED = 3
+    CLOSED = 4
+    TRIPS = 5
+
+
+class Reason(enum.IntEnum):
+    """enum kvr_reason"""
+
+    NO_TABLE = 0
+    NO_SK_STORAGE = 1
+    BAD_SOCKOPT = 2
+    TAGGED = 3
+    REVERSED = 4
+
+
+class L4Key(ct.Structure):
+    """struct kvr_l4_key"""
+
+    _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class Svc(ct.Structure):
+    """struct kvr_svc"""
+
+    _fields_ = [("id", ct.c_uint32), ("table_size", ct.c_uint32), ("aff_timeout", ct.c_uint32),
+                ("eps_milli", ct.c_uint16), ("probe_milli", ct.c_uint16),
+                ("affinity", ct.c_uint8), ("flags", ct.c_uint8), ("n_backends", ct.c_uint16),
+                ("pad", ct.c_uint32), ("revision", ct.c_uint64)]
+
+
+class SvcName(ct.Structure):
+    """struct kvr_svc_name"""
+
+    _fields_ = [("name", ct.c_char * 64)]
+
+
+class Backend(ct.Structure):
+    """struct kvr_backend"""
+
+    _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("state", ct.c_uint8)]
+
+
+class MemberKey(ct.Structure):
+    """struct kvr_member_key"""
+
+    _fields_ = [("svc_id", ct.c_uint32), ("be_id", ct.c_uint32)]
+
+
+class Health(ct.Structure):
+    """struct kvr_health"""
+
+    _fields_ = [("consec_fail", ct.c_uint32), ("flags", ct.c_uint32), ("srtt_us", ct.c_uint32),
+                ("pad", ct.c_uint32), ("tripped_ns", ct.c_uint64)]
+
+
+class AffKey(ct.Structure):
+    """struct kvr_aff_key"""
+
+    _fields_ = [("svc_id", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64)]
+
+
+class AffVal(ct.Structure):
+    """struct kvr_aff_val"""
+
+    _fields_ = [("be_id", ct.c_uint32), ("pad", ct.c_uint32), ("last_ns", ct.c_uint64)]
+
+
+class SkState(ct.Structure):
+    """struct kvr_sk"""
+
+    _fields_ = [("session", ct.c_uint64), ("vip", ct.c_uint32), ("vport", ct.c_uint16),
+                ("flags", ct.c_uint8), ("pad", ct.c_uint8), ("be_id", ct.c_uint32),
+                ("pad2", ct.c_uint32)]
+
+
+class SvcCounters(ct.Structure):
+    """struct kvr_svc_cnt_val"""
+
+    _fields_ = [("c", ct.c_uint64 * len(SvcCounter))]
+
+
+class BeCounters(ct.Structure):
+    """struct kvr_be_cnt_val"""
+
+    _fields_ = [("c", ct.c_uint64 * len(BeCounter))]
+
+
+# The one place where addresses and ports change byte order. The kernel keeps
+# both in network order; ctypes reads the fields as native integers.
+def ip_to_be32(addr: ipaddress.IPv4Address | str) -> int:
+    value: int = struct.unpack("=I", ipaddress.IPv4Address(addr).packed)[0]
+    return value
+
+
+def be32_to_ip(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(struct.pack("=I", value))
+
+
+def port_to_be16(port: int) -> int:
+    return socket.htons(port)
+
+
+def be16_to_port(value: int) -> int:
+    return socket.ntohs(value)
+
+
+def l4_key(addr: ipaddress.IPv4Address | str, port: int, proto: str) -> L4Key:
+    return L4Key(addr=ip_to_be32(addr), port=port_to_be16(port), proto=IPPROTO[proto], pad=0)
+
+
+class Meta(ct.Structure):
+    """struct kvr_meta"""
+
+    _fields_ = [("hash_seed", ct.c_uint64), ("fail_k", ct.c_uint32), ("candidates", ct.c_uint32),
+                ("abi_version", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+ABI_VERSION = 1
+
+# Every ctypes mirror with the C struct name bcc reports for it.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "kvr_l4_key": L4Key, "kvr_svc": Svc, "kvr_svc_name": SvcName, "kvr_backend": Backend,
+    "kvr_member_key": MemberKey, "kvr_health": Health, "kvr_aff_key": AffKey,
+    "kvr_aff_val": AffVal, "kvr_sk": SkState, "kvr_svc_cnt_val": SvcCounters,
+    "kvr_be_cnt_val": BeCounters, "kvr_meta": Meta,
+}

@@ -1,0 +1,167 @@
+"""Thin ctypes bindings to libbpf (Debian's libbpf1, which bcc itself links).
+
+Only what bcc's Python API lacks: pinning, bpf links (attachments that
+outlive the agent, replaced atomically on upgrade), raw map access by fd for
+pinned maps, batch updates, and map-in-map inner tables.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import errno
+import os
+from functools import cache
+from pathlib import Path
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_INNER_MAP = 1 << 12
+BPF_ANY = 0
+
+# enum bpf_attach_type values used by kvroute (uapi/linux/bpf.h).
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_SETSOCKOPT = 22
+ATTACH_CGROUP_INET4_GETPEERNAME = 29
+
+# enum bpf_prog_type values (bcc 0.26 lacks CGROUP_SOCKOPT).
+PROG_SOCK_OPS = 13
+PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
+
+
+@cache
+def _lib() -> ct.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ct.CDLL(name, use_errno=True)
+    vp, u32, i32 = ct.c_void_p, ct.c_uint32, ct.c_int
+    sigs: dict[str, tuple[list[object], object]] = {
+        "bpf_obj_get": ([ct.c_char_p], i32),
+        "bpf_obj_pin": ([i32, ct.c_char_p], i32),
+        "bpf_map_lookup_elem": ([i32, vp, vp], i32),
+        "bpf_map_update_elem": ([i32, vp, vp, ct.c_uint64], i32),
+        "bpf_map_delete_elem": ([i32, vp], i32),
+        "bpf_map_get_next_key": ([i32, vp, vp], i32),
+        "bpf_map_update_batch": ([i32, vp, vp, ct.POINTER(u32), vp], i32),
+        "bpf_map_delete_batch": ([i32, vp, ct.POINTER(u32), vp], i32),
+        "bpf_map_get_fd_by_id": ([u32], i32),
+        "bpf_link_create": ([i32, i32, u32, vp], i32),
+        "bpf_link_update": ([i32, i32, vp], i32),
+        "bpf_link_detach": ([i32], i32),
+        "bpf_obj_get_info_by_fd": ([i32, vp, ct.POINTER(u32)], i32),
+    }
+    for fn, (argtypes, restype) in sigs.items():
+        f = getattr(lib, fn)
+        f.argtypes = argtypes
+        f.restype = restype
+    return lib
+
+
+@cache
+def _bcc() -> ct.CDLL:
+    lib = ct.CDLL("libbcc.so.0", use_errno=True)
+    lib.bcc_create_map.argtypes = [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int]
+    lib.bcc_create_map.restype = ct.c_int
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    # libbpf 1.x returns -errno from every call.
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def obj_get(path: Path | str) -> int:
+    return _check(_lib().bpf_obj_get(str(path).encode()), f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: Path | str) -> None:
+    _check(_lib().bpf_obj_pin(fd, str(path).encode()), f"pin {path}")
+
+
+def lookup(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Array | ct.Structure | ct._SimpleCData) -> bool:  # type: ignore[type-arg]
+    ret = _lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map lookup")
+    return True
+
+
+def update(fd: int, key: object, value: object, flags: int = BPF_ANY) -> None:
+    _check(_lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")  # type: ignore[arg-type]
+
+
+def delete(fd: int, key: object) -> bool:
+    ret = _lib().bpf_map_delete_elem(fd, ct.byref(key))  # type: ignore[arg-type]
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def next_key(fd: int, key: object | None, out: object) -> bool:
+    ret = _lib().bpf_map_get_next_key(fd, None if key is None else ct.byref(key), ct.byref(out))  # type: ignore[arg-type]
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map iterate")
+    return True
+
+
+def update_batch(fd: int, keys: int, values: int, count: int) -> None:
+    """One syscall for `count` entries (BPF_MAP_UPDATE_BATCH); keys and values are
+    addresses of packed arrays (numpy buffers)."""
+    if count == 0:
+        return
+    n = ct.c_uint32(count)
+    _check(_lib().bpf_map_update_batch(fd, keys, values, ct.byref(n), None), "map batch update")
+
+
+def delete_batch(fd: int, keys: int, count: int) -> None:
+    if count == 0:
+        return
+    n = ct.c_uint32(count)
+    _check(_lib().bpf_map_delete_batch(fd, keys, ct.byref(n), None), "map batch delete")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+def create_inner_table(size: int, name: str) -> int:
+    """A Maglev table: array of u32 backend ids, compatible with kvr_tbl_tmpl."""
+    fd = _bcc().bcc_create_map(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, 4, size, BPF_F_INNER_MAP)
+    return _check(fd, f"create table {name} ({size} slots)")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return _check(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf link create")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program behind a link atomically: no connect() goes unhooked."""
+    _check(_lib().bpf_link_update(link_fd, prog_fd, None), "bpf link update")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(_lib().bpf_link_detach(link_fd), "bpf link detach")
+
+
+def link_cgroup_id(link_fd: int) -> int:
+    """The cgroup a cgroup link is attached to (struct bpf_link_info.cgroup)."""
+    buf = (ct.c_uint8 * 256)()
+    size = ct.c_uint32(len(buf))
+    _check(_lib().bpf_obj_get_info_by_fd(link_fd, buf, ct.byref(size)), "link info")
+    # type, id, prog_id (u32 each), then the union, 8-byte aligned.
+    return int.from_bytes(bytes(buf[16:24]), "little")
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU map values hold one slot per possible CPU, not per online one."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count

@@ -1,0 +1,50 @@
+"""Build-time options of the eBPF programs: one object feeds the C (as -D
+flags) and the Python side (hash seed, limits), as Cilium hands its Maglev
+seed to the datapath."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dataplane import hashing
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/kvroute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    pin_dir: Path = DEFAULT_PIN_DIR
+    hash_seed: int = hashing.DEFAULT_SEED
+    fail_k: int = 3              # consecutive failed connects before the kernel trips a backend
+    candidates: int = 4          # usable candidates the bounded-load check compares
+    max_services: int = 65536    # ceilings only: hash maps are not preallocated
+    max_backends: int = 262144
+    affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.hash_seed < 1 << 64:
+            problems.append("hash_seed: must be an unsigned 64-bit integer")
+        if not 1 <= self.fail_k <= 1000:
+            problems.append("fail_k: must be between 1 and 1000")
+        if not 1 <= self.candidates <= 16:
+            problems.append("candidates: must be between 1 and 16")
+        for name in ("max_services", "max_backends", "affinity_entries"):
+            if not 16 <= getattr(self, name) <= 1 << 24:
+                problems.append(f"{name}: must be between 16 and {1 << 24}")
+        if not self.pin_dir.is_absolute():
+            problems.append("pin_dir: must be an absolute path under a bpffs mount")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def cflags(self) -> list[str]:
+        return [
+            f'-DKVR_PIN_DIR="{self.pin_dir}"',
+            f"-DKVR_HASH_SEED={self.hash_seed}ULL",
+            f"-DKVR_FAIL_K={self.fail_k}",
+            f"-DKVR_CANDIDATES={self.candidates}",
+            f"-DKVR_MAX_SERVICES={self.max_services}",
+            f"-DKVR_MAX_BACKENDS={self.max_backends}",
+            f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
+        ]
