@@ -186,6 +186,7 @@ class FinishedStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_cached_tokens: int
+    num_preemptions: int
     max_tokens: int
     e2e_latency: float
     queued_time: float
@@ -561,6 +562,7 @@ class Engine:
             num_prompt_tokens=len(req.prompt_token_ids),
             num_generation_tokens=len(req.output_token_ids),
             num_cached_tokens=max(0, req.num_cached_tokens),
+            num_preemptions=req.num_preemptions,
             max_tokens=req.max_tokens,
             e2e_latency=end - req.arrival_time,
             queued_time=first_sched - req.arrival_time,

@@ -43,7 +43,8 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                             40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 _ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+_PREEMPTION_BUCKETS = [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0]
 
 
 def build_1_2_5_buckets(max_value: int) -> list[float]:
@@ -82,6 +83,21 @@ class EngineMetrics:
                              "Number of requests in model execution batches.").labels(*values)
         self.waiting = gauge("vllm:num_requests_waiting",
                              "Number of requests waiting to be processed.").labels(*values)
+        by_reason = prometheus_client.Gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for "
+            "scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, "
+            "KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
+            [*labels, "reason"], registry=r)
+        self.waiting_capacity = by_reason.labels(*values, "capacity")
+        by_reason.labels(*values, "deferred").set(0)
+        sleep = prometheus_client.Gauge(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is "
+            "awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep "
+            "level 2.", [*labels, "sleep_state"], registry=r)
+        for state, v in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
+            sleep.labels(*values, state).set(v)
         self.kv_usage = gauge("vllm:kv_cache_usage_perc",
                               "KV-cache usage. 1 means 100 percent usage.").labels(*values)
         self.prefix_queries = counter(
@@ -98,6 +114,15 @@ class EngineMetrics:
         self.generation_tokens = counter("vllm:generation_tokens",
                                          "Number of generation tokens processed."
                                          ).labels(*values)
+        by_source = prometheus_client.Counter(
+            "vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+            [*labels, "source"], registry=r)
+        self.prompt_computed = by_source.labels(*values, "local_compute")
+        self.prompt_cache_hit = by_source.labels(*values, "local_cache_hit")
+        by_source.labels(*values, "external_kv_transfer")
+        self.prompt_cached = counter("vllm:prompt_tokens_cached",
+                                     "Number of cached prompt tokens (local + external)."
+                                     ).labels(*values)
         success = prometheus_client.Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             [*labels, "finished_reason"], registry=r)
@@ -112,6 +137,20 @@ class EngineMetrics:
         self.req_max_tokens = histogram("vllm:request_params_max_tokens",
                                         "Histogram of the max_tokens request parameter.",
                                         tok_buckets).labels(*values)
+        self.req_max_gen_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            tok_buckets).labels(*values)
+        self.req_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
+                               [1.0, 2.0, 5.0, 10.0, 20.0]).labels(*values)
+        self.req_preemptions = histogram(
+            "vllm:request_num_preemptions",
+            "Histogram of the number of times a request was preempted.",
+            _PREEMPTION_BUCKETS).labels(*values)
+        self.req_prefill_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            tok_buckets).labels(*values)
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Histogram of number of tokens per engine_step.",
                                           [float(b) for b in _ITERATION_TOKEN_BUCKETS]
@@ -122,6 +161,9 @@ class EngineMetrics:
         self.itl = histogram("vllm:inter_token_latency_seconds",
                              "Histogram of inter-token latency in seconds.",
                              _ITL_BUCKETS).labels(*values)
+        self.req_tpot = histogram("vllm:request_time_per_output_token_seconds",
+                                  "Histogram of time_per_output_token_seconds per request.",
+                                  _ITL_BUCKETS).labels(*values)
         self.e2e = histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.",
                              _REQUEST_LATENCY_BUCKETS).labels(*values)
@@ -146,6 +188,9 @@ class EngineMetrics:
     def record_step(self, out: model.StepOutput) -> None:
         self.prefix_queries.inc(out.prefix_queries)
         self.prefix_hits.inc(out.prefix_hits)
+        self.prompt_cached.inc(out.prefix_hits)
+        self.prompt_cache_hit.inc(out.prefix_hits)
+        self.prompt_computed.inc(out.prefix_queries - out.prefix_hits)
         self.preemptions.inc(out.num_preempted)
         self.prompt_tokens.inc(out.num_prompt_tokens)
         self.generation_tokens.inc(out.num_generation_tokens)
@@ -166,10 +211,17 @@ class EngineMetrics:
             self.req_prompt_tokens.observe(f.num_prompt_tokens)
             self.req_generation_tokens.observe(f.num_generation_tokens)
             self.req_max_tokens.observe(f.max_tokens)
+            self.req_max_gen_tokens.observe(f.max_tokens)
+            self.req_n.observe(1)
+            self.req_preemptions.observe(f.num_preemptions)
+            self.req_prefill_computed.observe(f.num_prompt_tokens - f.num_cached_tokens)
+            if f.num_generation_tokens > 1:
+                self.req_tpot.observe(f.decode_time / (f.num_generation_tokens - 1))
 
     def refresh(self, engine: model.Engine) -> None:
         self.running.set(len(engine.running))
         self.waiting.set(len(engine.waiting))
+        self.waiting_capacity.set(len(engine.waiting))
         self.kv_usage.set(engine.kv_usage())
 
     def exposition(self) -> bytes:
@@ -354,12 +406,12 @@ class EngineServer:
                 continue
             out = self.engine.step(time.monotonic())
             if out.duration <= 0:
-                # Nothing could be scheduled (cache full of running work): try again shortly.
+                # Nothing ran (only aborts, or no room): back off one step's worth.
                 await asyncio.sleep(self.engine_config.step_base_s)
-                continue
-            delay = out.end_time - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            else:
+                delay = out.end_time - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             self.metrics.record_step(out)
             for ev in out.events:
                 q = self._streams.get(ev.request_id)
