@@ -388,7 +388,9 @@ class Lab:
             eth0 = ns.link_lookup(ifname="eth0")[0]
             ns.addr("add", index=eth0, address=str(address), prefixlen=self.subnet.prefixlen)
             ns.link("set", index=eth0, state="up")
-            ns.route("add", dst="default", gateway=str(self.gateway))
+            # No default route on purpose: a lab namespace reaches its subnet and nothing
+            # else, so a connect() the programs leave alone (an unrouted VIP, say) fails
+            # at once with ENETUNREACH instead of leaving the machine through the host.
 
 
 @dataclass

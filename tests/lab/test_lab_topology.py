@@ -7,6 +7,8 @@ fails the test.
 
 from __future__ import annotations
 
+import errno
+
 import ipaddress
 import os
 import secrets
@@ -156,11 +158,19 @@ def test_pods_and_client_get_distinct_addresses_in_their_own_namespaces(make_lab
             assert len(p.veth_host) <= lab.netns.IFNAMSIZ
             (veth,) = ipr.get_links(ipr.link_lookup(ifname=p.veth_host)[0])
             assert veth.get("IFLA_MASTER") == bridge
-    # Inside a pod: lo up, eth0 with the pod address, default route via the gateway.
+    # Inside a pod: lo up, eth0 with the pod address, and no default route: nothing
+    # a lab namespace sends can leave the lab's subnet.
     inside = pods[1].call(_pod_view)
     assert inside["addresses"] == {"127.0.0.1/8", f"{pods[1].address}/{net.prefixlen}"}
     assert inside["lo_up"] is True
-    assert inside["gateway"] == str(one.gateway)
+    assert inside["gateway"] is None
+    assert pods[1].call(_connect_errno, "10.96.0.1", 80) == errno.ENETUNREACH
+
+
+def _connect_errno(address: str, port: int) -> int:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((address, port))
 
 
 def _pod_view() -> dict[str, object]:
@@ -243,8 +253,8 @@ def test_two_labs_at_once_do_not_collide(make_lab: MakeLab) -> None:
     assert a.netns != b.netns
     assert ca.call(lab.podserver.ask, str(a.address), PORT) == "gpu0"
     assert lab.podserver.ask(str(b.address), PORT) == "gpu0"
-    # Each client's traffic leaves through its own lab's bridge (its gateway).
-    assert ca.call(_pod_view)["gateway"] == str(first.gateway) != str(second.gateway)
+    # A client reaches its own lab only.
+    assert ca.call(_connect_errno, str(b.address), PORT) == errno.ENETUNREACH
     second.down()
     assert leftovers(second.names) == NOTHING
     assert ca.call(lab.podserver.ask, str(a.address), PORT) == "gpu0"
