@@ -8,7 +8,6 @@ fails the test.
 from __future__ import annotations
 
 import errno
-
 import ipaddress
 import os
 import secrets
