@@ -621,7 +621,10 @@ class EngineServer:
                 await send([], self._usage(req))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # The client went away mid-stream: free its KV blocks, nothing else to tell.
+            await events.aclose()
+        except asyncio.CancelledError:
             await events.aclose()
             raise
         return resp
