@@ -309,7 +309,6 @@ async def run(cfg: Config) -> dict[str, Any]:
     if cfg.target:
         transport_cls, tagging = _session_transport()
     timeout = httpx.Timeout(cfg.timeout, connect=10.0)
-    rng = random.Random(f"routing:{cfg.seed}")
     async with httpx.AsyncClient(timeout=timeout) as admin:
         model = cfg.model or await _discover_model(admin, urls[0])
         before = await _scrape(admin, metrics_urls)
@@ -319,6 +318,8 @@ async def run(cfg: Config) -> dict[str, Any]:
 
         async def session(index: int) -> None:
             sid = session_id(cfg.seed, index)
+            # Per-session draws: the same seed routes the same way whatever the timing.
+            rng = random.Random(f"routing:{cfg.seed}:{sid}")
             clients: dict[str, httpx.AsyncClient] = {}
 
             def client_for(url: str) -> httpx.AsyncClient:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -18,6 +20,7 @@ import httpx
 import pytest
 from prometheus_client import parser
 
+from lab import traffic
 from lab.engine_sim import faults, model, server
 
 MODEL = "kvroute/tiny-sim"
@@ -359,3 +362,62 @@ def test_cli_subprocess_signals_toggle_refuse(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# -- lab.traffic against simulators ------------------------------------------------------------
+
+def test_traffic_pure_helpers() -> None:
+    assert traffic.percentiles([]) == {"p50": None, "p90": None, "p99": None, "mean": None}
+    p = traffic.percentiles([float(i) for i in range(1, 101)])
+    assert (p["p50"], p["p90"], p["p99"], p["mean"]) == (50.0, 90.0, 99.0, 50.5)
+    engines = ["a", "b", "c"]
+    rng = random.Random(0)
+    assert len({traffic.pick_engine("sticky", "s1", engines, rng) for _ in range(20)}) == 1
+    assert len({traffic.pick_engine("random", "s1", engines, rng) for _ in range(50)}) == 3
+    page = ('# TYPE vllm:prefix_cache_queries counter\n'
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 40.0\n'
+            '# TYPE vllm:prefix_cache_hits counter\n'
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 16.0\n')
+    assert traffic.prefix_counters(page) == (40.0, 16.0)
+    assert traffic.user_message(1, "s", 0, 5) == traffic.user_message(1, "s", 0, 5)
+    assert traffic.user_message(1, "s", 0, 5) != traffic.user_message(1, "s", 1, 5)
+
+
+def _traffic(urls: list[str], routing: str) -> dict[str, object]:
+    cfg = traffic.Config(engines=tuple(urls), routing=routing, sessions=6, turns=4,
+                         concurrency=6, think_time=0.0, prompt_words=40, max_tokens=16,
+                         seed=2)
+    return asyncio.run(traffic.run(cfg))
+
+
+@pytest.mark.parametrize("routing", ["sticky", "random"])
+def test_traffic_routing_and_prefix_ratio(routing: str) -> None:
+    with server.running_in_thread(server.ServerConfig(engine_id="e0"), FAST) as (u0, _), \
+            server.running_in_thread(server.ServerConfig(engine_id="e1"), FAST) as (u1, _), \
+            server.running_in_thread(server.ServerConfig(engine_id="e2"), FAST) as (u2, _):
+        rep = _traffic([u0, u1, u2], routing)
+    assert rep["ok"] == rep["requests"] == 24 and not rep["errors"]
+    sessions = rep["sessions"]
+    assert isinstance(sessions, list) and len(sessions) == 6
+    assert all(set(s["engines"]) <= {"e0", "e1", "e2"} for s in sessions)
+    ratio = rep["prefix_cache_hit_ratio"]
+    assert isinstance(ratio, float)
+    ttft = rep["ttft_s"]
+    assert isinstance(ttft, dict) and ttft["p50"] is not None
+    if routing == "sticky":
+        assert all(s["distinct_engines"] == 1 for s in sessions)
+        assert rep["turns_on_same_engine_as_previous"] == 1.0
+        # Turns 2-4 reuse everything before the last partial block of the previous turn.
+        assert ratio > 0.55
+    else:
+        assert any(s["distinct_engines"] > 1 for s in sessions)
+        assert ratio < 0.55
+
+
+def test_traffic_counts_errors() -> None:
+    start = faults.FaultState(error_rate=1.0, error_code=503)
+    with server.running_in_thread(engine_config=FAST, faults=start) as (url, _):
+        cfg = traffic.Config(engines=(url,), sessions=2, turns=2, think_time=0.0,
+                             model=MODEL, max_tokens=4)
+        rep = asyncio.run(traffic.run(cfg))
+    assert rep["ok"] == 0 and rep["errors"] == {"HTTP 503": 4}
