@@ -80,8 +80,8 @@ def obj_pin(fd: int, path: Path | str) -> None:
     _check(_lib().bpf_obj_pin(fd, str(path).encode()), f"pin {path}")
 
 
-def lookup(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Array | ct.Structure | ct._SimpleCData) -> bool:  # type: ignore[type-arg]
-    ret = _lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+def lookup(fd: int, key: object, value: object) -> bool:
+    ret = _lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))  # type: ignore[arg-type]
     if ret == -errno.ENOENT:
         return False
     _check(ret, "map lookup")

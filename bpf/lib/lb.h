@@ -11,8 +11,8 @@
 #include "hash.h"
 #include "stats.h"
 
-/* Usable candidates compared by the bounded-load check before the least
- * loaded of them is taken. */
+/* Distinct usable backends compared by the bounded-load check before the
+ * least loaded of them is taken. */
 #ifndef KVR_CANDIDATES
 #define KVR_CANDIDATES 4
 #endif
@@ -110,11 +110,22 @@ static __always_inline __u32 lb_svc_mean(__u32 svc_id)
  * candidate is over it, the least loaded one does. KVR_NO_BACKEND when no
  * candidate is usable.
  */
+static __always_inline bool lb_seen(const __u32 *seen, __u32 n, __u32 be_id)
+{
+	__u32 i;
+
+	for (i = 0; i < KVR_CANDIDATES; i++)
+		if (i < n && seen[i] == be_id)
+			return true;
+	return false;
+}
+
 static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc, __u64 key,
 						      __u64 ident)
 {
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
-	__u32 best_load = 0xffffffffU, usable = 0;
+	__u32 seen[KVR_CANDIDATES] = {};
+	__u32 best_load = 0xffffffffU, nseen = 0;
 	__u32 mean = lb_svc_mean(svc->id);
 	__u32 svc_id = svc->id;
 	void *table;
@@ -129,22 +140,28 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	for (n = 0; n < KVR_WALK; n++) {
 		__u32 slot = kvr_slot_hash(key, ident, n) % svc->table_size;
 		__u32 *be_id = bpf_map_lookup_elem(table, &slot);
-		__u32 load;
+		__u32 load, id;
 
-		if (!be_id || !lb_backend_usable(*be_id, svc, true))
+		if (!be_id)
 			continue;
-		load = lb_backend_load(*be_id);
+		id = *be_id;
+		/* A backend owns many slots: compare distinct backends only. */
+		if (lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
+			continue;
+		load = lb_backend_load(id);
 		if (!lb_over_bound(load, mean, svc)) {
-			pick.be_id = *be_id;
+			pick.be_id = id;
 			return pick;
 		}
 		/* Over the bound: remember the least loaded, keep walking. */
 		pick.spilled = 1;
 		if (load < best_load) {
-			pick.be_id = *be_id;
+			pick.be_id = id;
 			best_load = load;
 		}
-		if (++usable >= KVR_CANDIDATES)
+		if (nseen < KVR_CANDIDATES)
+			seen[nseen] = id;
+		if (++nseen >= KVR_CANDIDATES)
 			break;
 	}
 	return pick;

@@ -1,0 +1,323 @@
+"""`kvroute`: the command line. It parses, validates and calls the core; tables
+for people (80 columns), --json for machines."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dataplane import host, settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(width=max(80, Console().width), highlight=False)
+
+
+def pin_dir_option(f: F) -> F:
+    return click.option(
+        "--pin-dir", type=click.Path(path_type=Path), default=settings.DEFAULT_PIN_DIR,
+        show_default=True, envvar="KVROUTE_PIN_DIR",
+        help="bpffs folder holding kvroute's pinned maps and links.")(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")(f)
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def with_maps(f: F) -> F:
+    """Open the pinned maps (root only), turning every known failure into a clear error."""
+    @functools.wraps(f)
+    def wrapper(*args: Any, pin_dir: Path, **kwargs: Any) -> Any:
+        from dataplane import inspect, maps
+        if os.geteuid() != 0:
+            _fail("reading kvroute's maps needs root")
+        try:
+            with maps.MapSet(pin_dir) as m:
+                return f(*args, maps=m, **kwargs)
+        except maps.NotPinned as exc:
+            _fail(str(exc))
+        except (inspect.LookupError_, ValueError) as exc:
+            _fail(str(exc))
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(data: Any, as_json: bool, table: Callable[[], Table] | None) -> None:
+    if as_json or table is None:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        console.print(table())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def main(verbose: bool) -> None:
+    """kvroute: connect-time routing for LLM inference fleets, in the kernel.
+
+    eBPF programs attached to a cgroup rewrite each connect() to a Service VIP
+    into a GPU pod, keeping sessions on the engine that holds their KV cache.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="Desired state (YAML); reloaded when it changes or on SIGHUP.")
+@click.option("--cgroup", type=click.Path(path_type=Path, file_okay=False),
+              help="cgroup v2 folder to attach to [default: the cgroup v2 root, found].")
+@pin_dir_option
+@click.option("--hash-seed", type=int, default=None, help="Hash seed; the same on every node.")
+@click.option("--fail-k", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Consecutive failed connects after which the kernel trips a backend open.")
+@click.option("--detach-on-exit", is_flag=True,
+              help="Detach the programs and remove the maps when the agent exits "
+                   "(default: leave them routing, so a restart is hitless).")
+@click.option("--ready-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Written once the first desired state is applied.")
+def agent(config_path: Path, cgroup: Path | None, pin_dir: Path, hash_seed: int | None,
+          fail_k: int, detach_on_exit: bool, ready_file: Path | None) -> None:
+    """Run the node agent: load and attach the programs, apply the desired state."""
+    from dataplane import agent as agent_mod
+    from dataplane import config, loader
+    try:
+        opts = settings.Settings(pin_dir=pin_dir, fail_k=fail_k,
+                                 **({"hash_seed": hash_seed} if hash_seed is not None else {}))
+        target = cgroup or host.cgroup2_root()
+    except (ValueError, host.HostError) as exc:
+        raise click.UsageError(str(exc)) from None
+    a = agent_mod.Agent(opts, target, config_path, ready_file)
+    a.install_signals()
+    try:
+        a.start()
+    except config.ConfigError as exc:
+        _fail(f"{config_path}: not applied, nothing changed:\n{exc}")
+    except (host.HostError, loader.LoadError, OSError) as exc:
+        _fail(str(exc))
+    try:
+        a.run()
+    finally:
+        a.close(detach=detach_on_exit)
+
+
+@main.command()
+@pin_dir_option
+def uninstall(pin_dir: Path) -> None:
+    """Detach every kvroute program and remove its pinned maps from this node."""
+    from dataplane import loader
+    if os.geteuid() != 0:
+        _fail("uninstall needs root")
+    if not pin_dir.exists():
+        click.echo(f"nothing to remove: {pin_dir} does not exist")
+        return
+    for line in loader.uninstall(pin_dir):
+        click.echo(f"removed {line}")
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def check_config(path: Path) -> None:
+    """Validate a desired-state file without touching the kernel."""
+    from dataplane import config
+    try:
+        state = config.load_file(path)
+    except config.ConfigError as exc:
+        _fail(f"{path}:\n{exc}")
+    n_be = sum(len(s.backends) for s in state.services)
+    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends)")
+
+
+@main.group()
+def maps() -> None:
+    """Show what is in the kernel's maps (works with or without a running agent)."""
+
+
+@maps.command("services")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_services(maps: Any, as_json: bool) -> None:
+    """Services: VIP, affinity, table size and outcome counters."""
+    from dataplane import inspect
+    rows = inspect.services(maps)
+
+    def table() -> Table:
+        t = Table("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SELECTED", "HIT", "SPILL",
+                  "REFUSED", box=None)
+        for s in rows:
+            c = s["counters"]
+            t.add_row(str(s["id"]), s["name"], s["frontend"], s["affinity"],
+                      str(s["table_size"]), str(s["backends"]), str(c["selected"]),
+                      str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]))
+        return t
+    _emit(rows, as_json, table)
+
+
+@maps.command("backends")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_backends(maps: Any, as_json: bool) -> None:
+    """Backends: state (with the kernel's own trips), load and connect counters."""
+    from dataplane import inspect
+    rows = inspect.backends(maps)
+
+    def table() -> Table:
+        t = Table("ID", "ADDRESS", "STATE", "LOAD", "SEL", "CONN", "FAIL", "EST", "RTT(us)",
+                  box=None)
+        for b in rows:
+            c = b["counters"]
+            state = b["state"] + ("*" if b["kernel_tripped"] else "")
+            t.add_row(str(b["id"]), b["address"], state, str(b["load"]), str(c["selected"]),
+                      str(c["connects"]), str(c["failed"]), str(c["established"]),
+                      str(b["srtt_us"]))
+        return t
+    _emit(rows, as_json, table)
+    if not as_json and any(b["kernel_tripped"] for b in rows):
+        click.echo("* tripped open by the kernel after consecutive failed connects")
+
+
+@maps.command("affinity")
+@click.option("--service", "service_id", type=int, help="Only this service id.")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_affinity(maps: Any, as_json: bool, service_id: int | None) -> None:
+    """Live affinity entries: (service, key) -> backend."""
+    from dataplane import inspect
+    rows = inspect.affinity(maps, service_id)
+
+    def table() -> Table:
+        t = Table("SERVICE", "KEY", "BACKEND", "IDLE(s)", box=None)
+        for a in rows:
+            t.add_row(str(a["service"]), a["key"], str(a["backend"]), str(a["idle_seconds"]))
+        return t
+    _emit(rows, as_json, table)
+
+
+@maps.command("stats")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_stats(maps: Any, as_json: bool) -> None:
+    """All counters: per service, per backend, and the fail-open reasons."""
+    from dataplane import inspect
+    data = inspect.stats(maps)
+
+    def table() -> Table:
+        t = Table("SCOPE", "NAME", "COUNTER", "VALUE", box=None)
+        for scope in ("services", "backends"):
+            for name, counters in data[scope].items():
+                for counter, value in counters.items():
+                    if value:
+                        t.add_row(scope[:-1], name, counter, str(value))
+        for reason, value in data["reasons"].items():
+            if value:
+                t.add_row("kernel", "-", reason, str(value))
+        return t
+    _emit(data, as_json, table)
+
+
+@maps.command("maglev")
+@click.argument("service")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
+    """A service's Maglev table: slots per backend (--json adds the whole table).
+
+    SERVICE is a name or VIP:PORT[/tcp|udp].
+    """
+    from dataplane import inspect
+    data = inspect.maglev(maps, service)
+
+    def table() -> Table:
+        t = Table("BACKEND", "SLOTS", "SHARE", box=None, title=f"{data['frontend']} "
+                  f"M={data['table_size']}")
+        for be, n in data["slots"].items():
+            t.add_row(be, str(n), f"{100 * n / max(data['table_size'], 1):.2f}%")
+        return t
+    _emit(data, as_json, table)
+
+
+@main.command()
+@click.argument("service")
+@click.option("--session", help="Session ID (as in X-Session-ID) the client tags its socket with.")
+@click.option("--client", "client_netns", help="Client network namespace (name or path).")
+@pin_dir_option
+@json_option
+@with_maps
+def explain(maps: Any, as_json: bool, service: str, session: str | None,
+            client_netns: str | None) -> None:
+    """Which backend a key gets for SERVICE (name or VIP:PORT), and why."""
+    from dataplane import client, inspect
+    if (session is None) == (client_netns is None):
+        raise click.UsageError("give exactly one of --session ID or --client NETNS")
+    if session is not None:
+        key, kind = client.session_hash(session), f"session {session!r}"
+    else:
+        assert client_netns is not None
+        key, kind = inspect.netns_cookie(client_netns), f"client netns {client_netns!r}"
+    data = inspect.explain(maps, service, key, kind)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for step in data["steps"]:
+        click.echo(f"{step['what']:>12}: {step['detail']}")
+    click.echo(f"{'backend':>12}: {data['backend'] or 'none'} ({data['reason']})")
+
+
+@main.group()
+def lab() -> None:
+    """The one-machine lab: network namespaces as GPU pods, clients, engines, traffic."""
+
+
+@lab.command("demo")
+@click.option("--pods", type=click.IntRange(1, 32), default=3, show_default=True)
+@click.option("--sessions", type=click.IntRange(1, 100000), default=200, show_default=True)
+def lab_demo(pods: int, sessions: int) -> None:
+    """Build a lab, run the agent on it, drive tagged sessions, show the maps, tear down."""
+    from lab import demo
+    if os.geteuid() != 0:
+        _fail("the lab needs root (network namespaces, cgroups, eBPF)")
+    sys.exit(demo.run(pods=pods, sessions=sessions))
+
+
+@lab.command("clean")
+def lab_clean() -> None:
+    """Remove leftovers of crashed labs (namespaces, links, cgroups named kvr*)."""
+    from lab import netns
+    report = netns.sweep()
+    for bucket in ("namespaces", "links", "cgroups"):
+        for name in getattr(report, bucket):
+            click.echo(f"removed {bucket[:-1]} {name}")
+    for failure in report.failures:
+        click.echo(f"could not remove: {failure}", err=True)
+
+
+def _register_optional() -> None:
+    """Commands whose modules live in the lab package; absent ones are skipped."""
+    import importlib
+    for module, attr, group in (("lab.engine_sim.cli", "command", main),
+                                ("lab.traffic", "command", lab)):
+        try:
+            cmd = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        group.add_command(cmd)
+
+
+_register_optional()

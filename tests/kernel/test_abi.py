@@ -1,0 +1,56 @@
+"""The ctypes mirrors in dataplane/abi.py against the types bcc derives from
+bpf/lib/abi.h: every field's name, offset and size."""
+
+from __future__ import annotations
+
+import ctypes as ct
+from typing import Any
+
+import pytest
+
+from dataplane import abi, hashing
+from tests.kernel.conftest import Node
+
+# map name -> (key mirror, value mirror)
+MAP_TYPES: dict[str, tuple[Any, Any]] = {
+    "kvr_svc_v1": (abi.L4Key, abi.Svc),
+    "kvr_svc_name": (ct.c_uint32, abi.SvcName),
+    "kvr_be_v1": (ct.c_uint32, abi.Backend),
+    "kvr_be_addr": (abi.L4Key, ct.c_uint32),
+    "kvr_member": (abi.MemberKey, ct.c_uint32),
+    "kvr_health": (ct.c_uint32, abi.Health),
+    "kvr_affinity": (abi.AffKey, abi.AffVal),
+    "kvr_svc_cnt": (ct.c_uint32, abi.SvcCounters),
+    "kvr_be_cnt": (ct.c_uint32, abi.BeCounters),
+    "kvr_meta": (ct.c_uint32, abi.Meta),
+}
+
+
+def _layout(t: Any) -> list[tuple[str, int, int]] | int:
+    if not hasattr(t, "_fields_"):
+        return ct.sizeof(t)
+    return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
+
+
+@pytest.mark.parametrize("name", sorted(MAP_TYPES))
+def test_mirror_matches_bcc(node: Node, name: str) -> None:
+    table = node.datapath.bpf[name]
+    key_t, leaf_t = MAP_TYPES[name]
+    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
+    assert _layout(table.Key) == _layout(key_t)
+    assert _layout(leaf) == _layout(leaf_t)
+    assert ct.sizeof(table.Key) == ct.sizeof(key_t)
+    assert ct.sizeof(leaf) == ct.sizeof(leaf_t)
+
+
+def test_every_pinned_map_is_known(node: Node) -> None:
+    from dataplane import maps
+    pinned = {p.name for p in node.settings.pin_dir.iterdir() if p.is_file()}
+    assert pinned == set(maps.MAP_NAMES) | {"kvr_sk"}
+
+
+def test_meta_records_the_build_options(node: Node) -> None:
+    meta = node.maps.meta()
+    assert meta.hash_seed == node.settings.hash_seed == hashing.DEFAULT_SEED
+    assert meta.fail_k == node.settings.fail_k
+    assert meta.abi_version == abi.ABI_VERSION

@@ -1,0 +1,169 @@
+"""The agent as users run it: a process that can die at any moment without
+routing stopping, reloads its file, rejects bad input whole, and removes
+everything when asked."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dataplane import apply, loader
+from dataplane.maps import MapSet
+from tests.kernel.conftest import POD_PORT, connect_names, wait_for
+
+KVROUTE = str(Path(sys.executable).parent / "kvroute")
+VIP = "10.96.20.1"
+
+
+@pytest.fixture
+def small_lab() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from lab import netns, podserver
+    lb = netns.Lab(subnet="10.77.92.0/24").up()
+    try:
+        for i in range(2):
+            pod = lb.add_pod(f"gpu{i}")
+            pod.spawn([sys.executable, "-m", "lab.podserver", "--name", pod.name,
+                       "--port", str(POD_PORT)])
+        lb.add_client("client")
+        for pod in lb.pods.values():
+            podserver.wait_listening(pod, POD_PORT)
+        yield lb
+    finally:
+        lb.down()
+
+
+def _write_config(path: Path, lab: Any, affinity: str = "session") -> None:
+    path.write_text(yaml.safe_dump({"services": [{
+        "name": "llm", "vip": VIP, "port": 80, "affinity": affinity,
+        "backends": [{"address": str(p.address), "port": POD_PORT} for p in lab.pods.values()],
+    }]}))
+
+
+class AgentProc:
+    def __init__(self, cfg: Path, lab: Any, pin_dir: Path, tmp: Path) -> None:
+        self.cfg, self.lab, self.pin_dir, self.tmp = cfg, lab, pin_dir, tmp
+        self.n = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "agent.log"
+
+    def start(self, *extra: str) -> None:
+        self.n += 1
+        ready = self.tmp / f"ready{self.n}"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [KVROUTE, "agent", "--config", str(self.cfg), "--cgroup", str(self.lab.cgroup.path),
+                 "--pin-dir", str(self.pin_dir), "--ready-file", str(ready), *extra],
+                stdout=log, stderr=subprocess.STDOUT)
+        assert wait_for(lambda: ready.exists() or self.proc.poll() is not None, timeout=60), \
+            self.log.read_text()
+        assert ready.exists(), self.log.read_text()
+
+    def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def agent(small_lab: Any, tmp_path: Path) -> Iterator[AgentProc]:
+    pin_dir = Path(f"/sys/fs/bpf/kvrtest-agent-{secrets.token_hex(3)}")
+    cfg = tmp_path / "kvroute.yaml"
+    _write_config(cfg, small_lab)
+    a = AgentProc(cfg, small_lab, pin_dir, tmp_path)
+    try:
+        yield a
+    finally:
+        if a.proc and a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+        if pin_dir.exists():
+            loader.uninstall(pin_dir)
+
+
+def _connect_loop(seconds: float) -> dict[str, int]:
+    out: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        name = connect_names(VIP, 80, 0, [f"loop-{i % 50}"])[0]
+        out[name] = out.get(name, 0) + 1
+        i += 1
+    return out
+
+
+def test_sigkill_and_restart_during_a_connect_loop_loses_no_connect(agent: AgentProc) -> None:
+    agent.start()
+    client = agent.lab.clients["client"]
+    result: dict[str, Any] = {}
+    loop = threading.Thread(target=lambda: result.update(client.call(
+        _connect_loop, 8.0, cgroup=agent.lab.cgroup, timeout=60)))
+    loop.start()
+    time.sleep(1.5)
+    assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+    # While no agent runs, the pinned links and maps keep routing...
+    time.sleep(1.0)
+    # ...and a new agent (a fresh compile: an upgrade looks the same) swaps in.
+    agent.start()
+    loop.join()
+    errors = {k: v for k, v in result.items() if k.startswith("error")}
+    assert errors == {}, result
+    assert sum(result.values()) > 100
+    assert set(result) == {"gpu0", "gpu1"}
+    log = agent.log.read_text()
+    assert "sock4_connect: replaced" in log and "adopted 1 services" in log
+
+
+def test_bad_file_is_rejected_whole_and_the_maps_stay(agent: AgentProc) -> None:
+    agent.start()
+    with MapSet(agent.pin_dir) as maps:
+        before = apply.read_view(maps)
+        good = agent.cfg.read_text()
+        # The first service is fine, the second is not: nothing may be applied.
+        bad = yaml.safe_load(good)
+        bad["services"].append({"name": "broken", "vip": "10.96.20.2", "port": 80,
+                                "backends": [{"address": "10.77.92.10", "port": 70000}]})
+        bad["services"][0]["backends"] = bad["services"][0]["backends"][:1]
+        agent.cfg.write_text(yaml.safe_dump(bad))
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "not applied" in agent.log.read_text(), timeout=10)
+        assert "port" in agent.log.read_text()
+        assert apply.read_view(maps) == before
+    names = agent.lab.clients["client"].call(
+        connect_names, VIP, 80, 0, [f"s{i}" for i in range(20)], cgroup=agent.lab.cgroup)
+    assert set(names) <= {"gpu0", "gpu1"}
+
+
+def test_detach_on_exit_removes_everything(agent: AgentProc) -> None:
+    agent.start("--detach-on-exit")
+    assert agent.signal(signal.SIGTERM) == 0
+    assert not agent.pin_dir.exists()
+    # No program is left on the cgroup: the VIP is just an unrouted address now.
+    names = agent.lab.clients["client"].call(
+        connect_names, VIP, 80, 1, sock_timeout=0.5, cgroup=agent.lab.cgroup)
+    assert names[0].startswith("error:")
+
+
+def test_bad_file_at_start_changes_nothing(small_lab: Any, tmp_path: Path) -> None:
+    pin_dir = Path(f"/sys/fs/bpf/kvrtest-bad-{secrets.token_hex(3)}")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("services:\n  - name: x\n    vip: 10.96.20.300\n    port: 80\n")
+    proc = subprocess.run(
+        [KVROUTE, "agent", "--config", str(cfg), "--cgroup", str(small_lab.cgroup.path),
+         "--pin-dir", str(pin_dir)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "vip" in proc.stderr and "nothing changed" in proc.stderr
+    assert not pin_dir.exists()
