@@ -165,7 +165,11 @@ def build_report(cfg: Config, turns: list[TurnResult],
     tot_q = tot_h = 0.0
     for url in sorted(set(before) | set(after)):
         pre, post = before.get(url), after.get(url)
-        entry: dict[str, Any] = {"requests": sum(1 for t in turns if t.url == url)}
+        # Behind a VIP the URL used is the VIP: match the simulator's default engine id
+        # (host:port) to the metrics URL instead.
+        hostport = url.split("://", 1)[-1].rstrip("/")
+        entry: dict[str, Any] = {"requests": sum(1 for t in turns
+                                                 if t.url == url or t.engine == hostport)}
         if isinstance(pre, tuple) and isinstance(post, tuple):
             dq, dh = post[0] - pre[0], post[1] - pre[1]
             tot_q += dq
@@ -203,14 +207,24 @@ def build_report(cfg: Config, turns: list[TurnResult],
 # -- the async edge -----------------------------------------------------------------------------
 
 def _session_transport() -> tuple[type[Any] | None, str]:
+    """The client helper's async transport that tags each connection by X-Session-ID.
+
+    Imported lazily: the helper lives in the socket load balancer's work and may be absent;
+    then sessions go untagged (the kernel falls back to client affinity) and the report says so.
+    """
     try:
         client_mod = importlib.import_module("dataplane.client")
     except ImportError as e:
         return None, f"untagged: dataplane.client not importable ({e})"
-    transport = getattr(client_mod, "SessionTransport", None)
-    if transport is None:
-        return None, "untagged: dataplane.client has no SessionTransport"
-    return transport, "tagged by dataplane.client.SessionTransport"
+    for name in ("AsyncSessionTransport", "SessionTransport"):
+        transport = getattr(client_mod, name, None)
+        if isinstance(transport, type) and issubclass(transport, httpx.AsyncBaseTransport):
+            try:
+                transport()  # constructible without arguments? (holds no socket yet)
+            except TypeError as e:
+                return None, f"untagged: dataplane.client.{name}() needs arguments ({e})"
+            return transport, f"tagged by dataplane.client.{name}"
+    return None, "untagged: dataplane.client has no async SessionTransport for httpx"
 
 
 async def _scrape(client: httpx.AsyncClient, urls: Sequence[str]
