@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
 
 import click
@@ -17,7 +19,8 @@ from lab.engine_sim import model, server
               help="Port (0 = ephemeral; the bound port is printed).")
 @click.option("--model", "model_name", default="kvroute/tiny-sim", show_default=True,
               help="Served model name (what /v1/models lists and requests must name).")
-@click.option("--engine-id", default=None, help="Sent as X-Engine-ID (default: host:port).")
+@click.option("--engine-id", default=None,
+              help="Sent as X-Engine-ID (default: host:port; hostname-pid:port on 0.0.0.0).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-num-seqs", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--num-blocks", default=4096, show_default=True, type=click.IntRange(1),
@@ -69,7 +72,11 @@ def command(host: str, port: int, model_name: str, engine_id: str | None, seed: 
 
     def ready(bound: int) -> None:
         if engine_id is None:
-            srv.config.engine_id = f"{host}:{bound}"
+            # host:port names an engine only when host is a real address; on a wildcard
+            # every pod would claim the same id, so fall back to hostname and pid.
+            wildcard = host in ("", "0.0.0.0", "::")
+            who = f"{socket.gethostname()}-{os.getpid()}" if wildcard else host
+            srv.config.engine_id = f"{who}:{bound}"
         click.echo(f"engine-sim {srv.config.engine_id} serving {model_name} on "
                    f"http://{host}:{bound}", err=True)
         sys.stderr.flush()

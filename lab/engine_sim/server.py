@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ from lab.engine_sim import faults as faults_mod
 from lab.engine_sim import model
 
 ENGINE_HEADER = "X-Engine-ID"
+_log = logging.getLogger(__name__)
 
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
@@ -404,7 +406,16 @@ class EngineServer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            out = self.engine.step(time.monotonic())
+            try:
+                out = self.engine.step(time.monotonic())
+            except Exception:
+                # A bug in the model must not leave every client hanging: fail what is in
+                # flight, start over with an empty cache, keep serving.
+                _log.exception("engine step failed; aborting %d requests", len(self._streams))
+                self.engine = model.Engine(self.engine_config)
+                for rid, stream in list(self._streams.items()):
+                    stream.put_nowait(model.TokenEvent(rid, None, None, "abort"))
+                continue
             if out.duration <= 0:
                 # Nothing ran (only aborts, or no room): back off one step's worth.
                 await asyncio.sleep(self.engine_config.step_base_s)

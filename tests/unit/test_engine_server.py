@@ -421,3 +421,17 @@ def test_traffic_counts_errors() -> None:
                              model=MODEL, max_tokens=4)
         rep = asyncio.run(traffic.run(cfg))
     assert rep["ok"] == 0 and rep["errors"] == {"HTTP 503": 4}
+
+
+def test_engine_step_failure_aborts_in_flight_and_recovers(
+        sim: tuple[str, server.EngineServer]) -> None:
+    url, srv = sim
+
+    def broken(now: float) -> model.StepOutput:
+        raise RuntimeError("model bug")
+
+    srv.engine.step = broken  # type: ignore[method-assign]
+    r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
+    assert r.json()["choices"][0]["finish_reason"] == "abort"
+    r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
+    assert r.json()["choices"][0]["finish_reason"] == "length"
