@@ -15,6 +15,7 @@ thin edge that spawns, waits for ``/health`` and warms the engine up.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -189,6 +190,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def answering(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something already accepts connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def ensure_model(model_dir: Path = DEFAULT_MODEL_DIR, venv: Path = DEFAULT_VENV) -> Path:
     """Write the tiny model with the vLLM venv's python (it has transformers)."""
     if not (model_dir / "config.json").exists():
@@ -208,6 +218,8 @@ class Engine:
     process: Process
     log_path: Path | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # Whether the process leads its own process group; see stop().
+    group: bool = False
 
     @property
     def base_url(self) -> str:
@@ -222,35 +234,38 @@ class Engine:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL; the whole process group when the engine leads one
-        (vLLM can leave helper processes), the process alone otherwise, so a spawn
-        that did not make a new group never gets the caller's group killed."""
-        pid = self.process.pid
-        try:
-            group = os.getpgid(pid) == pid
-        except ProcessLookupError:
-            group = False
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if self.process.poll() is not None and not group:
-                break
+        """SIGTERM, then SIGKILL. When the engine leads its own process group (both
+        spawns here make one) the whole group gets them, so the EngineCore child goes
+        too, even if the API server already died; otherwise only the process, so a
+        spawn that made no group never gets the caller's group killed."""
+        if self.group:
             with contextlib.suppress(ProcessLookupError):
-                if group:
-                    os.killpg(pid, sig)
-                elif sig == signal.SIGTERM:
-                    self.process.terminate()
-                else:
-                    self.process.kill()
+                os.killpg(self.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=wait)
-                if not group:
-                    break
-                # The leader is gone; SIGKILL the rest of the group too (no-op if empty).
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                break
+                self.process.wait(timeout=timeout)
+            # Whatever of the group outlived the grace period or its leader.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        elif self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5.0)
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _leads_group(pid: int) -> bool:
+    # Checked right after spawn: Popen returns once the child has exec'd, so a
+    # start_new_session child has already called setsid().
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:  # exited already: nothing left to kill as a group
+        return False
 
 
 def _default_spawn(log: IO[bytes]) -> Spawn:
@@ -264,7 +279,9 @@ def _default_spawn(log: IO[bytes]) -> Spawn:
     return spawn
 
 
-def wait_healthy(engine: Engine, timeout: float = START_TIMEOUT_S) -> None:
+def wait_healthy(engine: Engine, timeout: float = START_TIMEOUT_S, model: str = MODEL_NAME) -> None:
+    """Poll /health until it answers 200, then make sure the answer came from this
+    engine: a server that grabbed the port in between would pass /health too."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
@@ -274,6 +291,13 @@ def wait_healthy(engine: Engine, timeout: float = START_TIMEOUT_S) -> None:
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{engine.base_url}/health").status_code == 200:
+                    models = client.get(f"{engine.base_url}/v1/models").json()
+                    served = [m.get("id") for m in models.get("data", [])]
+                    if model not in served:
+                        raise RuntimeError(
+                            f"{engine.base_url} answers but serves {served}, not {model!r}: "
+                            "another server holds the port"
+                        )
                     return
             time.sleep(0.5)
     raise TimeoutError(f"vLLM on {engine.base_url} not healthy after {timeout:.0f} s")
@@ -312,6 +336,10 @@ def start(
     (a pod's namespace); its output then goes wherever that spawn sends it."""
     if not available(venv):
         raise RuntimeError(f"no vLLM venv at {venv}: run `bash lab/vllm_setup.sh {venv}`")
+    if answering(host, port):
+        # vLLM would fail to bind, but only after seconds of start-up during which the
+        # other server's /health could pass for ours.
+        raise RuntimeError(f"{host}:{port} is already in use")
     ensure_model(model_dir, venv)
     args = argv(host, port, model_dir, venv=venv, **argv_options)  # type: ignore[arg-type]
     child_env = env(cpu=cpu)
@@ -321,15 +349,34 @@ def start(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("wb")
         spawn = _default_spawn(log)
-    engine = Engine(host, port, spawn(args, env=child_env), log_path, log)
+    process = spawn(args, env=child_env)
+    engine = Engine(host, port, process, log_path, log, group=_leads_group(process.pid))
+    model = str(argv_options.get("served_model_name", MODEL_NAME))
     try:
-        wait_healthy(engine, timeout)
+        wait_healthy(engine, timeout, model)
         if warm:
-            warm_up(engine.base_url)
+            warm_up(engine.base_url, model)
     except BaseException:
         engine.stop()
         raise
     return engine
+
+
+def start_many(starters: Sequence[Callable[[], Engine]]) -> list[Engine]:
+    """Run several start() calls at once (e.g. ``functools.partial(start, ip, port,
+    spawn=pod.spawn)`` per pod): start-up is mostly waiting, so N engines come up in
+    well under N times one. If any fails, the ones that started are stopped and the
+    first error is raised, so a failed lab start leaves no engine behind."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(starters))) as pool:
+        futures = [pool.submit(starter) for starter in starters]
+        concurrent.futures.wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        for f in futures:
+            if f.exception() is None:
+                f.result().stop()
+        raise errors[0]  # type: ignore[misc]
+    return [f.result() for f in futures]
 
 
 @contextlib.contextmanager

