@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -26,14 +27,14 @@ DEFAULT_DIR = Path(__file__).resolve().parent / ".cache" / "tiny-llama"
 # Small enough that a step costs milliseconds on one core, with the shapes vLLM's
 # CPU attention supports (head_dim 64). The KV cost per token is
 # 2 (K,V) x 2 layers x 2 kv heads x 64 x 2 bytes = 1 KiB, so the 8 MiB cache the lab
-# gives each engine holds 8192 tokens, 512 blocks of 16.
+# gives each engine holds 8192 tokens, 256 blocks of 32.
 HIDDEN = 128
 LAYERS = 2
 HEADS = 2
 KV_HEADS = 2
 INTERMEDIATE = 256
 VOCAB = 1024
-MAX_POSITIONS = 512
+MAX_POSITIONS = 2048
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -165,9 +166,12 @@ def write(directory: Path) -> str:
     if stamp.exists() and stamp.read_text().strip() == want:
         return want
     directory.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (directory / name).write_text(text)
-    stamp.write_text(want + "\n")
+    for name, text in [*files.items(), (stamp.name, want + "\n")]:
+        # Replace, never rewrite in place: an engine starting meanwhile reads the old
+        # file or the new one, not half of one.
+        tmp = directory / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, directory / name)
     return want
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import httpx
+
+import lab.tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO / ".venv-vllm"
@@ -40,7 +44,9 @@ VLLM_VERSION = "0.32.0"
 # The name clients put in "model"; a short fixed name keeps the simulator and the
 # real engine interchangeable in tests and traffic.
 MODEL_NAME = "tiny-llama"
-MAX_MODEL_LEN = 512
+# Five chat turns of ~30 words plus short replies reach ~700 tokens with the tiny
+# tokenizer (about 3 tokens per uncommon word); the model allows up to 2048.
+MAX_MODEL_LEN = 1024
 # 8 MiB = 8192 tokens of the tiny model (1 KiB per token): large enough for a handful
 # of multi-turn sessions, small enough that sessions spread over the wrong engines
 # compete for blocks as on a real GPU.
@@ -199,15 +205,30 @@ def answering(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+_model_lock = threading.Lock()
+
+
+def model_current(model_dir: Path) -> bool:
+    """True when model_dir holds the tiny model this checkout describes."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config == lab.tiny_model.config_dict() and (model_dir / "tokenizer.json").exists())
+
+
 def ensure_model(model_dir: Path = DEFAULT_MODEL_DIR, venv: Path = DEFAULT_VENV) -> Path:
-    """Write the tiny model with the vLLM venv's python (it has transformers)."""
-    if not (model_dir / "config.json").exists():
-        subprocess.run(
-            [str(python(venv)), str(TINY_MODEL_SCRIPT), str(model_dir)],
-            check=True,
-            env=env(),
-            stdout=subprocess.DEVNULL,
-        )
+    """(Re)write the tiny model with the vLLM venv's python (it has transformers) when
+    it is missing or older than lab/tiny_model.py; one writer at a time (start_many
+    starts engines from threads)."""
+    with _model_lock:
+        if not model_current(model_dir):
+            subprocess.run(
+                [str(python(venv)), str(TINY_MODEL_SCRIPT), str(model_dir)],
+                check=True,
+                env=env(),
+                stdout=subprocess.DEVNULL,
+            )
     return model_dir
 
 

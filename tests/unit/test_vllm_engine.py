@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
 
-from lab import vllm_engine
+from lab import tiny_model, vllm_engine
 
 
 def _opt(args: list[str], name: str) -> str:
@@ -31,7 +32,7 @@ def test_argv_defaults_are_the_measured_tiny_cpu_recipe() -> None:
     args = vllm_engine.argv("127.0.0.1", 9000)
     assert _opt(args, "--load-format") == "dummy"
     assert "--enforce-eager" in args
-    assert _opt(args, "--max-model-len") == "512"
+    assert _opt(args, "--max-model-len") == "1024"
     assert _opt(args, "--kv-cache-memory-bytes") == str(8 * 1024 * 1024)
     assert _opt(args, "--distributed-executor-backend") == "uni"
     assert _opt(args, "--block-size") == "32"
@@ -193,3 +194,25 @@ def test_stop_of_an_exited_process_sends_nothing() -> None:
     vllm_engine.Engine("127.0.0.1", 1, process).stop()
     assert "terminate" not in process.calls
     assert "kill" not in process.calls
+
+
+def test_model_current_wants_the_config_of_this_checkout(tmp_path: Path) -> None:
+    assert not vllm_engine.model_current(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    config = tiny_model.config_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert vllm_engine.model_current(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    assert not vllm_engine.model_current(tmp_path)
+    (tmp_path / "config.json").write_text("not json")
+    assert not vllm_engine.model_current(tmp_path)
+
+
+def test_tiny_model_config_fits_the_engine_defaults() -> None:
+    config = tiny_model.config_dict()
+    assert config["max_position_embeddings"] >= vllm_engine.MAX_MODEL_LEN  # type: ignore[operator]
+    # K and V, per layer, per kv head, per head dim, bf16: the cache must hold one full
+    # context, or vLLM refuses to start.
+    per_token = 2 * 2 * config["num_hidden_layers"] * config["num_key_value_heads"]  # type: ignore[operator]
+    per_token *= config["head_dim"]  # type: ignore[operator]
+    assert vllm_engine.KV_CACHE_BYTES // per_token >= vllm_engine.MAX_MODEL_LEN
