@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for proto/kvroute/v1 (see generate.py)."""
