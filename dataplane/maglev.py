@@ -1,0 +1,430 @@
+"""Weighted Maglev lookup tables, built with numpy (pure: no I/O).
+
+A table of prime size M maps ``hash(key) % M`` to a backend.  Every node builds
+the same table from the same snapshot, so the result depends only on the *set*
+of ``(identity, weight)`` pairs, ``M`` and the seed -- never on input order.
+
+Permutations
+------------
+Backend identity ``s`` (e.g. ``"10.0.0.1:8000/tcp"``) gets
+``d = blake2b(s.encode(), key=seed.to_bytes(8, "little"), digest_size=16)``,
+``h1 = int.from_bytes(d[:8], "little")``, ``h2 = int.from_bytes(d[8:], "little")``,
+``offset = h1 % M`` and ``skip = h2 % (M - 1) + 1``.  Its preference list is
+``perm(j) = (offset + j * skip) % M`` for ``j = 0 .. M-1``: a full cycle because
+``M`` is prime.  It is computed on demand, never stored as an N x M matrix.
+
+Fill ("simultaneous rounds", a vectorisable Maglev variant)
+----------------------------------------------------------
+Backends with weight 0 take no part.  Priority is the position of the identity
+in sorted (code point) order; lower wins.  ``w_max`` is the largest weight.
+
+* Round ``r = 0, 1, 2, ...``: backend ``i`` takes part when
+  ``floor((r+1) * w_i / w_max) > floor(r * w_i / w_max)`` (the heaviest backend
+  every round, a backend of half that weight every other round, ...).  So after
+  ``R`` rounds backend ``i`` has taken part exactly ``floor(R * w_i / w_max)``
+  times, and slot counts are proportional to weights up to one slot.
+* Inside a round every participant proposes, at the same time, the first slot of
+  its preference list (from its cursor on) that is still empty.  If several
+  propose one slot, the one with the lowest priority gets it; the others retry
+  inside the same round against the updated table, until each participant holds
+  one new slot.  A participant's cursor only ever passes filled slots, so it
+  never has to look back.
+* Filling stops the moment the table is full (in the last round, possibly before
+  every participant has its slot; conflicts there still go by priority).
+
+With a single participant per round this is classic Maglev; with several it
+differs from classic Maglev only in how same-round conflicts are settled
+(simultaneous proposals instead of a fixed turn order), which is what makes it
+vectorisable.  Disruption when one of N backends leaves stays close to 1/N.
+
+How it is computed quickly (the result is exactly the one defined above):
+
+* Speculation: for the next ``K`` rounds each participant looks ahead in its
+  preference list and lists its next free slots in the *current* table, one per
+  round it takes part in.  As long as no slot is listed twice, those lists are
+  exactly what the round-by-round fill would produce (a participant could only
+  be pushed off a slot that someone else listed first).  So all rounds before
+  the first round that contains a duplicate (or a participant whose look-ahead
+  ran short) are committed at once.  If the current round itself has a
+  duplicate, one retry step of that round is committed (proposals are the first
+  listed slots, lowest priority wins).  ``K`` is chosen so that about
+  ``2 * sqrt(free slots)`` slots are listed, where duplicates start to appear.
+* End game: once few slots are free, scanning for them is the expensive part,
+  so each participant's preference position of every free slot is computed
+  directly (``(slot - offset) * skip^-1 mod M``) and the remaining rounds run on
+  that small participants x free-slots matrix.
+* ``build_many`` runs all of this over many services at once (flat arrays, a
+  service's slots live at ``service * M + slot``), in chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+DEFAULT_SIZE: int = 16381
+
+_I64 = npt.NDArray[np.int64]
+
+# Speculate on about _ALPHA * sqrt(free) slots per step: duplicates (which end
+# the committed prefix) start to appear around sqrt(free) by the birthday bound.
+_ALPHA = 2.0
+# Services with at most this many free slots finish in the matrix end game.
+_ENDGAME_MIN = 32
+# Working-set bound for one chunk of build_many (slots across its services).
+_CHUNK_SLOTS = 1 << 23
+_SEED_MAX = (1 << 64) - 1
+_NEVER = np.iinfo(np.int64).max
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic primality test (Miller-Rabin with bases valid below 3.3e24)."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _check_size_seed(size: int, seed: int) -> None:
+    if not is_prime(size):
+        raise ValueError(f"size must be a prime number, got {size}")
+    if not 0 <= seed <= _SEED_MAX:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+
+
+def _hash_pair(identity: str, seed: int) -> tuple[int, int]:
+    digest = hashlib.blake2b(
+        identity.encode(), key=seed.to_bytes(8, "little"), digest_size=16
+    ).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def permutation_params(identity: str, size: int, seed: int) -> tuple[int, int]:
+    """Return ``(offset, skip)`` of ``identity``'s preference list; skip is in [1, size-1]."""
+    _check_size_seed(size, seed)
+    h1, h2 = _hash_pair(identity, seed)
+    return h1 % size, h2 % (size - 1) + 1
+
+
+def build(
+    identities: Sequence[str], weights: Sequence[int], size: int, seed: int
+) -> npt.NDArray[np.uint32]:
+    """Build one table: ``size`` entries, each an index into ``identities``.
+
+    Returns an empty array when no backend has a positive weight (the caller
+    treats that as "no backend").
+    """
+    return build_many([(identities, weights)], size, seed)[0]
+
+
+def build_many(
+    groups: Sequence[tuple[Sequence[str], Sequence[int]]], size: int, seed: int
+) -> list[npt.NDArray[np.uint32]]:
+    """Same as ``[build(i, w, size, seed) for i, w in groups]``, vectorised across groups."""
+    _check_size_seed(size, seed)
+    out: list[npt.NDArray[np.uint32] | None] = [None] * len(groups)
+    empty = np.zeros(0, dtype=np.uint32)
+    pending: list[tuple[int, list[int], list[int], list[int]]] = []
+    for g, (identities, weights) in enumerate(groups):
+        order, pos_weights = _prepare_group(g, identities, weights)
+        positive = [(k, i) for k, i in enumerate(order) if pos_weights[k] > 0]
+        if not positive:
+            out[g] = empty
+        elif len(positive) == 1:
+            out[g] = np.full(size, positive[0][1], dtype=np.uint32)
+        else:
+            prio = [k for k, _ in positive]
+            index = [i for _, i in positive]
+            pending.append((g, prio, index, [pos_weights[k] for k in prio]))
+    per_chunk = max(1, _CHUNK_SLOTS // size)
+    for start in range(0, len(pending), per_chunk):
+        chunk = pending[start : start + per_chunk]
+        tables = _fill_chunk(
+            [(prio, index, w, [groups[g][0][i] for i in index]) for g, prio, index, w in chunk],
+            size,
+            seed,
+        )
+        for (g, _, _, _), table in zip(chunk, tables, strict=True):
+            out[g] = table
+    return [t if t is not None else empty for t in out]
+
+
+def _prepare_group(
+    g: int, identities: Sequence[str], weights: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Validate one group; return input indices in priority order and their weights."""
+    if len(identities) != len(weights):
+        raise ValueError(f"group {g}: {len(identities)} identities but {len(weights)} weights")
+    order = sorted(range(len(identities)), key=identities.__getitem__)
+    for a, b in itertools.pairwise(order):
+        if identities[a] == identities[b]:
+            raise ValueError(f"group {g}: duplicate identity {identities[a]!r}")
+    ws = [int(weights[i]) for i in order]
+    for i, w in zip(order, ws, strict=True):
+        if w < 0:
+            raise ValueError(f"group {g}: negative weight {w} for {identities[i]!r}")
+    return order, ws
+
+
+def _round_of(k: _I64, w: _I64, wmax: _I64) -> _I64:
+    """Round in which a backend takes part for the k-th time (k from 0)."""
+    return ((k + 1) * wmax + w - 1) // w - 1
+
+
+def _fill_chunk(
+    services: Sequence[tuple[list[int], list[int], list[int], list[str]]], m: int, seed: int
+) -> list[npt.NDArray[np.uint32]]:
+    """Fill the tables of several services; each has >= 2 positive-weight backends.
+
+    Per service: (priorities, input indices, weights, identities), all in priority order.
+    """
+    nsvc = len(services)
+    counts = np.array([len(s[0]) for s in services], dtype=np.int64)
+    svc = np.repeat(np.arange(nsvc, dtype=np.int64), counts)
+    prio = np.fromiter((p for s in services for p in s[0]), dtype=np.int64, count=len(svc))
+    index = np.fromiter((i for s in services for i in s[1]), dtype=np.int32, count=len(svc))
+    w = np.fromiter((x for s in services for x in s[2]), dtype=np.int64, count=len(svc))
+    pairs = [_hash_pair(ident, seed) for s in services for ident in s[3]]
+    h = np.array(pairs, dtype=np.uint64).reshape(-1, 2)
+    off = (h[:, 0] % np.uint64(m)).astype(np.int64)
+    skip = (h[:, 1] % np.uint64(m - 1)).astype(np.int64) + 1
+    seg_start = np.cumsum(counts) - counts
+    wmax_s = np.maximum.reduceat(w, seg_start)
+    wm = wmax_s[svc]
+    weff = np.add.reduceat(w, seg_start) / wmax_s
+
+    table = np.full(nsvc * m, -1, dtype=np.int32)
+    free = np.full(nsvc, m, dtype=np.int64)
+    cursor = np.zeros(len(svc), dtype=np.int64)
+    done = np.zeros(len(svc), dtype=np.int64)  # participations completed
+    gbase = svc * m
+    endgame = max(_ENDGAME_MIN, int(4 * math.sqrt(m)))
+    stamp = np.empty(nsvc * m, dtype=np.int32)
+    flag = np.zeros(nsvc * m, dtype=bool)
+
+    while True:
+        active = free > endgame
+        if not active.any():
+            break
+        nxt = _round_of(done, w, wm)
+        rnd = np.minimum.reduceat(nxt, seg_start)
+        k_s = np.maximum(1, (_ALPHA * np.sqrt(free) / weff).astype(np.int64))
+        # A round left half-settled by a retry step also lists the next round:
+        # its few retries rarely clash, so the next round's first step can go too.
+        k_s += np.maximum.reduceat(nxt, seg_start) > rnd
+        hi_s = rnd + k_s
+        pa = np.flatnonzero(active[svc])
+        need = hi_s[svc[pa]] * w[pa] // wm[pa] - done[pa]
+        keep = need > 0
+        pa, need = pa[keep], need[keep]
+        ratio = m / free[svc[pa]]
+        end = np.minimum(
+            cursor[pa] + np.ceil((need + np.sqrt(need) + 1) * ratio).astype(np.int64), m
+        )
+        tpid, tpos, tslot, rank = _scan(table, off, skip, gbase, m, pa, cursor[pa], end, need)
+        found = np.bincount(tpid, minlength=len(pa))
+        # Look further for those that came up short, so that a short look-ahead
+        # does not cut the speculation horizon (only a full table should).
+        extended = False
+        while True:
+            sh = np.flatnonzero((found < need) & (end < m))
+            if not len(sh):
+                break
+            extended = True
+            more = need[sh] - found[sh]
+            stop = np.minimum(end[sh] + np.ceil((2 * more + 4) * ratio[sh]).astype(np.int64), m)
+            p2, pos2, slot2, rank2 = _scan(table, off, skip, gbase, m, pa[sh], end[sh], stop, more)
+            tpid = np.concatenate((tpid, sh[p2]))
+            tpos = np.concatenate((tpos, pos2))
+            tslot = np.concatenate((tslot, slot2))
+            rank = np.concatenate((rank, rank2 + found[sh][p2]))
+            found[sh] += np.bincount(p2, minlength=len(sh))
+            end[sh] = stop
+        if extended:
+            order = np.lexsort((tpos, tpid))
+            tpid, tpos, tslot, rank = tpid[order], tpos[order], tslot[order], rank[order]
+        tq = pa[tpid]
+        tsvc = svc[tq]
+        tround = _round_of(done[tq] + rank, w[tq], wm[tq])
+
+        # Horizon: the first round whose outcome speculation cannot vouch for.
+        horizon = hi_s.copy()
+        short_h = np.full(nsvc, _NEVER, dtype=np.int64)
+        short = np.flatnonzero(found < need)
+        if len(short):
+            sp = pa[short]
+            np.minimum.at(short_h, svc[sp], _round_of(done[sp] + found[short], w[sp], wm[sp]))
+        cross_h = np.full(nsvc, _NEVER, dtype=np.int64)
+        same_h = np.full(nsvc, _NEVER, dtype=np.int64)
+        ntok = len(tpid)
+        ids = np.arange(ntok, dtype=np.int32)
+        stamp[tslot] = ids
+        clash = np.flatnonzero(stamp[tslot] != ids)
+        in_dup = np.zeros(ntok, dtype=bool)
+        claimer = np.zeros(ntok, dtype=bool)
+        if len(clash):
+            flag[tslot[clash]] = True
+            in_dup = flag[tslot]
+            flag[tslot[clash]] = False
+            di = np.flatnonzero(in_dup)
+            di = di[np.lexsort((prio[tq[di]], tround[di], tslot[di]))]
+            ds = tslot[di]
+            first = np.ones(len(di), dtype=bool)
+            first[1:] = ds[1:] != ds[:-1]
+            # The runner-up of each slot: from a later round, speculation is
+            # wrong from that round on; from the same round, that round can
+            # still be settled by one retry step (lowest priority wins).
+            second = np.flatnonzero(~first[1:] & first[:-1]) + 1
+            r2, r1 = tround[di[second]], tround[di[second - 1]]
+            later = r2 > r1
+            np.minimum.at(cross_h, tsvc[di[second[later]]], r2[later])
+            np.minimum.at(same_h, tsvc[di[second[~later]]], r2[~later])
+            claimer[di[first]] = True
+        horizon = np.minimum(np.minimum(horizon, short_h), np.minimum(cross_h, same_h))
+        commit = tround < horizon[tsvc]
+        retry = (horizon == same_h) & (horizon < short_h) & (horizon < cross_h)
+        if retry.any():
+            commit |= retry[tsvc] & (tround == horizon[tsvc]) & (~in_dup | claimer)
+        ci = np.flatnonzero(commit)
+        table[tslot[ci]] = index[tq[ci]]
+        free -= np.bincount(tsvc[ci], minlength=nsvc)
+        ncom = np.bincount(tpid[ci], minlength=len(pa))
+
+        # Cursors only pass filled slots (or the participant's own new ones).
+        tstart = np.cumsum(found) - found
+        newc = end
+        unc = ncom < found
+        newc[unc] = tpos[tstart[unc] + ncom[unc]]
+        full = ~unc & (found == need)
+        newc[full] = tpos[tstart[full] + found[full] - 1] + 1
+        cursor[pa] = newc
+        done[pa] += ncom
+
+    _endgame(table, free, svc, index, off, skip, w, wm, done, m)
+    tables = table.reshape(nsvc, m).astype(np.uint32)
+    return list(tables)
+
+
+def _scan(
+    table: npt.NDArray[np.int32],
+    off: _I64,
+    skip: _I64,
+    gbase: _I64,
+    m: int,
+    part: _I64,
+    start: _I64,
+    stop: _I64,
+    need: _I64,
+) -> tuple[_I64, _I64, _I64, _I64]:
+    """First ``need`` free slots of each participant between preference positions start..stop.
+
+    Returns (participant number within ``part``, position, global slot, rank among them).
+    """
+    look = stop - start
+    starts = np.cumsum(look) - look
+    pid = np.repeat(np.arange(len(part)), look)
+    pos = np.arange(int(look.sum()), dtype=np.int64) - np.repeat(starts - start, look)
+    q = part[pid]
+    slot = (off[q] + pos * skip[q]) % m + gbase[q]
+    isfree = table[slot] < 0
+    # Free slots before each participant's segment: cumsum up to the segment start.
+    csum = np.cumsum(isfree)
+    before = np.zeros(len(part), dtype=np.int64)
+    nonempty = look > 0
+    before[nonempty] = csum[starts[nonempty]] - isfree[starts[nonempty]]
+    rank = csum - 1 - np.repeat(before, look)
+    ti = np.flatnonzero(isfree & (rank < need[pid]))
+    return pid[ti], pos[ti], slot[ti], rank[ti]
+
+
+def _endgame(
+    table: npt.NDArray[np.int32],
+    free: _I64,
+    svc: _I64,
+    index: npt.NDArray[np.int32],
+    off: _I64,
+    skip: _I64,
+    w: _I64,
+    wm: _I64,
+    done: _I64,
+    m: int,
+) -> None:
+    """Finish the rounds on a participants x free-slots matrix of preference positions."""
+    if not free.any():
+        return
+    nsvc = len(free)
+    fs = np.flatnonzero(table < 0)
+    fsvc = fs // m
+    fcount = np.bincount(fsvc, minlength=nsvc)
+    width = int(fcount.max())
+    col = np.arange(len(fs)) - np.repeat(np.cumsum(fcount) - fcount, fcount)
+    slots = np.full((nsvc, width), -1, dtype=np.int64)
+    slots[fsvc, col] = fs % m
+    pl = np.flatnonzero(free[svc] > 0)
+    ps = svc[pl]
+    inv = _modinv(skip[pl], m)
+    xs = slots[ps]
+    big = np.int64(m + 1)
+    posm = (xs - off[pl, None]) % m * inv[:, None] % m
+    posm[xs < 0] = big
+    taken = np.zeros((nsvc, width), dtype=bool)
+    best = posm.argmin(axis=1)
+    done_local = done[pl].copy()
+    rnd = np.empty(nsvc, dtype=np.int64)
+    while True:
+        r = _round_of(done_local, w[pl], wm[pl])
+        rnd.fill(_NEVER)
+        np.minimum.at(rnd, ps, r)
+        owed = np.flatnonzero((r == rnd[ps]) & (free[ps] > 0))
+        if not len(owed):
+            return
+        osvc = ps[owed]
+        pick = best[owed]
+        # Owed participants are in (service, priority) order, so the first
+        # proposal of each (service, column) is the lowest priority: it wins.
+        _, first = np.unique(osvc * width + pick, return_index=True)
+        win = owed[first]
+        wsvc, wcol = ps[win], pick[first]
+        table[wsvc * m + slots[wsvc, wcol]] = index[pl[win]]
+        taken[wsvc, wcol] = True
+        done_local[win] += 1
+        free -= np.bincount(wsvc, minlength=nsvc)
+        # Only participants whose favourite free slot just went look again.
+        stale = np.flatnonzero(taken[ps, best] & (free[ps] > 0))
+        if len(stale):
+            best[stale] = np.where(taken[ps[stale]], big, posm[stale]).argmin(axis=1)
+
+
+def _modinv(a: _I64, m: int) -> _I64:
+    """a^-1 mod m for prime m (Fermat), elementwise; products stay below 2^62."""
+    result = np.ones_like(a)
+    base = a % m
+    e = m - 2
+    while e:
+        if e & 1:
+            result = result * base % m
+        base = base * base % m
+        e >>= 1
+    return result
