@@ -1,0 +1,204 @@
+"""controller.snapshot objects <-> kvroute.v1 protobuf messages (hand-written, not generated).
+
+Pure. Everything read from the wire goes through the snapshot constructors, so a message
+with a bad field raises :class:`controller.snapshot.SnapshotError` naming it, and a full
+snapshot whose content does not match its announced hash is refused like a bad delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+from controller import enginemetrics, scraper, snapshot
+from controller.pb import kvroute_pb2 as pb
+
+_PROTOCOL = {"tcp": pb.PROTOCOL_TCP, "udp": pb.PROTOCOL_UDP}
+_AFFINITY = {
+    "none": pb.AFFINITY_NONE,
+    "client": pb.AFFINITY_CLIENT,
+    "session": pb.AFFINITY_SESSION,
+}
+_STATE = {
+    "active": pb.BACKEND_STATE_ACTIVE,
+    "draining": pb.BACKEND_STATE_DRAINING,
+    "open": pb.BACKEND_STATE_OPEN,
+    "probing": pb.BACKEND_STATE_PROBING,
+}
+
+K = TypeVar("K")
+
+
+def _reverse(path: str, table: Mapping[str, K], value: K) -> str:
+    for name, wire in table.items():
+        if wire == value:
+            return name
+    raise snapshot.SnapshotError(f"{path}: unknown or unspecified value {value!r}")
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+
+def service_to_pb(svc: snapshot.ServiceState) -> pb.Service:
+    msg = pb.Service(
+        name=svc.name,
+        vip=svc.vip,
+        port=svc.port,
+        protocol=_PROTOCOL[svc.protocol],
+        affinity=_AFFINITY[svc.affinity],
+        affinity_timeout=svc.affinity_timeout,
+        table_size=svc.table_size,
+        probe_share=svc.probe_share,
+        saturated=svc.saturated,
+        backends=[
+            pb.Backend(address=b.address, port=b.port, weight=b.weight, state=_STATE[b.state],
+                       load=b.load)
+            for b in svc.backends
+        ],
+    )
+    if svc.epsilon is not None:
+        msg.epsilon = svc.epsilon
+    return msg
+
+
+def service_from_pb(msg: pb.Service, path: str) -> snapshot.ServiceState:
+    label = f"{path}[{msg.name}]" if msg.name else path
+    try:
+        backends = []
+        for i, b in enumerate(msg.backends):
+            where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
+            try:
+                backends.append(snapshot.Backend(
+                    address=b.address, port=b.port, weight=b.weight,
+                    state=_reverse("state", _STATE, b.state), load=b.load))
+            except snapshot.SnapshotError as exc:
+                raise snapshot.SnapshotError(f"{where}.{exc}") from None
+        return snapshot.ServiceState(
+            name=msg.name,
+            vip=msg.vip,
+            port=msg.port,
+            protocol=_reverse("protocol", _PROTOCOL, msg.protocol),
+            affinity=_reverse("affinity", _AFFINITY, msg.affinity),
+            affinity_timeout=msg.affinity_timeout,
+            table_size=msg.table_size,
+            epsilon=msg.epsilon if msg.HasField("epsilon") else None,
+            probe_share=msg.probe_share,
+            saturated=msg.saturated,
+            backends=tuple(backends),
+        )
+    except snapshot.SnapshotError as exc:
+        raise snapshot.SnapshotError(f"{label}.{exc}") from None
+
+
+def snapshot_to_pb(snap: snapshot.Snapshot) -> pb.Snapshot:
+    return pb.Snapshot(version=snap.version, hash=snap.hash,
+                       services=[service_to_pb(s) for s in snap.services])
+
+
+def snapshot_from_pb(msg: pb.Snapshot) -> snapshot.Snapshot:
+    services = tuple(service_from_pb(s, "services") for s in msg.services)
+    snap = snapshot.Snapshot(msg.version, services)
+    if snap.hash != msg.hash:
+        raise snapshot.SnapshotError(f"hash: full snapshot {msg.version} hashes to "
+                                     f"{snap.hash[:12]}, announced {msg.hash[:12]!r}")
+    return snap
+
+
+def delta_to_pb(change: snapshot.Delta) -> pb.Delta:
+    return pb.Delta(from_version=change.from_version, to_version=change.to_version,
+                    hash=change.hash, upserted=[service_to_pb(s) for s in change.upserted],
+                    removed=list(change.removed))
+
+
+def delta_from_pb(msg: pb.Delta) -> snapshot.Delta:
+    return snapshot.Delta(
+        from_version=msg.from_version,
+        to_version=msg.to_version,
+        hash=msg.hash,
+        upserted=tuple(service_from_pb(s, "upserted") for s in msg.upserted),
+        removed=tuple(msg.removed),
+    )
+
+
+def full_update(snap: snapshot.Snapshot) -> pb.SnapshotUpdate:
+    return pb.SnapshotUpdate(full=snapshot_to_pb(snap))
+
+
+def delta_update(change: snapshot.Delta) -> pb.SnapshotUpdate:
+    return pb.SnapshotUpdate(delta=delta_to_pb(change))
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+def _load_to_pb(load: enginemetrics.EngineLoad) -> pb.EngineLoad:
+    msg = pb.EngineLoad(
+        running=load.running, waiting=load.waiting, kv_usage=load.kv_usage,
+        kv_family=load.kv_family, engines=load.engines,
+        ttft_buckets=[pb.HistogramBucket(le=le, count=c) for le, c in load.ttft_buckets],
+    )
+    for name in ("ttft_count", "ttft_sum", "ttft_p50", "ttft_p90"):
+        value = getattr(load, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def _load_from_pb(msg: pb.EngineLoad) -> enginemetrics.EngineLoad:
+    def opt(name: str) -> float | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return enginemetrics.EngineLoad(
+        running=msg.running, waiting=msg.waiting, kv_usage=msg.kv_usage,
+        kv_family=msg.kv_family, engines=msg.engines,
+        ttft_count=opt("ttft_count"), ttft_sum=opt("ttft_sum"),
+        ttft_p50=opt("ttft_p50"), ttft_p90=opt("ttft_p90"),
+        ttft_buckets=tuple((b.le, b.count) for b in msg.ttft_buckets),
+    )
+
+
+def report_to_pb(report: snapshot.AgentReport) -> pb.AgentReport:
+    engines = []
+    for r in report.engines:
+        e = pb.EngineScrape(identity=r.identity, metrics_ok=r.metrics_ok,
+                            health_ok=r.health_ok, latency_seconds=r.latency,
+                            error=r.error or "")
+        if r.load is not None:
+            e.load.CopyFrom(_load_to_pb(r.load))
+        engines.append(e)
+    return pb.AgentReport(
+        agent_id=report.agent_id, node=report.node, applied_version=report.applied_version,
+        applied_hash=report.applied_hash, apply_seconds=report.apply_seconds, engines=engines,
+        counters=[
+            pb.BackendCounters(identity=c.identity, selected=c.selected, connects=c.connects,
+                               failed=c.failed, established=c.established, closed=c.closed,
+                               trips=c.trips)
+            for c in report.counters
+        ],
+        errors=list(report.errors),
+    )
+
+
+def report_from_pb(msg: pb.AgentReport) -> snapshot.AgentReport:
+    engines = tuple(
+        scraper.ScrapeResult(
+            identity=e.identity, metrics_ok=e.metrics_ok, health_ok=e.health_ok,
+            latency=e.latency_seconds,
+            load=_load_from_pb(e.load) if e.HasField("load") else None,
+            error=e.error or None,
+        )
+        for e in msg.engines
+    )
+    counters = []
+    for i, c in enumerate(msg.counters):
+        try:
+            counters.append(snapshot.BackendCounters(
+                identity=c.identity, selected=c.selected, connects=c.connects, failed=c.failed,
+                established=c.established, closed=c.closed, trips=c.trips))
+        except snapshot.SnapshotError as exc:
+            raise snapshot.SnapshotError(f"counters[{i}].{exc}") from None
+    return snapshot.AgentReport(
+        agent_id=msg.agent_id, node=msg.node, applied_version=msg.applied_version,
+        applied_hash=msg.applied_hash, apply_seconds=msg.apply_seconds, engines=engines,
+        counters=tuple(counters), errors=tuple(msg.errors),
+    )
