@@ -410,8 +410,14 @@ def running(host: str = "127.0.0.1", port: int | None = None, **options: object)
         engine.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    # Manual use: python -m lab.vllm_engine [PORT] runs one engine until Ctrl-C.
+    # Manual use: python -m lab.vllm_engine [PORT] runs one engine until Ctrl-C or
+    # SIGTERM. The engine has its own session, so the wrapper must stop it itself.
+    signal.signal(signal.SIGTERM, _interrupt)
     with running(port=int(sys.argv[1]) if len(sys.argv) > 1 else None) as url:
         print(url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
