@@ -1,0 +1,442 @@
+"""The controller's gRPC edge: streams snapshots to agents, collects their reports.
+
+:class:`Publisher` holds the current snapshot and a short history; the controller calls
+:meth:`Publisher.publish` (from any thread) whenever policy or discovery changes the
+desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
+
+- ``WatchSnapshots``: the agent says what it holds (version and content hash). Same
+  content → at most an empty delta that renumbers it; a version still in the history with
+  the same hash → a delta from it; anything else → a full snapshot. After that, each time
+  the published snapshot changes, one delta from the last snapshot *sent on this stream*,
+  so a slow agent skips intermediate versions instead of queueing them.
+- ``Report``: a client stream of :class:`controller.snapshot.AgentReport`; a report with a
+  bad field is dropped whole (the agent's previous report stays) and counted.
+
+:meth:`ControlServer.agents` gives per-agent convergence: the version and hash applied,
+whether that is the current content, and for how long the agent has been behind.
+
+TLS: :class:`TLSFiles` names PEM files; the server then requires client certificates
+signed by the same CA (mutual TLS), the client checks the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from controller import scraper, snapshot
+from controller.pb import convert
+from controller.pb import kvroute_pb2 as pb
+from controller.pb import kvroute_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvroute.controller.grpc")
+
+# Dead peers are found by HTTP/2 pings even while a stream is idle; the server has to
+# allow pings that often or it closes the connection with "too_many_pings".
+KEEPALIVE_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large fleet, with headroom
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for mutual TLS. The same shape serves both ends: each side presents
+    ``cert``/``key`` and trusts peers signed by ``ca``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    # Client only: the name to check in the server's certificate when it differs from
+    # the host in the target (e.g. dialling an IP whose cert names a DNS name).
+    server_name: str | None = None
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.ca).read_bytes(), Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+
+
+def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
+    ca, cert, key = tls.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=True)
+
+
+def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
+    ca, cert, key = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+def channel_options(tls: TLSFiles | None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # The agent runs its own backoff with jitter; one attempt per channel.
+        ("grpc.enable_retries", 0),
+    ]
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+# -- publisher ----------------------------------------------------------------------------
+
+
+class Publisher:
+    """The current snapshot, the last ``history`` ones (for deltas to reconnecting agents)
+    and when each version was published (for lag). Thread-safe."""
+
+    def __init__(self, history: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._history: collections.OrderedDict[int, snapshot.Snapshot] = (
+            collections.OrderedDict())
+        self._size = history
+        # Longer than the snapshot history: lag needs only the times.
+        self._published_at: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._current: snapshot.Snapshot | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def current(self) -> snapshot.Snapshot | None:
+        return self._current
+
+    def publish(self, snap: snapshot.Snapshot) -> bool:
+        """Make ``snap`` current. Returns False (and keeps the current version) when the
+        content is unchanged, so a controller may publish on every tick without sending
+        empty deltas. Raises ValueError if the version does not increase."""
+        if not isinstance(snap, snapshot.Snapshot):
+            raise TypeError(f"publish needs a Snapshot, got {type(snap).__name__}")
+        with self._lock:
+            current = self._current
+            if current is not None:
+                if snap.hash == current.hash:
+                    return False
+                if snap.version <= current.version:
+                    raise ValueError(f"version must increase: {snap.version} after "
+                                     f"{current.version}")
+            self._current = snap
+            self._history[snap.version] = snap
+            while len(self._history) > self._size:
+                self._history.popitem(last=False)
+            self._published_at[snap.version] = self._clock()
+            while len(self._published_at) > 64 * self._size:
+                self._published_at.popitem(last=False)
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
+        return True
+
+    def get(self, version: int) -> snapshot.Snapshot | None:
+        with self._lock:
+            return self._history.get(version)
+
+    def published_at(self, version: int) -> float | None:
+        with self._lock:
+            return self._published_at.get(version)
+
+    def behind_since(self, applied_version: int) -> float | None:
+        """When the first version newer than ``applied_version`` was published (the
+        current one's time if none is, e.g. a number from an earlier controller)."""
+        with self._lock:
+            if self._current is None:
+                return None
+            newer = [t for v, t in self._published_at.items() if v > applied_version]
+            return min(newer) if newer else self._published_at.get(self._current.version)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each publish (in the publishing thread)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+# -- agents -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentStatus:
+    agent_id: str
+    node: str
+    peer: str  # address of the last connection
+    watching: bool  # a WatchSnapshots stream is open now
+    sent_version: int | None  # last version sent on a watch stream
+    applied_version: int  # last version the agent reported applied (0: none)
+    applied_hash: str
+    converged: bool  # the applied content is the current content
+    lag_seconds: float  # how long it has been behind (0 when converged)
+    last_report_at: float | None  # wall-clock time.time() of the last accepted report
+    apply_seconds: float
+    reports: int  # accepted
+    rejected_reports: int
+    last_error: str | None  # why the last report was rejected
+    errors: tuple[str, ...]  # what the agent itself reported
+    engines: tuple[scraper.ScrapeResult, ...]
+    counters: tuple[snapshot.BackendCounters, ...]
+
+
+@dataclasses.dataclass
+class _Agent:
+    agent_id: str
+    node: str = ""
+    peer: str = ""
+    first_seen: float = 0.0  # monotonic
+    watching: int = 0
+    sent_version: int | None = None
+    report: snapshot.AgentReport | None = None
+    last_report_at: float | None = None
+    reports: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+
+
+class ControlServer:
+    """grpc.aio server of ``kvroute.v1.Control``. Run its methods on one event loop;
+    :meth:`agents` may be called from any thread."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        tls: TLSFiles | None = None,
+        on_report: Callable[[snapshot.AgentReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.publisher = publisher
+        self.tls = tls
+        self.on_report = on_report
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._agents: dict[str, _Agent] = {}
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeups: set[asyncio.Event] = set()
+        self._stopping = False
+        self.port: int | None = None
+
+    # -- lifecycle
+
+    async def start(self, address: str = "127.0.0.1:0") -> int:
+        """Listen on ``address`` ("host:port", port 0 picks one); returns the port."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_ControlServicer_to_server(_Servicer(self), server)
+        if self.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(self.tls))
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.publisher.subscribe(self._wake_all)
+        await server.start()
+        self._server = server
+        self.port = port
+        log.info("control server listening on %s (port %d, %s)", address, port,
+                 "mTLS" if self.tls else "plaintext")
+        return port
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """End every watch stream (agents see a clean end and reconnect), then stop."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping = True
+        self.publisher.unsubscribe(self._wake_all)
+        for event in list(self._wakeups):
+            event.set()
+        await server.stop(grace)
+        with self._lock:
+            for agent in self._agents.values():
+                agent.watching = 0
+
+    def _wake_all(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        for event in list(self._wakeups):
+            loop.call_soon_threadsafe(event.set)
+
+    # -- convergence
+
+    def agents(self) -> dict[str, AgentStatus]:
+        current = self.publisher.current
+        now = self._clock()
+        out = {}
+        with self._lock:
+            records = list(self._agents.values())
+        for a in records:
+            r = a.report
+            applied_version = r.applied_version if r else 0
+            applied_hash = r.applied_hash if r else ""
+            converged = current is not None and applied_hash == current.hash
+            lag = 0.0
+            if current is not None and not converged:
+                since = self.publisher.behind_since(applied_version)
+                start = max(since if since is not None else now, a.first_seen)
+                lag = max(0.0, now - start)
+            out[a.agent_id] = AgentStatus(
+                agent_id=a.agent_id, node=a.node, peer=a.peer, watching=a.watching > 0,
+                sent_version=a.sent_version, applied_version=applied_version,
+                applied_hash=applied_hash, converged=converged, lag_seconds=lag,
+                last_report_at=a.last_report_at, apply_seconds=r.apply_seconds if r else 0.0,
+                reports=a.reports, rejected_reports=a.rejected, last_error=a.last_error,
+                errors=r.errors if r else (), engines=r.engines if r else (),
+                counters=r.counters if r else (),
+            )
+        return out
+
+    async def wait_converged(self, agent_ids: Iterable[str], timeout: float,
+                             poll: float = 0.02) -> bool:
+        """True once every named agent reports the current content (for tests, demos)."""
+        wanted = list(agent_ids)
+        deadline = self._clock() + timeout
+        while True:
+            status = self.agents()
+            if self.publisher.current is not None and all(
+                a in status and status[a].converged for a in wanted
+            ):
+                return True
+            if self._clock() >= deadline:
+                return False
+            await asyncio.sleep(poll)
+
+    # -- handlers (called by _Servicer)
+
+    def _agent(self, agent_id: str, node: str, peer: str) -> _Agent:
+        with self._lock:
+            agent = self._agents.get(agent_id)
+            if agent is None:
+                agent = self._agents[agent_id] = _Agent(agent_id, first_seen=self._clock())
+            if node:
+                agent.node = node
+            agent.peer = peer
+            return agent
+
+    def _first_update(self, request: pb.WatchRequest,
+                      current: snapshot.Snapshot) -> pb.SnapshotUpdate | None:
+        have_version, have_hash = request.have_version, request.have_hash
+        if have_version == 0:
+            return convert.full_update(current)
+        if have_hash == current.hash:
+            if have_version == current.version:
+                return None
+            # Same content under another number (e.g. from before a controller restart):
+            # renumber it, nothing to rebuild.
+            return convert.delta_update(snapshot.Delta(have_version, current.version,
+                                                       current.hash))
+        base = self.publisher.get(have_version)
+        if base is not None and base.hash == have_hash:
+            return convert.delta_update(snapshot.delta(base, current))
+        return convert.full_update(current)
+
+    async def _watch(self, request: pb.WatchRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SnapshotUpdate]:
+        try:
+            snapshot.AgentReport(request.agent_id, request.node, 0, "")  # validates ids
+        except snapshot.SnapshotError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        agent = self._agent(request.agent_id, request.node, context.peer())
+        with self._lock:
+            agent.watching += 1
+        event = asyncio.Event()
+        self._wakeups.add(event)
+        sent: snapshot.Snapshot | None = None
+        try:
+            while not self._stopping:
+                event.clear()
+                current = self.publisher.current
+                if current is not None and (sent is None or current.version != sent.version):
+                    if sent is None:
+                        update = self._first_update(request, current)
+                    else:
+                        update = convert.delta_update(snapshot.delta(sent, current))
+                    sent = current
+                    if update is not None:
+                        yield update
+                    with self._lock:
+                        agent.sent_version = current.version
+                    continue
+                await event.wait()
+        finally:
+            self._wakeups.discard(event)
+            with self._lock:
+                agent.watching = max(0, agent.watching - 1)
+
+    async def _report(self, requests: AsyncIterator[pb.AgentReport],
+                      context: grpc.aio.ServicerContext) -> pb.ReportAck:
+        accepted = 0
+        async for msg in requests:
+            try:
+                report = convert.report_from_pb(msg)
+            except snapshot.SnapshotError as exc:
+                log.warning("report from %r rejected: %s", msg.agent_id, exc)
+                if msg.agent_id and len(msg.agent_id) <= snapshot.IDENTITY_MAX:
+                    agent = self._agent(msg.agent_id, "", context.peer())
+                    with self._lock:
+                        agent.rejected += 1
+                        agent.last_error = str(exc)
+                continue
+            agent = self._agent(report.agent_id, report.node, context.peer())
+            with self._lock:
+                agent.report = report
+                agent.reports += 1
+                agent.last_report_at = self._wall()
+            accepted += 1
+            if self.on_report is not None:
+                try:
+                    self.on_report(report)
+                except Exception:
+                    log.exception("on_report failed for %s", report.agent_id)
+        return pb.ReportAck(reports=accepted)
+
+
+class _Servicer(pb_grpc.ControlServicer):
+    """Method names are fixed by the proto. WatchSnapshots must itself be an async
+    generator function: grpc.aio treats any other callable as a sync generator."""
+
+    def __init__(self, owner: ControlServer) -> None:
+        self._owner = owner
+
+    async def WatchSnapshots(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SnapshotUpdate]:
+        async for update in self._owner._watch(request, context):
+            yield update
+
+    async def Report(
+        self, request_iterator: AsyncIterator[pb.AgentReport], context: grpc.aio.ServicerContext
+    ) -> pb.ReportAck:
+        return await self._owner._report(request_iterator, context)

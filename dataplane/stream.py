@@ -1,0 +1,368 @@
+"""The agent's end of the controller stream (kvroute.v1 Control), in its own thread.
+
+:class:`SnapshotClient` watches snapshots, rebuilds each version from full snapshots and
+deltas, and hands every new version to ``on_snapshot`` (which programs the kernel and
+returns whether that worked). Alongside it streams reports: the applied version, plus what
+``report_source`` returns (engine scrapes, kernel counters), every ``report_interval``
+seconds and right after each apply, so the controller sees convergence at once.
+
+Failure handling:
+
+- A delta that does not fit (wrong base version, wrong resulting hash) is never applied:
+  the client reconnects asking for a full snapshot (``have_version=0``).
+- A failed apply keeps the previous tables; the client retries on the report interval and
+  on the next version, and reports the error.
+- Controller gone: the kernel keeps the last applied tables (static stability) and the
+  client reconnects with exponential backoff and full jitter. On reconnection it says what
+  it holds, so an unchanged controller answers with nothing or a small delta.
+
+``on_snapshot`` and ``report_source`` run on the client's thread, one call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from controller import grpc_server, snapshot
+from controller.pb import convert
+from controller.pb import kvroute_pb2 as pb
+from controller.pb import kvroute_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvroute.agent.stream")
+
+OnSnapshot = Callable[[snapshot.Snapshot], bool]
+ReportSource = Callable[[], snapshot.Observations]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: attempt k waits uniform(0, min(cap, base*2^k)),
+    so agents that lost the same controller do not all come back in the same instant."""
+
+    base: float = 0.2
+    cap: float = 10.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 32)))
+
+
+@dataclasses.dataclass
+class Stats:
+    connects: int = 0  # sessions that received at least one update
+    disconnects: int = 0
+    resyncs: int = 0  # deltas refused (asked for a full snapshot instead)
+    fulls: int = 0
+    deltas: int = 0
+    applies: int = 0  # successful on_snapshot calls
+    apply_failures: int = 0
+    reports: int = 0  # reports handed to gRPC
+    last_error: str | None = None
+
+
+class _Resync(Exception):
+    """The held snapshot and the stream disagree: reconnect for a full snapshot."""
+
+
+class SnapshotClient:
+    def __init__(
+        self,
+        target: str,
+        agent_id: str,
+        node: str,
+        on_snapshot: OnSnapshot,
+        *,
+        tls: grpc_server.TLSFiles | None = None,
+        report_source: ReportSource | None = None,
+        report_interval: float = 1.0,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        snapshot.AgentReport(agent_id, node, 0, "")  # validates the ids early
+        if not report_interval > 0:
+            raise ValueError(f"report_interval must be > 0, got {report_interval!r}")
+        self.target = target
+        self.agent_id = agent_id
+        self.node = node
+        self.tls = tls
+        self._on_snapshot = on_snapshot
+        self._report_source = report_source
+        self.report_interval = float(report_interval)
+        self.backoff = backoff or Backoff()
+        self._rng = rng or random.Random()
+        self.stats = Stats()
+        # _received: the controller's state as rebuilt from the stream;
+        # _applied: what on_snapshot accepted, i.e. what the kernel holds.
+        self._received: snapshot.Snapshot | None = None
+        self._applied: snapshot.Snapshot | None = None
+        self._apply_seconds = 0.0
+        self._apply_error: str | None = None
+        self._want_full = False
+        self.connected = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._report_now: asyncio.Event | None = None
+
+    # -- public, any thread
+
+    @property
+    def applied(self) -> snapshot.Snapshot | None:
+        """The last snapshot applied (kept while the controller is away)."""
+        return self._applied
+
+    @property
+    def received(self) -> snapshot.Snapshot | None:
+        return self._received
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("client already started")
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,),
+                                        name=f"kvroute-stream-{self.agent_id}", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the streams and end the thread. The applied snapshot stays readable."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None or loop is None or stop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"stream thread did not stop within {timeout}s")
+        self._thread = None
+
+    def wait_for(self, predicate: Callable[[snapshot.Snapshot | None], bool],
+                 timeout: float) -> bool:
+        """Wait until ``predicate(applied snapshot)`` holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._applied), timeout)
+
+    def wait_applied(self, content_hash: str, timeout: float) -> bool:
+        return self.wait_for(lambda s: s is not None and s.hash == content_hash, timeout)
+
+    # -- the thread
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            asyncio.set_event_loop(loop)
+            self._stop = asyncio.Event()
+            self._report_now = asyncio.Event()
+            ready.set()
+            loop.run_until_complete(self._run())
+        finally:
+            with contextlib.suppress(Exception):
+                # gRPC delivers the closed channel's last completions a moment later, from
+                # its poller; closing the loop under them only logs errors.
+                loop.run_until_complete(asyncio.sleep(0.05))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            ready.set()
+
+    async def _run(self) -> None:
+        assert self._stop is not None
+        attempt = 0
+        while not self._stop.is_set():
+            got_updates = False
+            resync = False
+            try:
+                got_updates = await self._session()
+            except _Resync as exc:
+                resync = True
+                log.warning("%s: resync with a full snapshot: %s", self.agent_id, exc)
+            except grpc.aio.AioRpcError as exc:
+                self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+                log.info("%s: controller stream ended: %s", self.agent_id, self.stats.last_error)
+            except Exception as exc:
+                self.stats.last_error = repr(exc)
+                log.exception("%s: controller stream failed", self.agent_id)
+            self.connected = False
+            if self._stop.is_set():
+                break
+            self.stats.disconnects += 1
+            if got_updates:
+                attempt = 0
+            # One immediate retry after a refused delta; a second refusal in a row backs off
+            # (a controller sending bad data must not be hammered).
+            delay = 0.0 if resync and attempt == 0 else self.backoff.delay(attempt, self._rng)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    def _channel(self) -> grpc.aio.Channel:
+        options = grpc_server.channel_options(self.tls)
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, grpc_server.channel_credentials(self.tls),
+                                       options=options)
+
+    async def _session(self) -> bool:
+        """One connection: watch until it ends; reports run beside it. True if any
+        update arrived (the connection worked, so backoff starts over)."""
+        assert self._stop is not None
+        got = False
+        channel = self._channel()
+        stub = pb_grpc.ControlStub(channel)
+        held = None if self._want_full else self._received
+        request = pb.WatchRequest(agent_id=self.agent_id, node=self.node,
+                                  have_version=held.version if held else 0,
+                                  have_hash=held.hash if held else "")
+        call = stub.WatchSnapshots(request)
+        reports = asyncio.create_task(self._report_loop(stub))
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            async for update in _until(call, stopper):
+                if not got:
+                    got = True
+                    self.stats.connects += 1
+                self.connected = True
+                self._want_full = False
+                self._handle(update)
+            return got
+        finally:
+            call.cancel()
+            for task in (reports, stopper):
+                task.cancel()
+            for task in (reports, stopper):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await channel.close(grace=None)
+
+    def _handle(self, update: pb.SnapshotUpdate) -> None:
+        kind = update.WhichOneof("update")
+        try:
+            if kind == "full":
+                snap = convert.snapshot_from_pb(update.full)
+                self.stats.fulls += 1
+            elif kind == "delta":
+                if self._received is None:
+                    raise snapshot.SnapshotError("delta received before any full snapshot")
+                snap = snapshot.apply_delta(self._received, convert.delta_from_pb(update.delta))
+                self.stats.deltas += 1
+            else:
+                raise snapshot.SnapshotError(f"update: unknown kind {kind!r}")
+        except snapshot.SnapshotError as exc:
+            self.stats.resyncs += 1
+            self.stats.last_error = str(exc)
+            self._want_full = True
+            self._received = None
+            raise _Resync(str(exc)) from None
+        self._received = snap
+        self._apply(snap)
+
+    def _apply(self, snap: snapshot.Snapshot) -> None:
+        applied = self._applied
+        if applied is not None and applied.hash == snap.hash:
+            if applied.version != snap.version:
+                self._set_applied(snap)  # renumbered, same content: nothing to program
+            return
+        started = time.perf_counter()
+        try:
+            ok = bool(self._on_snapshot(snap))
+            error = None if ok else f"apply of version {snap.version} failed"
+        except Exception as exc:
+            log.exception("%s: on_snapshot raised on version %d", self.agent_id, snap.version)
+            ok, error = False, f"apply of version {snap.version} raised {exc!r}"
+        self._apply_seconds = time.perf_counter() - started
+        self._apply_error = error
+        if ok:
+            self.stats.applies += 1
+            self._set_applied(snap)
+        else:
+            self.stats.apply_failures += 1
+        if self._report_now is not None:
+            self._report_now.set()
+
+    def _set_applied(self, snap: snapshot.Snapshot) -> None:
+        with self._cond:
+            self._applied = snap
+            self._cond.notify_all()
+
+    # -- reports
+
+    def _report(self) -> pb.AgentReport:
+        observed = snapshot.Observations()
+        errors: list[str] = []
+        if self._report_source is not None:
+            try:
+                observed = self._report_source()
+            except Exception as exc:
+                log.exception("%s: report source failed", self.agent_id)
+                errors.append(f"report source raised {exc!r}")
+        if self._apply_error:
+            errors.append(self._apply_error)
+        applied = self._applied
+        report = snapshot.AgentReport(
+            agent_id=self.agent_id, node=self.node,
+            applied_version=applied.version if applied else 0,
+            applied_hash=applied.hash if applied else "",
+            apply_seconds=self._apply_seconds,
+            engines=tuple(observed.engines), counters=tuple(observed.counters),
+            errors=(*observed.errors, *errors),
+        )
+        return convert.report_to_pb(report)
+
+    async def _reports(self) -> AsyncIterator[pb.AgentReport]:
+        assert self._report_now is not None
+        while True:
+            self._report_now.clear()
+            # A failed apply is retried here, at the report pace, while the stream is quiet.
+            received = self._received
+            if received is not None and (self._applied is None
+                                         or self._applied.hash != received.hash):
+                self._apply(received)
+                self._report_now.clear()
+            try:
+                msg = self._report()
+            except snapshot.SnapshotError as exc:  # our own report source handed garbage
+                log.error("%s: report not sent: %s", self.agent_id, exc)
+                self.stats.last_error = str(exc)
+            else:
+                self.stats.reports += 1
+                yield msg
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), self.report_interval)
+
+    async def _report_loop(self, stub: Any) -> None:
+        while True:
+            try:
+                await stub.Report(self._reports())
+            except grpc.aio.AioRpcError as exc:
+                log.debug("%s: report stream ended: %s", self.agent_id, exc.code().name)
+            # The watch stream decides about reconnecting; here just try again shortly.
+            await asyncio.sleep(self.report_interval)
+
+
+async def _until(call: Any, stopper: asyncio.Task[Any]) -> AsyncIterator[pb.SnapshotUpdate]:
+    """The call's messages until it ends or ``stopper`` finishes."""
+    reader = call.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(reader.__anext__())
+        done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if nxt not in done:
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await nxt
+            return
+        try:
+            item = nxt.result()
+        except StopAsyncIteration:
+            return
+        yield item
