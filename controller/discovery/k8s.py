@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -166,10 +167,12 @@ class _Reflector:
 
     def _run(self) -> None:
         delay = self.settings.backoff_initial
+        listed_at = -math.inf
         while not self.stop.is_set():
             try:
                 if self.resource_version is None:
                     items, self.resource_version = self._list()
+                    listed_at = time.monotonic()
                     self.store.replace(self.kind, items)
                     log.info(
                         "kubernetes discovery: listed %d %s at resourceVersion %s",
@@ -184,16 +187,16 @@ class _Reflector:
                     continue
                 # An empty watch that ended at once: a server misbehaving, do not spin.
                 reason = "watch ended at once without events"
-            except _Gone as exc:
-                log.info("kubernetes discovery: %s: %s; listing again", self.kind, exc)
-                self.resource_version = None
-                continue
-            except kubernetes.client.ApiException as exc:
-                if exc.status == _GONE:
-                    log.info("kubernetes discovery: %s: 410 Gone; listing again", self.kind)
+            except (_Gone, kubernetes.client.ApiException) as exc:
+                if isinstance(exc, kubernetes.client.ApiException) and exc.status != _GONE:
+                    reason = f"API error {exc.status} {exc.reason}"
+                else:
                     self.resource_version = None
-                    continue
-                reason = f"API error {exc.status} {exc.reason}"
+                    if time.monotonic() - listed_at >= 1.0:
+                        log.info("kubernetes discovery: %s: 410 Gone; listing again", self.kind)
+                        continue
+                    # Expired right after a fresh list: relist, but not in a tight loop.
+                    reason = "410 Gone right after a list"
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # the thread must outlive any surprise
