@@ -56,8 +56,12 @@ U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 WEIGHT_MAX = policy.WEIGHT_MAX
 LOAD_MAX = policy.LOAD_MAX
-TABLE_SIZE_MAX = 65537  # largest Maglev size the design allows
-EPSILON_MAX = 100.0  # the same ceiling as policy.PolicyConfig.epsilon
+# Limits below are the agent's (dataplane.config), so a snapshot the controller accepts is
+# one every agent accepts; the controller learns of a bad value, not N agents.
+TABLE_SIZE_MIN = 7
+TABLE_SIZE_MAX = 131071
+EPSILON_MAX = 10.0
+AFFINITY_TIMEOUT_MAX = 86400  # seconds
 NAME_MAX_BYTES = 63  # struct kvr_svc_name holds 64 bytes with the NUL
 IDENTITY_MAX = 256
 TEXT_MAX = 4096  # error strings in reports
@@ -66,7 +70,7 @@ TEXT_MAX = 4096  # error strings in reports
 # letting two encodings collide.
 _SCHEMA = "kvroute/v1"
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
-_NAME_RE = re.compile(r"[!-~]+")  # printable ASCII, no spaces
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # dataplane.config's rule
 
 
 class SnapshotError(ValueError):
@@ -107,8 +111,8 @@ def _choice(path: str, value: object, allowed: Sequence[str]) -> str:
 
 def _name(path: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise SnapshotError(f"{path}: must be non-empty printable ASCII without spaces, "
-                            f"got {value!r}")
+        raise SnapshotError(f"{path}: must be lower-case letters, digits, '-' or '.', "
+                            f"starting and ending with a letter or digit, got {value!r}")
     if len(value) > NAME_MAX_BYTES:
         raise SnapshotError(f"{path}: must be at most {NAME_MAX_BYTES} characters, "
                             f"got {len(value)}")
@@ -195,8 +199,8 @@ class ServiceState:
     port: int
     protocol: str  # one of PROTOCOLS
     affinity: str  # one of AFFINITIES
-    affinity_timeout: int  # seconds
-    table_size: int  # Maglev M: a prime <= TABLE_SIZE_MAX
+    affinity_timeout: int  # seconds, 1..AFFINITY_TIMEOUT_MAX
+    table_size: int  # Maglev M: a prime in [TABLE_SIZE_MIN, TABLE_SIZE_MAX]
     epsilon: float | None  # bounded load; None switches the check off
     probe_share: float  # share of new sessions a probing backend takes, [0, 1]
     saturated: bool = False  # every engine full: new connections fail fast
@@ -208,8 +212,8 @@ class ServiceState:
         _int("port", self.port, 1, 65535)
         _choice("protocol", self.protocol, PROTOCOLS)
         _choice("affinity", self.affinity, AFFINITIES)
-        _int("affinity_timeout", self.affinity_timeout, 0, U32_MAX)
-        _int("table_size", self.table_size, 2, TABLE_SIZE_MAX)
+        _int("affinity_timeout", self.affinity_timeout, 1, AFFINITY_TIMEOUT_MAX)
+        _int("table_size", self.table_size, TABLE_SIZE_MIN, TABLE_SIZE_MAX)
         if not maglev.is_prime(self.table_size):
             raise SnapshotError(f"table_size: must be a prime number, got {self.table_size}")
         if self.epsilon is not None:
