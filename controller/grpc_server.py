@@ -5,8 +5,9 @@
 desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
 
 - ``WatchSnapshots``: the agent says what it holds (version and content hash). Same
-  content → at most an empty delta that renumbers it; a version still in the history with
-  the same hash → a delta from it; anything else → a full snapshot. After that, each time
+  content → an empty delta to the current version (renumbers it if needed); a version
+  still in the history with the same hash → a delta from it; anything else → a full
+  snapshot. After that, each time
   the published snapshot changes, one delta from the last snapshot *sent on this stream*,
   so a slow agent skips intermediate versions instead of queueing them.
 - ``Report``: a client stream of :class:`controller.snapshot.AgentReport`; a report with a
@@ -346,15 +347,14 @@ class ControlServer:
             return agent
 
     def _first_update(self, request: pb.WatchRequest,
-                      current: snapshot.Snapshot) -> pb.SnapshotUpdate | None:
+                      current: snapshot.Snapshot) -> pb.SnapshotUpdate:
         have_version, have_hash = request.have_version, request.have_hash
         if have_version == 0:
             return convert.full_update(current)
         if have_hash == current.hash:
-            if have_version == current.version:
-                return None
-            # Same content under another number (e.g. from before a controller restart):
-            # renumber it, nothing to rebuild.
+            # The agent holds this content, maybe under another number (from before a
+            # controller restart): an empty delta renumbers it, nothing to rebuild. Sent
+            # even when the numbers agree, so the first message always confirms the state.
             return convert.delta_update(snapshot.Delta(have_version, current.version,
                                                        current.hash))
         base = self.publisher.get(have_version)
@@ -384,8 +384,7 @@ class ControlServer:
                     else:
                         update = convert.delta_update(snapshot.delta(sent, current))
                     sent = current
-                    if update is not None:
-                        yield update
+                    yield update
                     with self._lock:
                         agent.sent_version = current.version
                     continue

@@ -54,9 +54,10 @@ class ControlServicer:
     """Missing associated documentation comment in .proto file."""
 
     def WatchSnapshots(self, request, context):
-        """A full snapshot first (unless the agent already holds the current content, see
-        WatchRequest), then one update each time the published version changes. A slow
-        agent may skip versions: each delta starts from the last version sent on this stream.
+        """First message: a full snapshot, or a delta from what the agent holds (see
+        WatchRequest; an empty delta when it already holds the current content). Then one
+        delta each time the published version changes. A slow agent may skip versions: each
+        delta starts from the last version sent on this stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -433,13 +433,18 @@ def test_bad_requests_and_reports_are_refused(controller: Controller) -> None:
             next(iter(stub.WatchSnapshots(pb.WatchRequest(agent_id=""), timeout=WAIT)))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "agent_id" in (info.value.details() or "")
-        # Holding the current content under the current version: nothing to send.
+        # Holding the current content under the current version: an empty delta
+        # confirms it, then nothing until the next version.
         current = controller.publisher.current
         assert current is not None
-        watch = stub.WatchSnapshots(pb.WatchRequest(agent_id="x", have_version=1,
-                                                    have_hash=current.hash), timeout=0.5)
+        watch = iter(stub.WatchSnapshots(pb.WatchRequest(agent_id="x", have_version=1,
+                                                         have_hash=current.hash), timeout=0.5))
+        first = next(watch)
+        assert first.WhichOneof("update") == "delta"
+        assert (first.delta.from_version, first.delta.to_version) == (1, 1)
+        assert not first.delta.upserted and not first.delta.removed
         with pytest.raises(grpc.RpcError) as info:
-            next(iter(watch))
+            next(watch)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
         good = pb.AgentReport(agent_id="x", node="n", applied_version=1,
