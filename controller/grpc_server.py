@@ -283,6 +283,10 @@ class ControlServer:
             for agent in self._agents.values():
                 agent.watching = 0
 
+    def publish(self, snap: snapshot.Snapshot) -> bool:
+        """Shorthand for ``self.publisher.publish(snap)``."""
+        return self.publisher.publish(snap)
+
     def _wake_all(self) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():

@@ -138,7 +138,7 @@ def test_full_then_deltas_reach_two_agents(controller: Controller, agents: list[
     controller.publisher.publish(v2)
     for a in agents:
         a.wait(v2)
-    controller.publisher.publish(v3)
+    assert controller.server is not None and controller.server.publish(v3)
     for a in agents:
         a.wait(v3)
         assert a.seen == [v1, v2, v3]
