@@ -588,9 +588,10 @@ def test_bad_annotation_falls_back_to_kube_proxy_behaviour() -> None:
 def test_initial_list_then_watch_from_its_version(
     server: FakeApiServer, discovery: k8s.KubernetesDiscovery
 ) -> None:
+    source: model.Discovery = discovery  # mypy checks the protocol
     discovery.start()
     assert discovery.wait_synced(5)
-    specs = by_port(discovery.snapshot())
+    specs = by_port(source.snapshot())
     assert len(specs) == 9
     assert endpoints(specs[("default/llm", 80, "tcp")])["10.244.2.11:8000"] == "draining"
     wait_for(lambda: all(server.active.values()), what="both watches")
