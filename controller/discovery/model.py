@@ -70,10 +70,11 @@ Protocol_ = Literal["tcp", "udp"]
 # kube-proxy's default and ceiling for ClientIP affinity (Service API validation).
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
-# Maglev table sizes must be prime; 65537 is the largest the datapath allows.
+# The datapath's limits (controller.snapshot, dataplane.config): a value they would
+# refuse is refused here, where the message can name the service and annotation.
 MIN_TABLE_SIZE = 7
-MAX_TABLE_SIZE = 65537
-MAX_EPSILON = 100.0
+MAX_TABLE_SIZE = 131071  # and prime: Maglev needs it
+MAX_EPSILON = 10.0
 DEFAULT_METRICS_PATH = "/metrics"
 _MAX_PATH_LEN = 256
 
@@ -336,7 +337,7 @@ def _parse_one(service: str, key: str, raw: object) -> object:
     if key == TABLE_SIZE:
         size = _int_in(text, MIN_TABLE_SIZE, MAX_TABLE_SIZE, bad)
         if not _is_prime(size):
-            raise bad("Maglev table size must be a prime number (e.g. 16381, 65537)")
+            raise bad("Maglev table size must be a prime number (e.g. 16381, 65521)")
         return size
     if key == EPSILON:
         return _float_in(text, bad, low=0.0, high=MAX_EPSILON)

@@ -572,7 +572,7 @@ def test_bad_annotation_falls_back_to_kube_proxy_behaviour() -> None:
     # Nothing of the annotations half-applies; ClientIP is kept as kube-proxy would.
     assert options == model.Options(affinity="client", affinity_timeout=90)
     assert problems == (
-        "service ns/s: annotation kvroute.io/epsilon='-1': must be a finite number >= 0, <= 100",
+        "service ns/s: annotation kvroute.io/epsilon='-1': must be a finite number >= 0, <= 10",
     )
     _, problems = model.parse_options("ns/s", {"kvroute.io/enigne": "vllm"})
     assert "unknown kvroute annotation" in problems[0] and "kvroute.io/engine" in problems[0]
