@@ -321,10 +321,68 @@ def _fill_chunk(
         newc[full] = tpos[tstart[full] + found[full] - 1] + 1
         cursor[pa] = newc
         done[pa] += ncom
+        if retry.any():
+            # Finish the retried round now: its losers look again from just
+            # past the slot they lost, until each has one or the table is full.
+            lost = np.flatnonzero(retry[tsvc] & (tround == horizon[tsvc]) & in_dup & ~claimer)
+            _settle(table, free, cursor, done, svc, index, off, skip, gbase, m, tq[lost])
 
     _endgame(table, free, svc, index, off, skip, w, wm, done, m)
     tables = table.reshape(nsvc, m).astype(np.uint32)
     return list(tables)
+
+
+def _settle(
+    table: npt.NDArray[np.int32],
+    free: _I64,
+    cursor: _I64,
+    done: _I64,
+    svc: _I64,
+    index: npt.NDArray[np.int32],
+    off: _I64,
+    skip: _I64,
+    gbase: _I64,
+    m: int,
+    part: _I64,
+) -> None:
+    """Retry steps of one round for ``part`` (sorted by service, then priority).
+
+    Each participant's cursor sits on the slot it just lost, so every earlier
+    preference position is filled; it proposes its next free slot, the lowest
+    priority wins each contested slot, and losers go again.
+    """
+    while len(part):
+        part = part[free[svc[part]] > 0]
+        if not len(part):
+            return
+        ratio = m / free[svc[part]]
+        start = cursor[part]
+        stop = np.minimum(start + np.ceil(2 * ratio + 2).astype(np.int64), m)
+        one = np.ones(len(part), dtype=np.int64)
+        pick_pos = np.full(len(part), -1, dtype=np.int64)
+        pick_slot = np.zeros(len(part), dtype=np.int64)
+        todo = np.arange(len(part))
+        while len(todo):
+            p, pos, slot, _ = _scan(
+                table, off, skip, gbase, m, part[todo], start[todo], stop[todo], one[todo]
+            )
+            pick_pos[todo[p]] = pos
+            pick_slot[todo[p]] = slot
+            todo = todo[(pick_pos[todo] < 0) & (stop[todo] < m)]
+            start[todo] = stop[todo]
+            stop[todo] = np.minimum(stop[todo] * 2 - cursor[part[todo]] + 1, m)
+        found = pick_pos >= 0
+        part, pick_pos, pick_slot = part[found], pick_pos[found], pick_slot[found]
+        _, first = np.unique(pick_slot, return_index=True)
+        won = np.zeros(len(part), dtype=bool)
+        won[first] = True
+        winners = part[first]
+        table[pick_slot[first]] = index[winners]
+        free -= np.bincount(svc[winners], minlength=len(free))
+        done[winners] += 1
+        # Winners move past their new slot, losers past the slot they lost.
+        cursor[part] = pick_pos + 1
+        part = part[~won]
 
 
 def _scan(
