@@ -401,20 +401,27 @@ def _scan(
     Returns (participant number within ``part``, position, global slot, rank among them).
     """
     look = stop - start
-    starts = np.cumsum(look) - look
-    pid = np.repeat(np.arange(len(part)), look)
-    pos = np.arange(int(look.sum()), dtype=np.int64) - np.repeat(starts - start, look)
-    q = part[pid]
-    slot = (off[q] + pos * skip[q]) % m + gbase[q]
+    ends = np.cumsum(look)
+    starts = ends - look
+    nonempty = look > 0
+    # Preference slots as a running sum: +skip per position, restarted at each
+    # participant's first slot (one cumsum instead of a multiply per position).
+    sk = skip[part]
+    inc = np.repeat(sk, look)
+    inc[starts[nonempty]] = 0
+    run = np.cumsum(inc)
+    base = np.zeros(len(part), dtype=np.int64)
+    base[nonempty] = run[starts[nonempty]] - (off[part] + start * sk)[nonempty] % m
+    slot = (run - np.repeat(base, look)) % m
+    slot += np.repeat(gbase[part], look)
     isfree = table[slot] < 0
     # Free slots before each participant's segment: cumsum up to the segment start.
     csum = np.cumsum(isfree)
     before = np.zeros(len(part), dtype=np.int64)
-    nonempty = look > 0
     before[nonempty] = csum[starts[nonempty]] - isfree[starts[nonempty]]
-    rank = csum - 1 - np.repeat(before, look)
-    ti = np.flatnonzero(isfree & (rank < need[pid]))
-    return pid[ti], pos[ti], slot[ti], rank[ti]
+    ti = np.flatnonzero(isfree & (csum <= np.repeat(before + need, look)))
+    pid = np.searchsorted(ends, ti, side="right")
+    return pid, start[pid] + ti - starts[pid], slot[ti], csum[ti] - before[pid] - 1
 
 
 def _endgame(
@@ -442,12 +449,14 @@ def _endgame(
     slots[fsvc, col] = fs % m
     pl = np.flatnonzero(free[svc] > 0)
     ps = svc[pl]
+    pcount = np.bincount(ps, minlength=nsvc)
+    pstart = np.cumsum(pcount) - pcount
     inv = _modinv(skip[pl], m)
     xs = slots[ps]
-    big = np.int64(m + 1)
-    posm = (xs - off[pl, None]) % m * inv[:, None] % m
+    big = np.int32(m + 1)
+    # Preference position of every free slot, per participant (taken: big).
+    posm = ((xs - off[pl, None]) * inv[:, None] % m).astype(np.int32)
     posm[xs < 0] = big
-    taken = np.zeros((nsvc, width), dtype=bool)
     best = posm.argmin(axis=1)
     done_local = done[pl].copy()
     rnd = np.empty(nsvc, dtype=np.int64)
@@ -466,13 +475,17 @@ def _endgame(
         win = owed[first]
         wsvc, wcol = ps[win], pick[first]
         table[wsvc * m + slots[wsvc, wcol]] = index[pl[win]]
-        taken[wsvc, wcol] = True
         done_local[win] += 1
         free -= np.bincount(wsvc, minlength=nsvc)
-        # Only participants whose favourite free slot just went look again.
-        stale = np.flatnonzero(taken[ps, best] & (free[ps] > 0))
+        # Strike the taken columns from every row of their service; only rows
+        # whose favourite was struck look again.
+        n = pcount[wsvc]
+        rows = np.repeat(pstart[wsvc] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        cols = np.repeat(wcol, n)
+        posm[rows, cols] = big
+        stale = np.unique(rows[best[rows] == cols])
         if len(stale):
-            best[stale] = np.where(taken[ps[stale]], big, posm[stale]).argmin(axis=1)
+            best[stale] = posm[stale].argmin(axis=1)
 
 
 def _modinv(a: _I64, m: int) -> _I64:
