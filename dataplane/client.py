@@ -408,13 +408,14 @@ class SessionTransport(httpx.BaseTransport):
         pool, evicted = self._sessions.get(request, lambda h: self._pool(h, 1))
         for old in evicted:
             old.close()
-        pool = pool or self._default
+        if pool is None:
+            pool = self._default
         with _mapped():
             resp = pool.handle_request(_core_request(request))
         return httpx.Response(
             status_code=resp.status,
             headers=resp.headers,
-            stream=_SyncBody(resp.stream),  # type: ignore[arg-type]
+            stream=_SyncBody(resp.stream),
             extensions=resp.extensions,
         )
 
@@ -456,7 +457,8 @@ class AsyncSessionTransport(httpx.AsyncBaseTransport):
         pool, evicted = self._sessions.get(request, lambda h: self._pool(h, 1))
         for old in evicted:
             await old.aclose()
-        pool = pool or self._default
+        if pool is None:
+            pool = self._default
         with _mapped():
             resp = await pool.handle_async_request(_core_request(request))
         return httpx.Response(

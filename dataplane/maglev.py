@@ -32,10 +32,13 @@ in sorted (code point) order; lower wins.  ``w_max`` is the largest weight.
 * Filling stops the moment the table is full (in the last round, possibly before
   every participant has its slot; conflicts there still go by priority).
 
-With a single participant per round this is classic Maglev; with several it
-differs from classic Maglev only in how same-round conflicts are settled
-(simultaneous proposals instead of a fixed turn order), which is what makes it
-vectorisable.  Disruption when one of N backends leaves stays close to 1/N.
+Where no two participants of a round propose the same slot this is exactly
+classic Maglev (with weighted turns); it differs only in how such same-round
+clashes are settled (simultaneous proposals instead of a fixed turn order),
+which is what makes it vectorisable.  Disruption is that of classic Maglev:
+when one of N backends leaves, about 1/N of the slots move plus a little that
+shrinks as M/N grows (measured: < 0.6% extra at M=65537 for N=3..1000; about
+1.2% extra at M=16381, N=100, where classic Maglev shows 1.3%).
 
 How it is computed quickly (the result is exactly the one defined above):
 
@@ -44,11 +47,13 @@ How it is computed quickly (the result is exactly the one defined above):
   round it takes part in.  As long as no slot is listed twice, those lists are
   exactly what the round-by-round fill would produce (a participant could only
   be pushed off a slot that someone else listed first).  So all rounds before
-  the first round that contains a duplicate (or a participant whose look-ahead
-  ran short) are committed at once.  If the current round itself has a
-  duplicate, one retry step of that round is committed (proposals are the first
-  listed slots, lowest priority wins).  ``K`` is chosen so that about
-  ``2 * sqrt(free slots)`` slots are listed, where duplicates start to appear.
+  the first round that contains a duplicate (or a participant that cannot find
+  enough free slots, i.e. the table fills up) are committed at once.  If that
+  round's only duplicates are between its own proposals, its first step is
+  committed too (lowest priority wins each contested slot) and its losers retry
+  straight away, one vectorised step per retry, until the round is settled.
+  ``K`` is chosen so that about ``2 * sqrt(free slots)`` slots are listed,
+  about where duplicates start to appear (birthday bound).
 * End game: once few slots are free, scanning for them is the expensive part,
   so each participant's preference position of every free slot is computed
   directly (``(slot - offset) * skip^-1 mod M``) and the remaining rounds run on
@@ -80,6 +85,8 @@ _ENDGAME_MIN = 32
 _CHUNK_SLOTS = 1 << 23
 _SEED_MAX = (1 << 64) - 1
 _NEVER = np.iinfo(np.int64).max
+# Keeps round arithmetic ((k + 1) * w_max with k <= M) far inside int64.
+_WEIGHT_MAX = (1 << 32) - 1
 
 
 def is_prime(n: int) -> bool:
@@ -183,8 +190,10 @@ def _prepare_group(
             raise ValueError(f"group {g}: duplicate identity {identities[a]!r}")
     ws = [int(weights[i]) for i in order]
     for i, w in zip(order, ws, strict=True):
-        if w < 0:
-            raise ValueError(f"group {g}: negative weight {w} for {identities[i]!r}")
+        if not 0 <= w <= _WEIGHT_MAX:
+            raise ValueError(
+                f"group {g}: weight {w} of {identities[i]!r} is outside 0..{_WEIGHT_MAX}"
+            )
     return order, ws
 
 

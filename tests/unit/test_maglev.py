@@ -177,8 +177,10 @@ def test_bad_inputs_rejected() -> None:
         maglev.build(["a", "a"], [1, 1], 251, 0)
     with pytest.raises(ValueError, match="weights"):
         maglev.build(["a", "b"], [1], 251, 0)
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="outside"):
         maglev.build(["a", "b"], [1, -1], 251, 0)
+    with pytest.raises(ValueError, match="outside"):
+        maglev.build(["a", "b"], [1, 1 << 32], 251, 0)
     with pytest.raises(ValueError, match="seed"):
         maglev.build(["a", "b"], [1, 1], 251, -1)
 
