@@ -88,7 +88,8 @@ class L4Key(ct.Structure):
 class Svc(ct.Structure):
     """struct kvr_svc"""
 
-    _fields_ = [("id", ct.c_uint32), ("table_size", ct.c_uint32), ("aff_timeout", ct.c_uint32),
+    _fields_ = [("id", ct.c_uint32), ("table_size", ct.c_uint32), ("tbl_group", ct.c_uint32),
+                ("tbl_base", ct.c_uint32), ("aff_timeout", ct.c_uint32),
                 ("eps_milli", ct.c_uint16), ("probe_milli", ct.c_uint16),
                 ("affinity", ct.c_uint8), ("flags", ct.c_uint8), ("n_backends", ct.c_uint16),
                 ("pad", ct.c_uint32), ("revision", ct.c_uint64)]

@@ -35,7 +35,7 @@ class Agent:
         self._mtime: float | None = None
         self.maps: MapSet | None = None
         self.datapath: loader.Datapath | None = None
-        self.view = apply.View()
+        self.applier: apply.Applier | None = None
 
     def start(self) -> None:
         # Validate the desired state before touching the kernel: a bad file at
@@ -47,17 +47,17 @@ class Agent:
         for line in self.datapath.attach(self.cgroup):
             log.info("%s (cgroup %s)", line, self.cgroup)
         self.maps = MapSet(self.settings.pin_dir)
-        self.view = apply.read_view(self.maps)
-        log.info("adopted %d services and %d backends from %s", len(self.view.services),
-                 len(self.view.backends), self.settings.pin_dir)
+        self.applier = apply.Applier(self.maps, self.settings.hash_seed)
+        log.info("adopted %d services and %d backends from %s", len(self.applier.view.services),
+                 len(self.applier.view.backends), self.settings.pin_dir)
         self._apply(desired)
         if self.ready_file:
             self.ready_file.write_text("ready\n")
 
     def _apply(self, desired: config.DesiredState) -> None:
-        assert self.maps is not None
+        assert self.applier is not None
         self._mtime = self.config_path.stat().st_mtime
-        self.view, result = apply.apply(desired, self.maps, self.view, self.settings.hash_seed)
+        result = self.applier.apply(desired)
         changes = ", ".join(f"{k}={v}" for k, v in sorted(result.summary.items())) or "no change"
         log.info("applied %s: %s (maglev %.3fs, write %.3fs)", self.config_path, changes,
                  result.build_seconds, result.write_seconds)
@@ -88,6 +88,8 @@ class Agent:
                 self.reload()
 
     def close(self, detach: bool) -> None:
+        if self.applier:
+            self.applier.close()
         if self.maps:
             self.maps.close()
         if self.datapath:

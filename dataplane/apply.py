@@ -1,32 +1,44 @@
 """Desired state -> kernel maps.
 
 `plan` is pure: from the validated desired state and what the maps hold now
-it computes the target contents of every map (ids, values, Maglev tables) and
-the difference. `execute` writes only that difference, with batch updates, in
-an order that keeps every connect() consistent: backends before the tables
-that name them, tables before the services that use them, removals last.
-Nothing is written before the whole plan exists, so bad input changes nothing.
+it computes the target contents of every map (ids, values, tables) and the
+difference. `execute` writes only that difference, with batch updates, in an
+order that keeps every connect() consistent: backends before the tables that
+name them, tables before the services that use them, removals last. Nothing
+is written before the whole plan exists, so bad input changes nothing.
+
+Tables: services with client or session affinity get a weighted Maglev table
+(a key keeps its backend across nodes and across most changes); services
+without affinity get a proportional table (their keys are random, so
+consistency buys nothing and the build is a repeat of counts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import os
+import socket
 import struct
 import time
-from collections.abc import Hashable, Mapping
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from dataplane import abi, bpfsys, config, maglev
 from dataplane.maps import MapSet
+from dataplane.tables import TablePool
 
 # Raw map keys and values as tuples of the C fields, in declaration order.
-L4 = tuple[int, int, int]                               # kvr_l4_key minus pad
-SvcVal = tuple[int, int, int, int, int, int, int, int, int]  # kvr_svc minus pad
-BeVal = tuple[int, int, int, int]                       # kvr_backend
+L4 = tuple[int, int, int]                    # kvr_l4_key minus pad
+# kvr_svc: id, table_size, tbl_group, tbl_base, aff_timeout, eps_milli, probe_milli,
+# affinity, flags, n_backends, revision
+SvcVal = tuple[int, int, int, int, int, int, int, int, int, int, int]
+BeVal = tuple[int, int, int, int]            # kvr_backend
+_SVC_FIELDS = ("id", "table_size", "tbl_group", "tbl_base", "aff_timeout", "eps_milli",
+               "probe_milli", "affinity", "flags", "n_backends", "revision")
+_UNPLACED = -1  # tbl_group/tbl_base of a table execute has yet to write
 
 # A backend serving several services with different states takes the most
 # restrictive one: an endpoint is one pod, whatever Service names it.
@@ -35,17 +47,17 @@ _SEVERITY = {
     config.BackendState.DRAINING: 2, config.BackendState.OPEN: 3,
 }
 _KSTATE = {
-    config.BackendState.ACTIVE: abi.BackendState.ACTIVE,
-    config.BackendState.DRAINING: abi.BackendState.DRAINING,
-    config.BackendState.OPEN: abi.BackendState.OPEN,
-    config.BackendState.PROBING: abi.BackendState.PROBING,
+    config.BackendState.ACTIVE: int(abi.BackendState.ACTIVE),
+    config.BackendState.DRAINING: int(abi.BackendState.DRAINING),
+    config.BackendState.OPEN: int(abi.BackendState.OPEN),
+    config.BackendState.PROBING: int(abi.BackendState.PROBING),
 }
 _KAFF = {
-    config.Affinity.NONE: abi.Affinity.NONE,
-    config.Affinity.CLIENT: abi.Affinity.CLIENT,
-    config.Affinity.SESSION: abi.Affinity.SESSION,
+    config.Affinity.NONE: int(abi.Affinity.NONE),
+    config.Affinity.CLIENT: int(abi.Affinity.CLIENT),
+    config.Affinity.SESSION: int(abi.Affinity.SESSION),
 }
-# Only these states get Maglev slots; draining and open backends are left out
+# Only these states get table slots; draining and open backends are left out
 # of the table, which moves only their own keys.
 _IN_TABLE = (config.BackendState.ACTIVE, config.BackendState.PROBING)
 
@@ -61,7 +73,6 @@ class View:
     members: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
     be_load: dict[int, int] = dataclasses.field(default_factory=dict)
     svc_load: dict[int, int] = dataclasses.field(default_factory=dict)
-    tables: set[int] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -74,26 +85,20 @@ class Diff:
 class Plan:
     target: View
     diffs: dict[str, Diff]
-    tables: dict[int, np.ndarray]           # svc id -> backend ids by slot, to build and swap
-    tables_delete: list[int]
-    new_services: list[int]                 # ids that need counter entries
-    new_backends: list[int]                 # ids that need counter and health entries
+    tables: dict[L4, np.ndarray]            # service key -> backend ids by slot, to write
     gone_services: list[int]
     gone_backends: list[int]
     build_seconds: float
 
     @property
     def empty(self) -> bool:
-        return not (self.tables or self.tables_delete or any(
-            d.put or d.delete for d in self.diffs.values()))
+        return not (self.tables or any(d.put or d.delete for d in self.diffs.values()))
 
     def summary(self) -> dict[str, int]:
         out = {f"{name}_put": len(d.put) for name, d in self.diffs.items() if d.put}
         out.update({f"{name}_delete": len(d.delete) for name, d in self.diffs.items() if d.delete})
         if self.tables:
-            out["tables_built"] = len(self.tables)
-        if self.tables_delete:
-            out["tables_delete"] = len(self.tables_delete)
+            out["tables_written"] = len(self.tables)
         return out
 
 
@@ -103,18 +108,25 @@ def identity(svc: config.Service, be: config.Backend) -> str:
 
 
 def _l4(addr: Any, port: int, proto: str) -> L4:
-    return (abi.ip_to_be32(addr), abi.port_to_be16(port), abi.IPPROTO[proto])
+    # abi.ip_to_be32/port_to_be16 inlined (this runs once per backend per apply):
+    # network order read as a native little-endian integer is a byte swap.
+    x = int(addr)
+    be32 = ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | (x >> 24)
+    return (be32, socket.htons(port), abi.IPPROTO[proto])
 
 
-def _alloc(wanted: list[Hashable], existing: Mapping[Hashable, int], taken: set[int]
-           ) -> dict[Hashable, int]:
+H = TypeVar("H", bound=Hashable)
+
+
+def _alloc(wanted: list[H], existing: Mapping[H, int], taken: set[int]) -> dict[H, int]:
     """Keep existing ids; give new objects the lowest ids never in use in this
     apply (an id freed now is not reused now: affinity entries may still name it)."""
-    out: dict[Hashable, int] = {}
+    out: dict[H, int] = {}
     nxt = 1
     for obj in wanted:
-        if obj in existing:
-            out[obj] = existing[obj]
+        old = existing.get(obj)
+        if old is not None:
+            out[obj] = old
             continue
         while nxt in taken:
             nxt += 1
@@ -123,12 +135,29 @@ def _alloc(wanted: list[Hashable], existing: Mapping[Hashable, int], taken: set[
     return out
 
 
-def _revision(size: int, seed: int, entries: list[tuple[str, int, int]]) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack("=IQ", size, seed))
-    for ident, weight, be_id in entries:
-        h.update(f"{ident}|{weight}|{be_id};".encode())
+def _revision(kind: bytes, size: int, seed: int, entries: list[tuple[Any, int, int]]) -> int:
+    h = hashlib.blake2b(kind + struct.pack("=IQ", size, seed), digest_size=8)
+    h.update(repr(entries).encode())
     return int.from_bytes(h.digest(), "little")
+
+
+@functools.lru_cache(maxsize=1024)
+def proportional(weights: tuple[int, ...], size: int) -> np.ndarray:
+    """Indices into `weights`, each repeated in proportion to its weight (largest
+    remainder, ties to the lower index): a table for random keys. Cached, since
+    most services share a handful of weight patterns; the result is read-only."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        return np.zeros(0, dtype=np.uint32)
+    exact = w * size / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    short = size - int(counts.sum())
+    if short:
+        order = np.argsort(-(exact - counts), kind="stable")
+        counts[order[:short]] += 1
+    table = np.repeat(np.arange(len(w), dtype=np.uint32), counts)
+    table.flags.writeable = False
+    return table
 
 
 def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
@@ -138,72 +167,81 @@ def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
     # Endpoints: one backend id per (address, port, protocol), shared by services.
     ep_state: dict[L4, config.BackendState] = {}
     ep_load: dict[L4, int] = {}
-    order: list[Hashable] = []
+    svc_eps: list[list[L4]] = []
     for svc in desired.services:
+        eps = []
         for be in svc.backends:
             key = _l4(be.address, be.port, svc.protocol)
-            if key not in ep_state:
-                order.append(key)
+            eps.append(key)
+            state = ep_state.get(key)
+            if state is None:
                 ep_state[key] = be.state
                 ep_load[key] = be.load
             else:
-                if _SEVERITY[be.state] > _SEVERITY[ep_state[key]]:
+                if _SEVERITY[be.state] > _SEVERITY[state]:
                     ep_state[key] = be.state
                 ep_load[key] = max(ep_load[key], be.load)
-    be_ids = _alloc(order, current.be_addr, set(current.backends))
+        svc_eps.append(eps)
+    be_ids = _alloc(list(ep_state), current.be_addr, set(current.backends))
     for key, be_id in be_ids.items():
-        addr, port, proto = key  # type: ignore[misc]
-        target.backends[be_id] = (addr, port, proto, int(_KSTATE[ep_state[key]]))  # type: ignore[index]
-        target.be_addr[key] = be_id  # type: ignore[index]
-        if ep_load[key]:  # type: ignore[index]
-            target.be_load[be_id] = ep_load[key]  # type: ignore[index]
+        target.backends[be_id] = (*key, _KSTATE[ep_state[key]])
+        target.be_addr[key] = be_id
+        load = ep_load[key]
+        if load:
+            target.be_load[be_id] = load
 
-    current_svc_ids = {k: v[0] for k, v in current.services.items()}
     svc_keys = [_l4(s.vip, s.port, s.protocol) for s in desired.services]
-    svc_ids = _alloc(list(svc_keys), current_svc_ids, {v[0] for v in current.services.values()})
+    current_ids = {k: v[0] for k, v in current.services.items()}
+    svc_ids = _alloc(list(svc_keys), current_ids, set(current_ids.values()))
 
-    # Maglev inputs per service, grouped by table size for batched builds.
-    groups: dict[int, list[tuple[int, list[str], list[int], list[int]]]] = {}
-    tables: dict[int, np.ndarray] = {}
-    for svc, key in zip(desired.services, svc_keys, strict=True):
+    # Table inputs per service; only services whose inputs changed get a new table.
+    maglev_groups: dict[int, list[tuple[L4, list[str], list[int], np.ndarray]]] = {}
+    tables: dict[L4, np.ndarray] = {}
+    for svc, key, eps in zip(desired.services, svc_keys, svc_eps, strict=True):
         svc_id = svc_ids[key]
-        entries = []
+        consistent = svc.affinity != config.Affinity.NONE
+        entries: list[tuple[Any, int, int]] = []
         loads = []
-        for be in svc.backends:
-            ep = _l4(be.address, be.port, svc.protocol)
+        for be, ep in zip(svc.backends, eps, strict=True):
             be_id = be_ids[ep]
-            state = ep_state[ep]
-            weight = be.weight if state in _IN_TABLE else 0
-            entries.append((identity(svc, be), weight, be_id))
+            usable = ep_state[ep] in _IN_TABLE
+            # Maglev needs the node-independent name; a proportional table only an order.
+            name = identity(svc, be) if consistent else ep
+            entries.append((name, be.weight if usable else 0, be_id))
             target.members[(svc_id, be_id)] = be.weight
-            if state in _IN_TABLE:
+            if usable:
                 loads.append(target.be_load.get(be_id, 0))
         entries.sort()
-        revision = _revision(svc.table_size, seed, entries)
-        eps = abi.EPS_OFF if svc.epsilon is None else min(round(svc.epsilon * 1000), 0xFFFE)
+        revision = _revision(b"maglev" if consistent else b"prop", svc.table_size, seed, entries)
+        eps_milli = abi.EPS_OFF if svc.epsilon is None else min(round(svc.epsilon * 1000), 0xFFFE)
+        old = current.services.get(key)
+        if old is not None and old[0] == svc_id and old[10] == revision:
+            group, base = old[2], old[3]
+        else:
+            group = base = _UNPLACED
+            ids = np.fromiter((e[2] for e in entries), dtype=np.uint32, count=len(entries))
+            weights = [e[1] for e in entries]
+            if consistent:
+                maglev_groups.setdefault(svc.table_size, []).append(
+                    (key, [e[0] for e in entries], weights, ids))
+            else:
+                tables[key] = _to_ids(proportional(tuple(weights), svc.table_size), ids,
+                                      svc.table_size)
+        flags = abi.SVC_F_SATURATED if getattr(svc, "saturated", False) else 0
         target.services[key] = (
-            svc_id, svc.table_size, svc.affinity_timeout, eps, round(svc.probe_share * 1000),
-            int(_KAFF[svc.affinity]), 0, len(svc.backends), revision)
+            svc_id, svc.table_size, group, base, svc.affinity_timeout, eps_milli,
+            round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),
+            revision)
         target.names[svc_id] = svc.name
-        target.tables.add(svc_id)
         if loads and sum(loads):
             target.svc_load[svc_id] = sum(loads) // len(loads)
-        old = current.services.get(key)
-        if old is None or old[0] != svc_id or old[8] != revision or svc_id not in current.tables:
-            groups.setdefault(svc.table_size, []).append(
-                (svc_id, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]))
 
     started = time.perf_counter()
-    for size, members in groups.items():
+    for size, members in maglev_groups.items():
         built = maglev.build_many([(idents, weights) for _, idents, weights, _ in members],
                                   size, seed)
-        for (svc_id, _, _, ids), idx in zip(members, built, strict=True):
-            if len(idx) == 0:
-                # No backend may take a slot: every entry names no backend, so
-                # connects fail fast with ECONNREFUSED.
-                tables[svc_id] = np.full(size, abi.NO_BACKEND, dtype=np.uint32)
-            else:
-                tables[svc_id] = np.asarray(ids, dtype=np.uint32)[idx]
+        for (key, _, _, ids), idx in zip(members, built, strict=True):
+            tables[key] = _to_ids(idx, ids, size)
     build_seconds = time.perf_counter() - started
 
     diffs = {
@@ -212,13 +250,18 @@ def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
     }
     return Plan(
         target=target, diffs=diffs, tables=tables,
-        tables_delete=sorted(current.tables - target.tables),
-        new_services=sorted(set(target.names) - set(current.names)),
-        new_backends=sorted(set(target.backends) - set(current.backends)),
         gone_services=sorted(set(current.names) - set(target.names)),
         gone_backends=sorted(set(current.backends) - set(target.backends)),
         build_seconds=build_seconds,
     )
+
+
+def _to_ids(idx: np.ndarray, ids: np.ndarray, size: int) -> np.ndarray:
+    if len(idx) == 0:
+        # No backend may take a slot: every slot names no backend, so connects
+        # fail fast with ECONNREFUSED.
+        return np.full(size, abi.NO_BACKEND, dtype=np.uint32)
+    return ids[idx]
 
 
 def _diff(current: Mapping[Any, Any], target: Mapping[Any, Any]) -> Diff:
@@ -236,51 +279,40 @@ _DT_NAME = np.dtype(abi.SvcName)
 _U32 = np.dtype(np.uint32)
 
 
+def _records(rows: Sequence[Sequence[int]], dtype: np.dtype, fields: tuple[str, ...]
+             ) -> np.ndarray:
+    arr = np.zeros(len(rows), dtype=dtype)
+    if rows:
+        cols = np.array(rows, dtype=np.uint64).reshape(-1, len(fields))
+        for i, field in enumerate(fields):
+            arr[field] = cols[:, i]
+    return arr
+
+
 def _l4_array(keys: list[L4]) -> np.ndarray:
-    arr = np.zeros(len(keys), dtype=_DT_L4)
-    if keys:
-        cols = np.array(keys, dtype=np.int64).reshape(-1, 3)
-        arr["addr"], arr["port"], arr["proto"] = cols[:, 0], cols[:, 1], cols[:, 2]
-    return arr
-
-
-def _svc_array(vals: list[SvcVal]) -> np.ndarray:
-    arr = np.zeros(len(vals), dtype=_DT_SVC)
-    if vals:
-        cols = np.array(vals, dtype=np.uint64).reshape(-1, 9)
-        for i, field in enumerate(("id", "table_size", "aff_timeout", "eps_milli", "probe_milli",
-                                   "affinity", "flags", "n_backends", "revision")):
-            arr[field] = cols[:, i]
-    return arr
-
-
-def _be_array(vals: list[BeVal]) -> np.ndarray:
-    arr = np.zeros(len(vals), dtype=_DT_BE)
-    if vals:
-        cols = np.array(vals, dtype=np.int64).reshape(-1, 4)
-        for i, field in enumerate(("addr", "port", "proto", "state")):
-            arr[field] = cols[:, i]
-    return arr
+    return _records(keys, _DT_L4, ("addr", "port", "proto"))
 
 
 def _member_array(keys: list[tuple[int, int]]) -> np.ndarray:
-    arr = np.zeros(len(keys), dtype=_DT_MEMBER)
-    if keys:
-        cols = np.array(keys, dtype=np.int64).reshape(-1, 2)
-        arr["svc_id"], arr["be_id"] = cols[:, 0], cols[:, 1]
-    return arr
+    return _records(keys, _DT_MEMBER, ("svc_id", "be_id"))
+
+
+def _u32(values: Any) -> np.ndarray:
+    return np.fromiter(values, dtype=_U32)
 
 
 def _put(maps: MapSet, name: str, keys: np.ndarray, vals: np.ndarray) -> None:
-    bpfsys.update_batch(maps.fd(name), keys.ctypes.data, vals.ctypes.data, len(keys))
+    bpfsys.update_batch(maps.fd(name), keys, vals)
 
 
 def _delete(maps: MapSet, name: str, keys: np.ndarray) -> None:
-    bpfsys.delete_batch(maps.fd(name), keys.ctypes.data, len(keys))
+    bpfsys.delete_batch(maps.fd(name), keys)
 
 
-def _u32(values: list[int] | Any) -> np.ndarray:
-    return np.asarray(list(values), dtype=_U32)
+def _delete_present(maps: MapSet, name: str, ids: list[int]) -> None:
+    fd = maps.fd(name)
+    for i in ids:
+        bpfsys.delete(fd, abi.ct.c_uint32(i))
 
 
 @dataclasses.dataclass
@@ -290,22 +322,20 @@ class ApplyResult:
     write_seconds: float
 
 
-def execute(p: Plan, maps: MapSet) -> ApplyResult:
-    """Write a plan's difference to the maps, in a connect-safe order."""
+def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResult:
+    """Write a plan's difference to the maps, in a connect-safe order. Fills in where
+    each new table went (p.target.services)."""
     started = time.perf_counter()
     d = p.diffs
 
     # 1. Backends, their reverse index, kernel-owned entries for new ones, loads.
     if d["backends"].put:
         _put(maps, "kvr_be_v1", _u32(d["backends"].put),
-             _be_array(list(d["backends"].put.values())))
+             _records(list(d["backends"].put.values()), _DT_BE,
+                      ("addr", "port", "proto", "state")))
     if d["be_addr"].put:
         _put(maps, "kvr_be_addr", _l4_array(list(d["be_addr"].put)),
              _u32(d["be_addr"].put.values()))
-    for be_id in p.new_backends:
-        bpfsys.update(maps.fd("kvr_health"), abi.ct.c_uint32(be_id), abi.Health())
-        bpfsys.update(maps.fd("kvr_be_cnt"), abi.ct.c_uint32(be_id),
-                      maps.percpu_zero(abi.BeCounters))
     if d["be_load"].put:
         _put(maps, "kvr_be_load", _u32(d["be_load"].put), _u32(d["be_load"].put.values()))
     if d["svc_load"].put:
@@ -314,39 +344,36 @@ def execute(p: Plan, maps: MapSet) -> ApplyResult:
         _put(maps, "kvr_member", _member_array(list(d["members"].put)),
              _u32(d["members"].put.values()))
 
-    # 2. Tables: each a new inner map, filled, then swapped in whole.
-    if p.tables:
-        svc_ids = sorted(p.tables)
-        fds = []
-        try:
-            for svc_id in svc_ids:
-                table = p.tables[svc_id]
-                fd = bpfsys.create_inner_table(len(table), f"kvr_t{svc_id}")
-                fds.append(fd)
-                slots = np.arange(len(table), dtype=_U32)
-                bpfsys.update_batch(fd, slots.ctypes.data, table.ctypes.data, len(table))
-            _put(maps, "kvr_maglev_v1", _u32(svc_ids), _u32(fds))
-        finally:
-            for fd in fds:
-                os.close(fd)
+    # 2. New tables into free regions; the service values below publish them.
+    services = d["services"].put
+    released = []
+    for key, table in p.tables.items():
+        group, base = pool.write(table)
+        value = (*p.target.services[key][:2], group, base, *p.target.services[key][4:])
+        p.target.services[key] = services[key] = value
+        old = current.services.get(key)
+        if old is not None:
+            released.append((old[2], old[3]))
+
+    pool.publish()
 
     # 3. Services last: a new service appears only once its table exists.
     if d["names"].put:
         raw = b"".join(n.encode()[:63].ljust(_DT_NAME.itemsize, b"\0")
                        for n in d["names"].put.values())
-        _put(maps, "kvr_svc_name", _u32(d["names"].put), np.frombuffer(raw, dtype=np.uint8))
-    for svc_id in p.new_services:
-        bpfsys.update(maps.fd("kvr_svc_cnt"), abi.ct.c_uint32(svc_id),
-                      maps.percpu_zero(abi.SvcCounters))
-    if d["services"].put:
-        _put(maps, "kvr_svc_v1", _l4_array(list(d["services"].put)),
-             _svc_array(list(d["services"].put.values())))
+        _put(maps, "kvr_svc_name", _u32(d["names"].put),
+             np.frombuffer(raw, dtype=np.uint8).reshape(-1, _DT_NAME.itemsize))
+    if services:
+        _put(maps, "kvr_svc_v1", _l4_array(list(services)),
+             _records(list(services.values()), _DT_SVC, _SVC_FIELDS))
 
     # 4. Removals: services first (no new connect can reach them), then what they used.
     if d["services"].delete:
         _delete(maps, "kvr_svc_v1", _l4_array(d["services"].delete))
-    if p.tables_delete:
-        _delete(maps, "kvr_maglev_v1", _u32(p.tables_delete))
+        released.extend((current.services[k][2], current.services[k][3])
+                        for k in d["services"].delete)
+    for group, base in released:
+        pool.release(group, base)
     for name, mapname, conv in (
         ("names", "kvr_svc_name", _u32), ("svc_load", "kvr_svc_load", _u32),
         ("members", "kvr_member", _member_array), ("be_addr", "kvr_be_addr", _l4_array),
@@ -354,12 +381,15 @@ def execute(p: Plan, maps: MapSet) -> ApplyResult:
     ):
         if d[name].delete:
             _delete(maps, mapname, conv(d[name].delete))
+    # Kernel-created entries (counters, health) exist only for objects that saw
+    # traffic, so their removal tolerates absent keys.
     if p.gone_services:
-        _delete(maps, "kvr_svc_cnt", _u32(p.gone_services))
+        _delete_present(maps, "kvr_svc_cnt", p.gone_services)
         _purge_affinity(maps, set(p.gone_services))
     if p.gone_backends:
-        _delete(maps, "kvr_health", _u32(p.gone_backends))
-        _delete(maps, "kvr_be_cnt", _u32(p.gone_backends))
+        _delete_present(maps, "kvr_health", p.gone_backends)
+        _delete_present(maps, "kvr_be_cnt", p.gone_backends)
+    pool.collect()
     return ApplyResult(p.summary(), p.build_seconds, time.perf_counter() - started)
 
 
@@ -375,9 +405,8 @@ def read_view(maps: MapSet) -> View:
     """What the maps hold now: a restarted agent starts its diff from here."""
     view = View()
     for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
-        view.services[(key.addr, key.port, key.proto)] = (
-            svc.id, svc.table_size, svc.aff_timeout, svc.eps_milli, svc.probe_milli,
-            svc.affinity, svc.flags, svc.n_backends, svc.revision)
+        view.services[(key.addr, key.port, key.proto)] = tuple(
+            getattr(svc, f) for f in _SVC_FIELDS)
     for k, name in maps.items("kvr_svc_name", abi.ct.c_uint32, abi.SvcName):
         view.names[k.value] = name.name.decode()
     for k, be in maps.items("kvr_be_v1", abi.ct.c_uint32, abi.Backend):
@@ -390,13 +419,24 @@ def read_view(maps: MapSet) -> View:
         view.be_load[k.value] = v.value
     for k, v in maps.items("kvr_svc_load", abi.ct.c_uint32, abi.ct.c_uint32):
         view.svc_load[k.value] = v.value
-    view.tables = {k.value for k in maps.keys("kvr_maglev_v1", abi.ct.c_uint32)}
     return view
 
 
-def apply(desired: config.DesiredState, maps: MapSet, current: View, seed: int
-          ) -> tuple[View, ApplyResult]:
-    """Plan and execute; returns the new view for the next diff."""
-    p = plan(desired, current, seed)
-    result = execute(p, maps)
-    return p.target, result
+class Applier:
+    """The agent's handle on the maps: its view of them and the table groups."""
+
+    def __init__(self, maps: MapSet, seed: int) -> None:
+        self.maps = maps
+        self.seed = seed
+        self.view = read_view(maps)
+        self.pool = TablePool(maps)
+        self.pool.adopt(svc for _, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
+
+    def apply(self, desired: config.DesiredState) -> ApplyResult:
+        p = plan(desired, self.view, self.seed)
+        result = execute(p, self.maps, self.pool, self.view)
+        self.view = p.target
+        return result
+
+    def close(self) -> None:
+        self.pool.close()

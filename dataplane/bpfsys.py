@@ -11,8 +11,11 @@ import ctypes as ct
 import ctypes.util
 import errno
 import os
+import time
 from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_INNER_MAP = 1 << 12
@@ -88,8 +91,20 @@ def lookup(fd: int, key: object, value: object) -> bool:
     return True
 
 
+# Unpreallocated hash maps take elements from a per-CPU cache that the kernel
+# refills asynchronously; a burst of updates from user space can find it empty
+# and get ENOMEM although memory is plentiful. Such a write is retried after a
+# moment instead of failing an apply.
+_ENOMEM_RETRIES = 200
+
+
 def update(fd: int, key: object, value: object, flags: int = BPF_ANY) -> None:
-    _check(_lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")  # type: ignore[arg-type]
+    for _ in range(_ENOMEM_RETRIES):
+        ret = _lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags)  # type: ignore[arg-type]
+        if ret != -errno.ENOMEM:
+            break
+        time.sleep(0.001)
+    _check(ret, "map update")
 
 
 def delete(fd: int, key: object) -> bool:
@@ -108,30 +123,54 @@ def next_key(fd: int, key: object | None, out: object) -> bool:
     return True
 
 
-def update_batch(fd: int, keys: int, values: int, count: int) -> None:
-    """One syscall for `count` entries (BPF_MAP_UPDATE_BATCH); keys and values are
-    addresses of packed arrays (numpy buffers)."""
-    if count == 0:
-        return
-    n = ct.c_uint32(count)
-    _check(_lib().bpf_map_update_batch(fd, keys, values, ct.byref(n), None), "map batch update")
+def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
+    """Many entries per syscall (BPF_MAP_UPDATE_BATCH), from packed numpy arrays
+    (one row per entry). A batch cut short by ENOMEM resumes where it stopped."""
+    count = len(keys)
+    if len(values) != count:
+        raise ValueError(f"{count} keys but {len(values)} values")
+    kstride, vstride = keys.strides[0] if keys.ndim else 0, values.strides[0] if values.ndim else 0
+    done, retries = 0, 0
+    while done < count:
+        n = ct.c_uint32(count - done)
+        ret = _lib().bpf_map_update_batch(fd, keys.ctypes.data + done * kstride,
+                                          values.ctypes.data + done * vstride, ct.byref(n), None)
+        done += n.value
+        if ret == -errno.ENOMEM and retries < _ENOMEM_RETRIES:
+            retries += 1
+            time.sleep(0.001)
+            continue
+        _check(ret, "map batch update")
 
 
-def delete_batch(fd: int, keys: int, count: int) -> None:
-    if count == 0:
+def delete_batch(fd: int, keys: np.ndarray) -> None:
+    if len(keys) == 0:
         return
-    n = ct.c_uint32(count)
-    _check(_lib().bpf_map_delete_batch(fd, keys, ct.byref(n), None), "map batch delete")
+    n = ct.c_uint32(len(keys))
+    _check(_lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None),
+           "map batch delete")
 
 
 def map_fd_by_id(map_id: int) -> int:
     return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
 
 
-def create_inner_table(size: int, name: str) -> int:
-    """A Maglev table: array of u32 backend ids, compatible with kvr_tbl_tmpl."""
-    fd = _bcc().bcc_create_map(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, 4, size, BPF_F_INNER_MAP)
-    return _check(fd, f"create table {name} ({size} slots)")
+BPF_F_MMAPABLE = 1 << 10
+
+
+def create_table_group(slots: int, name: str) -> int:
+    """An array of u32 backend ids, compatible with kvr_tbl_tmpl, writable by mmap."""
+    fd = _bcc().bcc_create_map(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, 4, slots,
+                               BPF_F_INNER_MAP | BPF_F_MMAPABLE)
+    return _check(fd, f"create table group {name} ({slots} slots)")
+
+
+def map_max_entries(fd: int) -> int:
+    """struct bpf_map_info.max_entries (type, id, key_size, value_size, max_entries)."""
+    buf = (ct.c_uint8 * 256)()
+    size = ct.c_uint32(len(buf))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(size)), "map info")
+    return int.from_bytes(bytes(buf[16:20]), "little")
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:

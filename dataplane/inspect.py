@@ -122,7 +122,7 @@ def find_service(maps: MapSet, ref: str) -> tuple[abi.L4Key, abi.Svc]:
 
 def maglev(maps: MapSet, ref: str) -> dict[str, Any]:
     key, svc = find_service(maps, ref)
-    table = maps.table(svc.id) or []
+    table = maps.table(svc) or []
     counts: dict[int, int] = {}
     for be_id in table:
         counts[be_id] = counts.get(be_id, 0) + 1
@@ -222,7 +222,7 @@ def explain(maps: MapSet, ref: str, key: int, key_kind: str) -> dict[str, Any]:
             else:
                 chosen, how = aff.be_id, f"affinity hit (idle {idle:.1f}s)"
     if chosen is None:
-        table = maps.table(svc.id) or []
+        table = maps.table(svc) or []
         ident = hashing.svc_ident(str(abi.be32_to_ip(l4.addr)), abi.be16_to_port(l4.port),
                                   abi.PROTO_NAME[l4.proto])
         seen: list[int] = []

@@ -13,7 +13,7 @@ from typing import TypeVar
 from dataplane import abi, bpfsys
 
 MAP_NAMES = (
-    "kvr_svc_v1", "kvr_svc_name", "kvr_maglev_v1", "kvr_be_v1", "kvr_be_addr", "kvr_member",
+    "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_be_addr", "kvr_member",
     "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_svc_cnt", "kvr_be_cnt",
     "kvr_reasons", "kvr_meta",
 )
@@ -67,7 +67,7 @@ class MapSet:
         nxt = key_t()
         while bpfsys.next_key(fd, key, nxt):
             val = val_t()
-            cur = key_t.from_buffer_copy(nxt)
+            cur: K = key_t.from_buffer_copy(nxt)  # type: ignore[assignment]
             if bpfsys.lookup(fd, cur, val):
                 yield cur, val
             key = cur
@@ -79,7 +79,7 @@ class MapSet:
         key: K | None = None
         nxt = key_t()
         while bpfsys.next_key(fd, key, nxt):
-            cur = key_t.from_buffer_copy(nxt)
+            cur: K = key_t.from_buffer_copy(nxt)  # type: ignore[assignment]
             out.append(cur)
             key = cur
             nxt = key_t()
@@ -99,9 +99,6 @@ class MapSet:
         width = len(buf[0].c)
         return [sum(buf[cpu].c[i] for cpu in range(ncpu)) for i in range(width)]
 
-    def percpu_zero(self, val_t: type[ct.Structure]) -> ct.Array:  # type: ignore[type-arg]
-        return (val_t * bpfsys.possible_cpus())()
-
     def reasons(self) -> dict[str, int]:
         ncpu = bpfsys.possible_cpus()
         out = {}
@@ -116,19 +113,7 @@ class MapSet:
         assert meta is not None  # an array always has its entry
         return meta
 
-    def table(self, svc_id: int) -> list[int] | None:
-        """A service's Maglev table (backend ids by slot), read through its inner map."""
-        inner_id = self.get("kvr_maglev_v1", U32(svc_id), U32)
-        if inner_id is None:
-            return None
-        fd = bpfsys.map_fd_by_id(inner_id.value)
-        try:
-            out = []
-            slot = 0
-            val = U32()
-            while bpfsys.lookup(fd, U32(slot), val):
-                out.append(val.value)
-                slot += 1
-            return out
-        finally:
-            os.close(fd)
+    def table(self, svc: abi.Svc) -> list[int] | None:
+        """A service's table (backend ids by slot), read from its table group."""
+        from dataplane import tables
+        return tables.read(self, svc)

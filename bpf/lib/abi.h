@@ -49,10 +49,19 @@ struct kvr_l4_key {
 };
 _Static_assert(sizeof(struct kvr_l4_key) == 8, "kvr_l4_key size");
 
-/* Value of kvr_svc_v1: one per Service VIP:port/proto. */
+/*
+ * Value of kvr_svc_v1: one per Service VIP:port/proto.
+ *
+ * A service's lookup table is the range [tbl_base, tbl_base + table_size) of
+ * the array kvr_tables[tbl_group]. A new table is written to a free range and
+ * published by replacing this value, so a connect() reads the whole old table
+ * or the whole new one.
+ */
 struct kvr_svc {
 	__u32	id;		/* agent-local service id, keys every per-service map */
-	__u32	table_size;	/* M: entries in this service's Maglev table */
+	__u32	table_size;	/* M: slots in this service's table */
+	__u32	tbl_group;	/* key of kvr_tables holding the table */
+	__u32	tbl_base;	/* first slot of the table in that group */
 	__u32	aff_timeout;	/* affinity entry lifetime, seconds (client and session) */
 	__u16	eps_milli;	/* bounded-load epsilon x1000, KVR_EPS_OFF disables */
 	__u16	probe_milli;	/* share of picks a probing backend accepts, x1000 */
@@ -60,9 +69,9 @@ struct kvr_svc {
 	__u8	flags;		/* KVR_SVC_F_* */
 	__u16	n_backends;	/* members, for people reading the map */
 	__u32	pad;
-	__u64	revision;	/* hash of the desired service: a restarted agent diffs on it */
+	__u64	revision;	/* hash of the table's inputs: a restarted agent diffs on it */
 };
-_Static_assert(sizeof(struct kvr_svc) == 32, "kvr_svc size");
+_Static_assert(sizeof(struct kvr_svc) == 40, "kvr_svc size");
 
 /* Value of kvr_be_v1: one per backend endpoint, shared by the services it serves. */
 struct kvr_backend {

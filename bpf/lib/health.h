@@ -30,7 +30,8 @@ static __always_inline __u32 ops4_backend(const struct bpf_sock_ops *skops)
 
 static __always_inline void ops4_connect_failed(__u32 be_id)
 {
-	struct kvr_health *h = kvr_health.lookup(&be_id);
+	struct kvr_health zero = {};
+	struct kvr_health *h = kvr_health.lookup_or_try_init(&be_id, &zero);
 	__u32 fails;
 
 	kvr_be_inc(be_id, KVR_BC_FAILED);

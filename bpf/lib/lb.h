@@ -104,6 +104,10 @@ static __always_inline __u32 lb_svc_mean(__u32 svc_id)
 /**
  * lb_maglev_pick() - consistent hashing with bounded loads over the table.
  *
+ * Services without affinity have a proportional table instead of a Maglev
+ * one (their keys are random, so consistency buys nothing); the walk is the
+ * same.
+ *
  * Candidate 0 is the key's owner; unusable candidates are skipped. The first
  * of up to KVR_CANDIDATES usable candidates under the load
  * bound wins (spilled when it is not the first usable one); if every usable
@@ -127,18 +131,18 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	__u32 seen[KVR_CANDIDATES] = {};
 	__u32 best_load = 0xffffffffU, nseen = 0;
 	__u32 mean = lb_svc_mean(svc->id);
-	__u32 svc_id = svc->id;
+	__u32 group = svc->tbl_group;
 	void *table;
 	__u32 n;
 
-	table = kvr_maglev_v1.lookup(&svc_id);
+	table = kvr_tables.lookup(&group);
 	if (!table || svc->table_size == 0) {
 		kvr_reason_inc(KVR_R_NO_TABLE);
 		return pick;
 	}
 
 	for (n = 0; n < KVR_WALK; n++) {
-		__u32 slot = kvr_slot_hash(key, ident, n) % svc->table_size;
+		__u32 slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
 		__u32 *be_id = bpf_map_lookup_elem(table, &slot);
 		__u32 load, id;
 

@@ -37,14 +37,15 @@ BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_svc, kvr_svc_v1,
 BPF_TABLE_PINNED7("hash", u32, struct kvr_svc_name, kvr_svc_name,
 		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_name"), BPF_F_NO_PREALLOC);
 
-/* Template of a Maglev table: slot -> backend id. Real tables are created at
- * run time with the service's own size (BPF_F_INNER_MAP lifts the size match). */
-BPF_F_TABLE("array", u32, u32, kvr_tbl_tmpl, 1, BPF_F_INNER_MAP);
+/* Template of a table group: slot -> backend id, the tables of many services
+ * of one size side by side. Groups are created at run time as services appear
+ * (BPF_F_INNER_MAP lifts the size match) and written by the agent through
+ * mmap (BPF_F_MMAPABLE), a memcpy instead of a syscall per slot. */
+BPF_F_TABLE("array", u32, u32, kvr_tbl_tmpl, 1, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
-/* service id -> that service's Maglev table; replaced whole, so a connect()
- * sees the old table or the new one, never a mix */
-BPF_TABLE_PINNED("hash_of_maps$kvr_tbl_tmpl", u32, int, kvr_maglev_v1,
-		 KVR_MAX_SERVICES, KVR_PIN("kvr_maglev_v1"));
+/* group id -> table group (see struct kvr_svc.tbl_group) */
+BPF_TABLE_PINNED("hash_of_maps$kvr_tbl_tmpl", u32, int, kvr_tables,
+		 KVR_MAX_SERVICES, KVR_PIN("kvr_tables"));
 
 /* backend id -> endpoint and state */
 BPF_TABLE_PINNED7("hash", u32, struct kvr_backend, kvr_be_v1,

@@ -59,13 +59,11 @@ class Node:
         self.settings = settings
         self.datapath = datapath
         self.maps = MapSet(settings.pin_dir)
-        self.view = apply.read_view(self.maps)
+        self.applier = apply.Applier(self.maps, settings.hash_seed)
         self.client = lab.clients["client"]
 
     def apply(self, services: list[dict[str, Any]]) -> apply.ApplyResult:
-        desired = config.from_dict({"services": services})
-        self.view, result = apply.apply(desired, self.maps, self.view, self.settings.hash_seed)
-        return result
+        return self.applier.apply(config.from_dict({"services": services}))
 
     def pod(self, name: str) -> Any:
         return self.lab.pods[name]
@@ -90,6 +88,7 @@ def node(lab: Any) -> Iterator[Node]:
         datapath.attach(lab.cgroup.path)
         n = Node(lab, settings, datapath)
         yield n
+        n.applier.close()
         n.maps.close()
     finally:
         datapath.close()

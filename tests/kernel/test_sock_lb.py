@@ -71,7 +71,7 @@ def test_session_affinity_is_stable_for_1000_sessions(kv: Node) -> None:
 
 
 def _maglev_owner(kv: Node, vip: str, key: int) -> int:
-    table = kv.maps.table(inspect.find_service(kv.maps, f"{vip}:80")[1].id)
+    table = kv.maps.table(inspect.find_service(kv.maps, f"{vip}:80")[1])
     assert table
     ident = hashing.svc_ident(vip, 80, "tcp")
     return table[hashing.slot_hash(key, ident, 0, kv.settings.hash_seed) % len(table)]

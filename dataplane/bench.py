@@ -1,0 +1,154 @@
+"""`make bench`: the issue's speed targets, each against a baseline measured in
+the same run on the same machine (these machines are shared and noisy, so
+ratios mean more than absolute times).
+
+1. connect() latency through a VIP / direct to the pod, with 10, 1,000 and
+   10,000 services in the maps (target <= 1.05 at 10,000);
+2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
+3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dataplane import apply, config, loader
+from dataplane.maps import MapSet
+from dataplane.settings import Settings
+
+POD_PORT = 8000
+
+
+def _services(n: int, pods: list[str], per_service: int, affinity: str = "none",
+              first_vip: str = "10.100.0.1") -> list[dict[str, Any]]:
+    base = ipaddress.IPv4Address(first_vip)
+    out = []
+    for i in range(n):
+        bes = [{"address": pods[(i + j) % len(pods)] if len(pods) >= per_service else
+                str(ipaddress.IPv4Address("10.200.0.0") + i * per_service + j),
+                "port": POD_PORT} for j in range(per_service)]
+        out.append({"name": f"svc-{i}", "vip": str(base + i), "port": 80, "affinity": affinity,
+                    "backends": bes})
+    return out
+
+
+def _connect_timer(target: str, port: int, count: int) -> float:
+    """Mean seconds per connect()+close() to target, in the calling namespace."""
+    import socket
+    started = time.perf_counter()
+    for _ in range(count):
+        s = socket.socket()
+        s.connect((target, port))
+        s.close()
+    return (time.perf_counter() - started) / count
+
+
+def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[dict[str, Any]]:
+    from lab import netns, podserver
+    rows = []
+    settings = Settings(pin_dir=Path(f"/sys/fs/bpf/kvrbench-{secrets.token_hex(2)}"))
+    with netns.Lab(subnet="10.77.60.0/24") as lab:
+        pod = lab.add_pod("gpu0")
+        pod.spawn([sys.executable, "-m", "lab.podserver", "--name", "gpu0", "--port",
+                   str(POD_PORT)])
+        client = lab.add_client("client")
+        podserver.wait_listening(pod, POD_PORT)
+        dp = loader.Datapath(settings)
+        try:
+            dp.attach(lab.cgroup.path)
+            with MapSet(settings.pin_dir) as maps:
+                applier = apply.Applier(maps, settings.hash_seed)
+                for n in counts:
+                    # The measured service is the last of n: every lookup walks a full map.
+                    svcs = _services(n - 1, [str(pod.address)], 1)
+                    svcs.append({"name": "measured", "vip": "10.96.0.1", "port": 80,
+                                 "backends": [{"address": str(pod.address), "port": POD_PORT}]})
+                    applier.apply(config.from_dict({"services": svcs}))
+                    via, direct = [], []
+                    for _ in range(rounds):  # interleaved, so drift hits both alike
+                        direct.append(client.call(_connect_timer, str(pod.address), POD_PORT,
+                                                  per_round, cgroup=lab.cgroup))
+                        via.append(client.call(_connect_timer, "10.96.0.1", 80, per_round,
+                                               cgroup=lab.cgroup))
+                    d, v = statistics.median(direct), statistics.median(via)
+                    rows.append({"bench": f"connect via VIP, {n} services",
+                                 "value_us": round(v * 1e6, 1), "baseline_us": round(d * 1e6, 1),
+                                 "ratio": round(v / d, 3), "target_ratio": 1.05})
+                applier.apply(config.from_dict({"services": []}))
+                applier.close()
+        finally:
+            dp.close()
+            loader.uninstall(settings.pin_dir)
+    return rows
+
+
+def bench_apply(n_services: int, per_service: int) -> list[dict[str, Any]]:
+    rows = []
+    settings = Settings(pin_dir=Path(f"/sys/fs/bpf/kvrbench-{secrets.token_hex(2)}"))
+    dp = loader.Datapath(settings)
+    try:
+        with MapSet(settings.pin_dir) as maps:
+            for affinity in ("none", "session"):
+                desired = config.from_dict({"services": _services(
+                    n_services, [], per_service, affinity)})
+                applier = apply.Applier(maps, settings.hash_seed)
+                started = time.perf_counter()
+                p = apply.plan(desired, applier.view, settings.hash_seed)
+                planned = time.perf_counter()
+                result = apply.execute(p, maps, applier.pool, applier.view)
+                total = time.perf_counter() - started
+                applier.view = p.target
+                size = desired.services[0].table_size
+                rows.append({
+                    "bench": f"full apply {n_services} x {per_service}, {affinity}, M={size}",
+                    "value_s": round(total, 3), "plan_s": round(planned - started, 3),
+                    "maglev_s": round(p.build_seconds, 3),
+                    "write_s": round(result.write_seconds, 3),
+                    "target_s": 0.35, "ratio_to_target": round(total / 0.35, 2)})
+                # Same state again: the diff is empty, nothing is written.
+                started = time.perf_counter()
+                again = apply.plan(desired, p.target, settings.hash_seed)
+                rows.append({"bench": f"re-apply unchanged ({affinity})",
+                             "value_s": round(time.perf_counter() - started, 3),
+                             "writes": sum(again.summary().values())})
+                applier.apply(config.from_dict({"services": []}))
+                applier.close()
+    finally:
+        dp.close()
+        loader.uninstall(settings.pin_dir)
+    return rows
+
+
+def bench_maglev() -> list[dict[str, Any]]:
+    from dataplane import bench_maglev
+    return list(bench_maglev.run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = ap.parse_args(argv)
+    rounds, per_round = (3, 200) if args.quick else (9, 1000)
+    rows = bench_maglev()
+    rows += bench_apply(10_000, 10)
+    rows += bench_connect((10, 1_000, 10_000), rounds, per_round)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            name = row.pop("bench")
+            print(f"{name:<58} " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
