@@ -150,13 +150,17 @@ def maps() -> None:
 @json_option
 @with_maps
 def maps_services(maps: Any, as_json: bool) -> None:
-    """Services: VIP, affinity, table size and outcome counters."""
+    """Services: VIP, affinity, table size M, backends, and counters: connects
+    translated (SEL), affinity hits, bounded-load spills, refused (REF: no usable
+    backend or saturated)."""
     from dataplane import inspect
     rows = inspect.services(maps)
 
     def table() -> Table:
-        t = Table("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SELECTED", "HIT", "SPILL",
-                  "REFUSED", box=None)
+        t = Table(box=None, pad_edge=False)
+        for col in ("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SEL", "HIT", "SPILL",
+                    "REF"):
+            t.add_column(col, no_wrap=True)
         for s in rows:
             c = s["counters"]
             t.add_row(str(s["id"]), s["name"], s["frontend"], s["affinity"],
@@ -176,8 +180,9 @@ def maps_backends(maps: Any, as_json: bool) -> None:
     rows = inspect.backends(maps)
 
     def table() -> Table:
-        t = Table("ID", "ADDRESS", "STATE", "LOAD", "SEL", "CONN", "FAIL", "EST", "RTT(us)",
-                  box=None)
+        t = Table(box=None, pad_edge=False)
+        for col in ("ID", "ADDRESS", "STATE", "LOAD", "SEL", "CONN", "FAIL", "EST", "RTT(us)"):
+            t.add_column(col, no_wrap=True)
         for b in rows:
             c = b["counters"]
             state = b["state"] + ("*" if b["kernel_tripped"] else "")

@@ -64,7 +64,8 @@ def _kvroute(*args: str) -> str:
 
 def _table(title: str, results: list[list[str]], pods: list[str]) -> Table:
     counts = collections.Counter(name for turns in results for name in turns)
-    t = Table(title=title, box=None)
+    console.print(f"[bold]{title}")
+    t = Table(box=None)
     t.add_column("backend")
     t.add_column("connections", justify="right")
     for name in [*pods, *sorted(k for k in counts if k not in pods)]:
@@ -82,7 +83,7 @@ def run(pods: int = 3, sessions: int = 200, turns: int = 3) -> int:
         for i in range(pods):
             pod = lab.add_pod(f"gpu{i}")
             pod.spawn([sys.executable, "-m", "lab.podserver", "--name", pod.name,
-                       "--port", str(POD_PORT)])
+                       "--port", str(POD_PORT)], stdout=subprocess.DEVNULL)
         client = lab.add_client("client")
         for pod in lab.pods.values():
             podserver.wait_listening(pod, POD_PORT)

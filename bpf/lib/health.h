@@ -49,7 +49,8 @@ static __always_inline void ops4_connect_failed(__u32 be_id)
 
 static __always_inline void ops4_established(__u32 be_id, __u32 srtt_us)
 {
-	struct kvr_health *h = kvr_health.lookup(&be_id);
+	struct kvr_health zero = {};
+	struct kvr_health *h = kvr_health.lookup_or_try_init(&be_id, &zero);
 
 	kvr_be_inc(be_id, KVR_BC_ESTABLISHED);
 	if (!h)
