@@ -1,14 +1,18 @@
 """The node agent: owns the programs and maps, applies desired state.
 
-Desired state comes from a YAML file for now (reloaded on change or SIGHUP);
-the controller stream (issue 4) will sit beside it. The agent is stateless:
-everything it needs to diff lives in the pinned maps, so it can be killed at
-any moment and a new one picks up where it left off, while the attached
-programs keep routing.
+Desired state comes from a YAML file (reloaded on change or SIGHUP) or from
+the controller's snapshot stream; with a controller the agent also scrapes
+the engines on its node, writes their load straight into the kernel, and
+reports loads and kernel counters back. The agent keeps no state of its own
+that matters: everything it diffs against lives in the pinned maps, so it can
+be killed at any moment and a new one picks up where it left off while the
+attached programs keep routing. Losing the controller changes nothing either:
+the tables stay as they are and scraping goes on (static stability).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -16,31 +20,52 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dataplane import apply, config, loader
+from prometheus_client import CollectorRegistry, start_http_server
+
+from dataplane import apply, config, loader, metrics
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
 log = logging.getLogger("kvroute.agent")
 
 
+@dataclasses.dataclass(frozen=True)
+class ControllerOptions:
+    target: str                      # host:port of the controller's gRPC server
+    node: str                        # this node's name (engines on it are scraped here)
+    agent_id: str
+    scrape_interval: float = 0.25
+    report_interval: float = 1.0
+    tls: object | None = None        # controller.grpc_server.TLSFiles
+
+
 class Agent:
-    def __init__(self, settings: Settings, cgroup: Path, config_path: Path,
-                 ready_file: Path | None = None) -> None:
+    def __init__(self, settings: Settings, cgroup: Path, config_path: Path | None,
+                 ready_file: Path | None = None, controller: ControllerOptions | None = None,
+                 metrics_addr: tuple[str, int] | None = None) -> None:
+        if (config_path is None) == (controller is None):
+            raise ValueError("give the agent a config file or a controller, not both")
         self.settings = settings
         self.cgroup = cgroup
         self.config_path = config_path
         self.ready_file = ready_file
+        self.controller = controller
+        self.metrics_addr = metrics_addr
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self._mtime: float | None = None
         self.maps: MapSet | None = None
         self.datapath: loader.Datapath | None = None
         self.applier: apply.Applier | None = None
+        self.registry = CollectorRegistry()
+        self.metrics = metrics.AgentMetrics(self.registry)
+        self.stream: object | None = None
+        self.watcher: object | None = None
 
     def start(self) -> None:
         # Validate the desired state before touching the kernel: a bad file at
         # start changes nothing.
-        desired = config.load_file(self.config_path)
+        desired = config.load_file(self.config_path) if self.config_path else None
         started = time.perf_counter()
         self.datapath = loader.Datapath(self.settings)
         log.info("programs compiled and loaded in %.2fs", time.perf_counter() - started)
@@ -50,44 +75,99 @@ class Agent:
         self.applier = apply.Applier(self.maps, self.settings.hash_seed)
         log.info("adopted %d services and %d backends from %s", len(self.applier.view.services),
                  len(self.applier.view.backends), self.settings.pin_dir)
-        self._apply(desired)
-        if self.ready_file:
+        self.registry.register(metrics.KernelCollector(self.maps))
+        if self.metrics_addr:
+            start_http_server(self.metrics_addr[1], self.metrics_addr[0], registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)
+        if desired is not None:
+            self._apply(desired, f"{self.config_path}")
+            self._ready()
+        if self.controller:
+            self._start_controller(self.controller)
+
+    def _ready(self) -> None:
+        if self.ready_file and not self.ready_file.exists():
             self.ready_file.write_text("ready\n")
 
-    def _apply(self, desired: config.DesiredState) -> None:
+    def _apply(self, desired: config.DesiredState, source: str) -> None:
         assert self.applier is not None
-        self._mtime = self.config_path.stat().st_mtime
-        result = self.applier.apply(desired)
+        if self.config_path:
+            self._mtime = self._current_mtime()
+        with self.metrics.apply_seconds.time():
+            result = self.applier.apply(desired)
         changes = ", ".join(f"{k}={v}" for k, v in sorted(result.summary.items())) or "no change"
-        log.info("applied %s: %s (maglev %.3fs, write %.3fs)", self.config_path, changes,
+        log.info("applied %s: %s (tables %.3fs, write %.3fs)", source, changes,
                  result.build_seconds, result.write_seconds)
+
+    def _start_controller(self, opts: ControllerOptions) -> None:
+        from controller import snapshot
+        from dataplane import engines, stream
+        assert self.applier is not None
+
+        def on_snapshot(snap: snapshot.Snapshot) -> bool:
+            try:
+                desired = config.from_dict(snap.to_dict())
+            except config.ConfigError as exc:
+                log.error("snapshot %d rejected, keeping the current state: %s",
+                          snap.version, exc)
+                return False
+            self._apply(desired, f"snapshot {snap.version}")
+            self.metrics.snapshot_version.set(snap.version)
+            self._ready()
+            return True
+
+        def targets() -> list[snapshot.EngineRef]:
+            snap = client.applied
+            return list(snap.engines) if snap is not None else []
+
+        def on_round(seconds: float, written: int) -> None:
+            self.metrics.scrape_seconds.observe(seconds)
+            self.metrics.load_writes.set(written)
+
+        watcher = engines.EngineWatcher(self.applier, targets, opts.node, opts.scrape_interval,
+                                        on_round=on_round)
+        client = stream.SnapshotClient(
+            opts.target, opts.agent_id, opts.node, on_snapshot,
+            tls=opts.tls,  # type: ignore[arg-type]
+            report_source=watcher.observations, report_interval=opts.report_interval)
+        client.start()
+        watcher.start()
+        self.stream, self.watcher = client, watcher
+        log.info("following controller %s as agent %s on node %s", opts.target, opts.agent_id,
+                 opts.node)
 
     def reload(self) -> bool:
         """Apply the file again; invalid content is rejected whole and the maps keep
         their state. Returns whether it applied."""
+        assert self.config_path is not None
         try:
             desired = config.load_file(self.config_path)
         except (config.ConfigError, OSError) as exc:
             self._mtime = self._current_mtime()
             log.error("not applied, keeping the current state: %s", exc)
             return False
-        self._apply(desired)
+        self._apply(desired, str(self.config_path))
         return True
 
     def _current_mtime(self) -> float | None:
         try:
-            return self.config_path.stat().st_mtime
+            return self.config_path.stat().st_mtime if self.config_path else None
         except OSError:
             return None
 
     def run(self, poll_interval: float = 1.0) -> None:
         while not self.stop_event.is_set():
             self.stop_event.wait(poll_interval)
-            if self.reload_event.is_set() or self._current_mtime() != self._mtime:
+            if self.config_path and (self.reload_event.is_set()
+                                     or self._current_mtime() != self._mtime):
                 self.reload_event.clear()
                 self.reload()
 
     def close(self, detach: bool) -> None:
+        if self.watcher:
+            self.watcher.stop()  # type: ignore[attr-defined]
+        if self.stream:
+            self.stream.stop()  # type: ignore[attr-defined]
         if self.applier:
             self.applier.close()
         if self.maps:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import ipaddress
 import socket
 import struct
+import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -60,6 +62,7 @@ _KAFF = {
 # Only these states get table slots; draining and open backends are left out
 # of the table, which moves only their own keys.
 _IN_TABLE = (config.BackendState.ACTIVE, config.BackendState.PROBING)
+_USABLE_KSTATES = (int(abi.BackendState.ACTIVE), int(abi.BackendState.PROBING))
 
 
 @dataclasses.dataclass
@@ -88,6 +91,7 @@ class Plan:
     tables: dict[L4, np.ndarray]            # service key -> backend ids by slot, to write
     gone_services: list[int]
     gone_backends: list[int]
+    trips_clear: list[int]                  # backends whose kernel trip ends
     build_seconds: float
 
     @property
@@ -160,9 +164,15 @@ def proportional(weights: tuple[int, ...], size: int) -> np.ndarray:
     return table
 
 
-def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
-    """Compute the target maps and what differs from `current`. Pure."""
+def plan(desired: config.DesiredState, current: View, seed: int,
+         live_loads: Mapping[L4, int] | None = None) -> Plan:
+    """Compute the target maps and what differs from `current`. Pure.
+
+    `live_loads` (endpoint -> load) are the agent's own scrapes of engines on its
+    node; they are newer than the loads in a desired state and win over them.
+    """
     target = View()
+    live_loads = live_loads or {}
 
     # Endpoints: one backend id per (address, port, protocol), shared by services.
     ep_state: dict[L4, config.BackendState] = {}
@@ -183,10 +193,16 @@ def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
                 ep_load[key] = max(ep_load[key], be.load)
         svc_eps.append(eps)
     be_ids = _alloc(list(ep_state), current.be_addr, set(current.backends))
+    trips_clear = []
     for key, be_id in be_ids.items():
         target.backends[be_id] = (*key, _KSTATE[ep_state[key]])
         target.be_addr[key] = be_id
-        load = ep_load[key]
+        was = current.backends.get(be_id)
+        if was is not None and was[3] == abi.BackendState.OPEN and ep_state[key] in _IN_TABLE:
+            # User space closed (or half-opened) the breaker: that also ends a
+            # trip the kernel made on its own.
+            trips_clear.append(be_id)
+        load = live_loads.get(key, ep_load[key])
         if load:
             target.be_load[be_id] = load
 
@@ -214,9 +230,9 @@ def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
         entries.sort()
         revision = _revision(b"maglev" if consistent else b"prop", svc.table_size, seed, entries)
         eps_milli = abi.EPS_OFF if svc.epsilon is None else min(round(svc.epsilon * 1000), 0xFFFE)
-        old = current.services.get(key)
-        if old is not None and old[0] == svc_id and old[10] == revision:
-            group, base = old[2], old[3]
+        prev = current.services.get(key)
+        if prev is not None and prev[0] == svc_id and prev[10] == revision:
+            group, base = prev[2], prev[3]
         else:
             group = base = _UNPLACED
             ids = np.fromiter((e[2] for e in entries), dtype=np.uint32, count=len(entries))
@@ -252,6 +268,7 @@ def plan(desired: config.DesiredState, current: View, seed: int) -> Plan:
         target=target, diffs=diffs, tables=tables,
         gone_services=sorted(set(current.names) - set(target.names)),
         gone_backends=sorted(set(current.backends) - set(target.backends)),
+        trips_clear=trips_clear,
         build_seconds=build_seconds,
     )
 
@@ -336,6 +353,8 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
     if d["be_addr"].put:
         _put(maps, "kvr_be_addr", _l4_array(list(d["be_addr"].put)),
              _u32(d["be_addr"].put.values()))
+    if p.trips_clear:
+        _delete_present(maps, "kvr_health", p.trips_clear)
     if d["be_load"].put:
         _put(maps, "kvr_be_load", _u32(d["be_load"].put), _u32(d["be_load"].put.values()))
     if d["svc_load"].put:
@@ -422,21 +441,82 @@ def read_view(maps: MapSet) -> View:
     return view
 
 
+def parse_identity(identity: str) -> L4:
+    """'10.0.0.5:8000/tcp' (the identity of a backend) -> its endpoint key."""
+    body, _, proto = identity.partition("/")
+    addr, _, port = body.rpartition(":")
+    return _l4(ipaddress.IPv4Address(addr), int(port), proto or "tcp")
+
+
+def identity_of(key: L4) -> str:
+    addr, port, proto = key
+    return f"{abi.be32_to_ip(addr)}:{abi.be16_to_port(port)}/{abi.PROTO_NAME[proto]}"
+
+
 class Applier:
-    """The agent's handle on the maps: its view of them and the table groups."""
+    """The agent's handle on the maps: its view of them, the table groups, and the
+    live loads of the engines it scrapes. Thread-safe: snapshots, file reloads and
+    load updates arrive on different threads."""
 
     def __init__(self, maps: MapSet, seed: int) -> None:
         self.maps = maps
         self.seed = seed
+        self.lock = threading.Lock()
         self.view = read_view(maps)
         self.pool = TablePool(maps)
         self.pool.adopt(svc for _, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
+        self.live_loads: dict[L4, int] = {}
 
     def apply(self, desired: config.DesiredState) -> ApplyResult:
-        p = plan(desired, self.view, self.seed)
-        result = execute(p, self.maps, self.pool, self.view)
-        self.view = p.target
-        return result
+        with self.lock:
+            p = plan(desired, self.view, self.seed, self.live_loads)
+            result = execute(p, self.maps, self.pool, self.view)
+            self.view = p.target
+            return result
+
+    def set_loads(self, loads: Mapping[str, int]) -> int:
+        """Write engines' live loads (by backend identity) and their services' mean
+        loads straight into the kernel, without a full apply: the bounded-load check
+        sees a load change one scrape after it happens. Returns entries written."""
+        with self.lock:
+            changed_be: dict[int, int] = {}
+            for ident, load in loads.items():
+                key = parse_identity(ident)
+                self.live_loads[key] = load
+                be_id = self.view.be_addr.get(key)
+                if be_id is not None and self.view.be_load.get(be_id, 0) != load:
+                    changed_be[be_id] = load
+            if not changed_be:
+                return 0
+            view = self.view
+            view.be_load.update(changed_be)
+            for be_id, load in changed_be.items():
+                if load == 0:
+                    del view.be_load[be_id]
+            svc_ids = {s for s, b in view.members if b in changed_be}
+            sums: dict[int, list[int]] = {s: [] for s in svc_ids}
+            for (svc_id, be_id) in view.members:
+                if svc_id in sums and view.backends[be_id][3] in _USABLE_KSTATES:
+                    sums[svc_id].append(view.be_load.get(be_id, 0))
+            means = {s: sum(v) // len(v) for s, v in sums.items() if v}
+            _put(self.maps, "kvr_be_load", _u32(changed_be), _u32(changed_be.values()))
+            _put(self.maps, "kvr_svc_load", _u32(means), _u32(means.values()))
+            view.svc_load.update(means)
+            return len(changed_be) + len(means)
+
+    def counters(self, identities: set[str] | None = None) -> dict[str, list[int]]:
+        """Kernel per-backend counters (enum kvr_be_cnt order) by backend identity."""
+        out = {}
+        with self.lock:
+            keys = list(self.view.be_addr.items())
+        for key, be_id in keys:
+            ident = identity_of(key)
+            if identities is not None and ident not in identities:
+                continue
+            values = self.maps.percpu_sum("kvr_be_cnt", abi.ct.c_uint32(be_id),
+                                          abi.BeCounters)
+            out[ident] = values or [0] * len(abi.BeCounter)
+        return out
 
     def close(self) -> None:
         self.pool.close()

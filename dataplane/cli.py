@@ -73,33 +73,78 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.UsageError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
 @main.command()
-@click.option("--config", "config_path", required=True,
-              type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Desired state (YAML); reloaded when it changes or on SIGHUP.")
+@click.option("--controller", "controller_target", metavar="HOST:PORT",
+              help="Follow a kvroute controller's snapshots instead of a file.")
+@click.option("--node", default=None, help="This node's name [default: the hostname]; "
+              "with --controller, the engines on it are scraped here.")
+@click.option("--agent-id", default=None, help="Name in the controller's view "
+              "[default: NODE-PIN_DIR_NAME].")
+@click.option("--scrape-interval", type=click.FloatRange(0.01, 60), default=0.25,
+              show_default=True, help="Seconds between scrapes of this node's engines.")
+@click.option("--tls-ca", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--cgroup", type=click.Path(path_type=Path, file_okay=False),
               help="cgroup v2 folder to attach to [default: the cgroup v2 root, found].")
 @pin_dir_option
 @click.option("--hash-seed", type=int, default=None, help="Hash seed; the same on every node.")
 @click.option("--fail-k", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Consecutive failed connects after which the kernel trips a backend open.")
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT",
+              help="Serve Prometheus metrics (kernel counters read at scrape time).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Detach the programs and remove the maps when the agent exits "
                    "(default: leave them routing, so a restart is hitless).")
 @click.option("--ready-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Written once the first desired state is applied.")
-def agent(config_path: Path, cgroup: Path | None, pin_dir: Path, hash_seed: int | None,
-          fail_k: int, detach_on_exit: bool, ready_file: Path | None) -> None:
-    """Run the node agent: load and attach the programs, apply the desired state."""
+def agent(config_path: Path | None, controller_target: str | None, node: str | None,
+          agent_id: str | None, scrape_interval: float, tls_ca: Path | None,
+          tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
+          hash_seed: int | None, fail_k: int, metrics_at: str | None, detach_on_exit: bool,
+          ready_file: Path | None) -> None:
+    """Run the node agent: load and attach the programs, apply the desired state.
+
+    The desired state comes from --config FILE or from --controller HOST:PORT.
+    """
+    import socket as socket_mod
+
     from dataplane import agent as agent_mod
     from dataplane import config, loader
+    if (config_path is None) == (controller_target is None):
+        raise click.UsageError("give exactly one of --config FILE or --controller HOST:PORT")
+    if any((tls_ca, tls_cert, tls_key)) and not all((tls_ca, tls_cert, tls_key)):
+        raise click.UsageError("mTLS needs all of --tls-ca, --tls-cert and --tls-key")
     try:
         opts = settings.Settings(pin_dir=pin_dir, fail_k=fail_k,
                                  **({"hash_seed": hash_seed} if hash_seed is not None else {}))
         target = cgroup or host.cgroup2_root()
     except (ValueError, host.HostError) as exc:
         raise click.UsageError(str(exc)) from None
-    a = agent_mod.Agent(opts, target, config_path, ready_file)
+    ctrl = None
+    if controller_target:
+        _hostport(controller_target, "--controller")
+        node = node or socket_mod.gethostname()
+        tls = None
+        if tls_ca and tls_cert and tls_key:
+            from controller import grpc_server
+            tls = grpc_server.TLSFiles(ca=tls_ca, cert=tls_cert, key=tls_key)
+        ctrl = agent_mod.ControllerOptions(
+            target=controller_target, node=node, agent_id=agent_id or f"{node}-{pin_dir.name}",
+            scrape_interval=scrape_interval, tls=tls)
+    a = agent_mod.Agent(opts, target, config_path, ready_file, controller=ctrl,
+                        metrics_addr=_hostport(metrics_at, "--metrics"))
     a.install_signals()
     try:
         a.start()
@@ -317,6 +362,7 @@ def _register_optional() -> None:
     """Commands whose modules live in the lab package; absent ones are skipped."""
     import importlib
     for module, attr, group in (("lab.engine_sim.cli", "command", main),
+                                ("controller.main", "command", main),
                                 ("lab.traffic", "command", lab)):
         try:
             cmd = getattr(importlib.import_module(module), attr)

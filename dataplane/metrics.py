@@ -1,0 +1,72 @@
+"""Agent metrics: a prometheus-client collector that reads the BPF counters at
+scrape time (the process_collector pattern), plus the agent's own timings.
+Registries are passed in; nothing registers at import."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dataplane import abi, inspect
+from dataplane.maps import MapSet
+
+_STATES = [s.name.lower() for s in abi.BackendState]
+
+
+class KernelCollector(Collector):
+    """kvroute_* families from the pinned maps, read when Prometheus scrapes."""
+
+    def __init__(self, maps: MapSet) -> None:
+        self.maps = maps
+
+    def collect(self) -> Iterator[Metric]:
+        svc_counts = CounterMetricFamily(
+            "kvroute_service_connects", "connect() outcomes per service, from the kernel",
+            labels=["service", "outcome"])
+        be_counts = CounterMetricFamily(
+            "kvroute_backend_events", "Per-backend kernel events (selected, connects, failed, "
+            "established, closed, trips)", labels=["backend", "event"])
+        load = GaugeMetricFamily("kvroute_backend_load", "Bounded-load units in the kernel",
+                                 labels=["backend"])
+        state = GaugeMetricFamily("kvroute_backend_state",
+                                  "1 for the backend's effective state (kernel trips read open)",
+                                  labels=["backend", "state"])
+        rtt = GaugeMetricFamily("kvroute_backend_srtt_seconds",
+                                "Smoothed RTT of established connections", labels=["backend"])
+        for s in inspect.services(self.maps):
+            name = s["name"] or str(s["id"])
+            for outcome, value in s["counters"].items():
+                svc_counts.add_metric([name, outcome], value)
+        for b in inspect.backends(self.maps):
+            addr = b["address"]
+            for event, value in b["counters"].items():
+                be_counts.add_metric([addr, event], value)
+            load.add_metric([addr], b["load"])
+            rtt.add_metric([addr], b["srtt_us"] / 1e6)
+            for st in _STATES:
+                state.add_metric([addr, st], 1.0 if b["state"] == st else 0.0)
+        reasons = CounterMetricFamily("kvroute_kernel_reasons",
+                                      "Fail-open and bookkeeping events", labels=["reason"])
+        for reason, value in self.maps.reasons().items():
+            reasons.add_metric([reason], value)
+        yield from (svc_counts, be_counts, load, state, rtt, reasons)
+
+
+class AgentMetrics:
+    """The agent's own instruments."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.apply_seconds = Histogram(
+            "kvroute_agent_apply_seconds", "Time to plan and write a desired state",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry)
+        self.snapshot_version = Gauge("kvroute_agent_snapshot_version",
+                                      "Version of the last snapshot applied", registry=registry)
+        self.scrape_seconds = Histogram(
+            "kvroute_agent_scrape_seconds", "Duration of one round of engine scrapes",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=registry)
+        self.load_writes = Gauge("kvroute_agent_load_entries_written",
+                                 "Load map entries written by the last scrape round",
+                                 registry=registry)
