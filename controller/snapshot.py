@@ -6,18 +6,20 @@ into the dict of its YAML model with :meth:`Snapshot.to_dict` (``dataplane.confi
 
 Identity and hashing
 --------------------
-A snapshot's *content* is its set of services; its *version* is a number the controller
-gives it. The hash covers the content only (sha256 over a canonical JSON encoding, services
-sorted by name and backends by address and port), so the same services give the same hash
+A snapshot's *content* is its set of services and the list of engines agents must scrape
+(:class:`EngineRef`); its *version* is a number the controller gives it. The hash covers the
+content only (sha256 over a canonical JSON encoding, services sorted by name, backends by
+address and port, engines by identity), so the same content gives the same hash
 on every controller replica and after a controller restart: an agent that already holds
 the content needs no full snapshot, whatever version number it was told.
 
 Deltas
 ------
 ``delta(old, new)`` carries the services that differ (whole, by name), the names removed,
-both versions and the hash of ``new``. ``apply_delta`` refuses a delta whose
-``from_version`` is not the snapshot's version, and any result whose hash is not the one
-announced: a divergent agent then asks for a full snapshot instead of drifting silently.
+the whole engine list when it changed (None when not), both versions and the hash of
+``new``. ``apply_delta`` refuses a delta whose ``from_version`` is not the snapshot's
+version, and any result whose hash is not the one announced: a divergent agent then asks
+for a full snapshot instead of drifting silently.
 
 Validation
 ----------
@@ -41,6 +43,7 @@ import ipaddress
 import json
 import math
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -65,12 +68,15 @@ AFFINITY_TIMEOUT_MAX = 86400  # seconds
 NAME_MAX_BYTES = 63  # struct kvr_svc_name holds 64 bytes with the NUL
 IDENTITY_MAX = 256
 TEXT_MAX = 4096  # error strings in reports
+URL_MAX = 2048
 
 # Part of the hashed bytes: a change to the encoding changes every hash instead of
 # letting two encodings collide.
 _SCHEMA = "kvroute/v1"
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # dataplane.config's rule
+# dataplane.config.backend_identity: "<IPv4>:<port>/<protocol>"
+_IDENTITY_RE = re.compile(r"([0-9.]+):([0-9]{1,5})/(tcp|udp)")
 
 
 class SnapshotError(ValueError):
@@ -149,6 +155,32 @@ def _hash(path: str, value: object) -> str:
     return value
 
 
+def _url(path: str, value: object) -> str:
+    _text(path, value, URL_MAX, empty=False)
+    assert isinstance(value, str)
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise SnapshotError(f"{path}: must not contain spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port  # raises on a port that is not a number in range
+    except ValueError as exc:
+        raise SnapshotError(f"{path}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SnapshotError(f"{path}: must be an http(s) URL with a host, got {value!r}")
+    return value
+
+
+def _identity(path: str, value: object) -> str:
+    if not isinstance(value, str) or not (match := _IDENTITY_RE.fullmatch(value)):
+        raise SnapshotError(f"{path}: must be \"<IPv4>:<port>/<tcp|udp>\", got {value!r}")
+    address = _ipv4(path, match.group(1))
+    port = _int(path, int(match.group(2)), 1, 65535)
+    canonical = f"{address}:{port}/{match.group(3)}"
+    if canonical != value:
+        raise SnapshotError(f"{path}: not in canonical form, expected {canonical!r}")
+    return value
+
+
 def _set(obj: object, name: str, value: object) -> None:
     # Normalised values (floats, canonical order) on frozen dataclasses.
     object.__setattr__(obj, name, value)
@@ -188,6 +220,45 @@ class Backend:
     def from_dict(cls, data: Mapping[str, Any]) -> Backend:
         fields = _exact_keys("", data, _BACKEND_KEYS, optional=("load",))
         return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRef:
+    """An engine the agents must scrape (and report, as a ScrapeResult of ``identity``)."""
+
+    identity: str  # the backend identity, "address:port/protocol" (dataplane.config)
+    metrics_url: str  # http(s) URL of its /metrics page
+    health_url: str  # http(s) URL of its health check
+    node: str | None = None  # node it runs on: that node's agent scrapes it; None: any agent
+
+    def __post_init__(self) -> None:
+        _identity("identity", self.identity)
+        _url("metrics_url", self.metrics_url)
+        _url("health_url", self.health_url)
+        if self.node is not None:
+            _text("node", self.node, IDENTITY_MAX, empty=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"identity": self.identity, "metrics_url": self.metrics_url,
+                "health_url": self.health_url, "node": self.node}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineRef:
+        return cls(**_exact_keys("", data, _ENGINE_KEYS, optional=("node",)))
+
+
+def _check_engines(engines: object, path: str) -> tuple[EngineRef, ...]:
+    if isinstance(engines, str | bytes | Mapping) or not isinstance(engines, Iterable):
+        raise SnapshotError(f"{path}: must be a list of engines, got {engines!r}")
+    items = tuple(engines)
+    seen: set[str] = set()
+    for i, ref in enumerate(items):
+        if not isinstance(ref, EngineRef):
+            raise SnapshotError(f"{path}[{i}]: must be an EngineRef, got {ref!r}")
+        if ref.identity in seen:
+            raise SnapshotError(f"{path}[{ref.identity}]: listed twice")
+        seen.add(ref.identity)
+    return tuple(sorted(items, key=lambda e: e.identity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +337,7 @@ class ServiceState:
 
 
 _BACKEND_KEYS = tuple(f.name for f in dataclasses.fields(Backend))
+_ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineRef))
 _SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ServiceState))
 
 
@@ -306,15 +378,17 @@ def _check_services(services: object, path: str) -> tuple[ServiceState, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """Desired state of every agent at one version. Services are kept sorted by name, so
-    equal content compares equal whatever order it was built in."""
+    """Desired state of every agent at one version. Services are kept sorted by name and
+    engines by identity, so equal content compares equal whatever order it was built in."""
 
     version: int
     services: tuple[ServiceState, ...] = ()
+    engines: tuple[EngineRef, ...] = ()  # what agents scrape; not part of to_dict()
 
     def __post_init__(self) -> None:
         _int("version", self.version, 1, VERSION_MAX)
         services = _check_services(self.services, "services")
+        _set(self, "engines", _check_engines(self.engines, "engines"))
         owners: dict[tuple[str, int, str], str] = {}
         for svc in services:
             other = owners.setdefault(svc.l4, svc.name)
@@ -326,7 +400,7 @@ class Snapshot:
     @functools.cached_property
     def hash(self) -> str:
         """Hex sha256 of the canonical content (the version is not part of it)."""
-        return content_hash(self.services)
+        return content_hash(self.services, self.engines)
 
     def service(self, name: str) -> ServiceState | None:
         for svc in self.services:
@@ -334,13 +408,33 @@ class Snapshot:
                 return svc
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The agent's desired-state dict, for ``dataplane.config.from_dict``."""
-        return {"services": [svc.to_dict() for svc in self.services]}
+    def engine(self, identity: str) -> EngineRef | None:
+        for ref in self.engines:
+            if ref.identity == identity:
+                return ref
+        return None
+
+    def to_dict(self, *, engines: bool = False) -> dict[str, Any]:
+        """The agent's desired-state dict, for ``dataplane.config.from_dict``; with
+        ``engines=True`` also the engine list (then only :meth:`from_dict` reads it)."""
+        out: dict[str, Any] = {"services": [svc.to_dict() for svc in self.services]}
+        if engines:
+            out["engines"] = [ref.to_dict() for ref in self.engines]
+        return out
 
     @classmethod
     def from_dict(cls, version: int, data: Mapping[str, Any]) -> Snapshot:
-        fields = _exact_keys("", data, ("services",))
+        fields = _exact_keys("", data, ("services", "engines"), optional=("engines",))
+        raw_engines = fields.get("engines", [])
+        if isinstance(raw_engines, str | bytes | Mapping) or not isinstance(raw_engines,
+                                                                               Sequence):
+            raise SnapshotError(f"engines: must be a list, got {raw_engines!r}")
+        engines = []
+        for i, item in enumerate(raw_engines):
+            try:
+                engines.append(EngineRef.from_dict(item))
+            except SnapshotError as exc:
+                raise _prefixed(f"engines[{i}]", exc) from None
         raw = fields["services"]
         if isinstance(raw, str | bytes | Mapping) or not isinstance(raw, Sequence):
             raise SnapshotError(f"services: must be a list, got {raw!r}")
@@ -350,12 +444,14 @@ class Snapshot:
                 services.append(ServiceState.from_dict(item))
             except SnapshotError as exc:
                 raise _prefixed(_service_label(item, i), exc) from None
-        return cls(version, tuple(services))
+        return cls(version, tuple(services), tuple(engines))
 
 
-def content_hash(services: Iterable[ServiceState]) -> str:
+def content_hash(services: Iterable[ServiceState], engines: Iterable[EngineRef] = ()) -> str:
     ordered = sorted(services, key=lambda s: s.name)
-    encoded = json.dumps([_SCHEMA, [s.to_dict() for s in ordered]], sort_keys=True,
+    refs = sorted(engines, key=lambda e: e.identity)
+    encoded = json.dumps([_SCHEMA, [s.to_dict() for s in ordered], [e.to_dict() for e in refs]],
+                         sort_keys=True,
                          separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(encoded.encode()).hexdigest()
 
@@ -370,6 +466,7 @@ class Delta:
     hash: str  # content hash of the snapshot this delta produces
     upserted: tuple[ServiceState, ...] = ()  # whole services, by name
     removed: tuple[str, ...] = ()  # service names
+    engines: tuple[EngineRef, ...] | None = None  # the new engine list; None: unchanged
 
     def __post_init__(self) -> None:
         _int("from_version", self.from_version, 1, VERSION_MAX)
@@ -388,19 +485,23 @@ class Delta:
             raise SnapshotError(f"removed[{both[0]}]: also upserted")
         _set(self, "upserted", upserted)
         _set(self, "removed", tuple(sorted(removed)))
+        if self.engines is not None:
+            _set(self, "engines", _check_engines(self.engines, "engines"))
 
     @property
     def empty(self) -> bool:
-        return not self.upserted and not self.removed
+        return not self.upserted and not self.removed and self.engines is None
 
 
 def delta(old: Snapshot, new: Snapshot) -> Delta:
-    """What turns ``old`` into ``new``: changed or new services whole, removed names."""
+    """What turns ``old`` into ``new``: changed or new services whole, removed names, and
+    the whole engine list if it changed."""
     before = {s.name: s for s in old.services}
     after = {s.name: s for s in new.services}
     upserted = tuple(s for name, s in after.items() if before.get(name) != s)
     removed = tuple(name for name in before if name not in after)
-    return Delta(old.version, new.version, new.hash, upserted, removed)
+    engines = new.engines if new.engines != old.engines else None
+    return Delta(old.version, new.version, new.hash, upserted, removed, engines)
 
 
 def apply_delta(snapshot: Snapshot, change: Delta) -> Snapshot:
@@ -416,8 +517,9 @@ def apply_delta(snapshot: Snapshot, change: Delta) -> Snapshot:
                                 f"{snapshot.version}")
     for svc in change.upserted:
         services[svc.name] = svc
+    engines = snapshot.engines if change.engines is None else change.engines
     try:
-        result = Snapshot(change.to_version, tuple(services.values()))
+        result = Snapshot(change.to_version, tuple(services.values()), engines)
     except SnapshotError as exc:
         raise SnapshotError(f"delta {change.from_version}->{change.to_version}: {exc}") from None
     if result.hash != change.hash:

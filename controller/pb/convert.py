@@ -90,14 +90,34 @@ def service_from_pb(msg: pb.Service, path: str) -> snapshot.ServiceState:
         raise snapshot.SnapshotError(f"{label}.{exc}") from None
 
 
+def engine_to_pb(ref: snapshot.EngineRef) -> pb.EngineRef:
+    msg = pb.EngineRef(identity=ref.identity, metrics_url=ref.metrics_url,
+                       health_url=ref.health_url)
+    if ref.node is not None:
+        msg.node = ref.node
+    return msg
+
+
+def engine_from_pb(msg: pb.EngineRef, path: str, i: int) -> snapshot.EngineRef:
+    try:
+        return snapshot.EngineRef(identity=msg.identity, metrics_url=msg.metrics_url,
+                                  health_url=msg.health_url,
+                                  node=msg.node if msg.HasField("node") else None)
+    except snapshot.SnapshotError as exc:
+        label = f"{path}[{msg.identity}]" if msg.identity else f"{path}[{i}]"
+        raise snapshot.SnapshotError(f"{label}.{exc}") from None
+
+
 def snapshot_to_pb(snap: snapshot.Snapshot) -> pb.Snapshot:
     return pb.Snapshot(version=snap.version, hash=snap.hash,
-                       services=[service_to_pb(s) for s in snap.services])
+                       services=[service_to_pb(s) for s in snap.services],
+                       engines=[engine_to_pb(e) for e in snap.engines])
 
 
 def snapshot_from_pb(msg: pb.Snapshot) -> snapshot.Snapshot:
     services = tuple(service_from_pb(s, "services") for s in msg.services)
-    snap = snapshot.Snapshot(msg.version, services)
+    engines = tuple(engine_from_pb(e, "engines", i) for i, e in enumerate(msg.engines))
+    snap = snapshot.Snapshot(msg.version, services, engines)
     if snap.hash != msg.hash:
         raise snapshot.SnapshotError(f"hash: full snapshot {msg.version} hashes to "
                                      f"{snap.hash[:12]}, announced {msg.hash[:12]!r}")
@@ -107,16 +127,23 @@ def snapshot_from_pb(msg: pb.Snapshot) -> snapshot.Snapshot:
 def delta_to_pb(change: snapshot.Delta) -> pb.Delta:
     return pb.Delta(from_version=change.from_version, to_version=change.to_version,
                     hash=change.hash, upserted=[service_to_pb(s) for s in change.upserted],
-                    removed=list(change.removed))
+                    removed=list(change.removed),
+                    engines_replaced=change.engines is not None,
+                    engines=[engine_to_pb(e) for e in change.engines or ()])
 
 
 def delta_from_pb(msg: pb.Delta) -> snapshot.Delta:
+    if msg.engines and not msg.engines_replaced:
+        raise snapshot.SnapshotError("engines: listed without engines_replaced")
+    engines = (tuple(engine_from_pb(e, "engines", i) for i, e in enumerate(msg.engines))
+               if msg.engines_replaced else None)
     return snapshot.Delta(
         from_version=msg.from_version,
         to_version=msg.to_version,
         hash=msg.hash,
         upserted=tuple(service_from_pb(s, "upserted") for s in msg.upserted),
         removed=tuple(msg.removed),
+        engines=engines,
     )
 
 

@@ -95,29 +95,47 @@ class Service(_message.Message):
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
+class EngineRef(_message.Message):
+    __slots__ = ("identity", "metrics_url", "health_url", "node")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_URL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    metrics_url: str
+    health_url: str
+    node: str
+    def __init__(self, identity: _Optional[str] = ..., metrics_url: _Optional[str] = ..., health_url: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
 class Snapshot(_message.Message):
-    __slots__ = ("version", "hash", "services")
+    __slots__ = ("version", "hash", "services", "engines")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     version: int
     hash: str
     services: _containers.RepeatedCompositeFieldContainer[Service]
-    def __init__(self, version: _Optional[int] = ..., hash: _Optional[str] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ...) -> None: ...
+    engines: _containers.RepeatedCompositeFieldContainer[EngineRef]
+    def __init__(self, version: _Optional[int] = ..., hash: _Optional[str] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., engines: _Optional[_Iterable[_Union[EngineRef, _Mapping]]] = ...) -> None: ...
 
 class Delta(_message.Message):
-    __slots__ = ("from_version", "to_version", "hash", "upserted", "removed")
+    __slots__ = ("from_version", "to_version", "hash", "upserted", "removed", "engines_replaced", "engines")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     UPSERTED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     to_version: int
     hash: str
     upserted: _containers.RepeatedCompositeFieldContainer[Service]
     removed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., hash: _Optional[str] = ..., upserted: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ...) -> None: ...
+    engines_replaced: bool
+    engines: _containers.RepeatedCompositeFieldContainer[EngineRef]
+    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., hash: _Optional[str] = ..., upserted: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ..., engines_replaced: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineRef, _Mapping]]] = ...) -> None: ...
 
 class SnapshotUpdate(_message.Message):
     __slots__ = ("full", "delta")

@@ -66,8 +66,25 @@ def services(draw: st.DrawFn, name: str) -> snapshot.ServiceState:
     )
 
 
+def _engine_ref(i: int, port: int, proto: str, node: str | None,
+                https: bool) -> snapshot.EngineRef:
+    host = f"10.1.{i // 100}.{i % 100 + 1}"
+    return snapshot.EngineRef(
+        identity=f"{host}:{port}/{proto}",
+        metrics_url=f"{'https' if https else 'http'}://{host}:{port}/metrics",
+        health_url=f"http://{host}:{port}/health", node=node)
+
+
+engine_refs = st.builds(
+    _engine_ref,
+    st.integers(1, 200), st.sampled_from([8000, 8001]), st.sampled_from(snapshot.PROTOCOLS),
+    st.none() | st.sampled_from(["node-a", "node-b"]), st.booleans(),
+)
+
+
 @st.composite
 def snapshots(draw: st.DrawFn, version: int | None = None) -> snapshot.Snapshot:
+    engines = draw(st.lists(engine_refs, max_size=4, unique_by=lambda e: e.identity))
     chosen = draw(st.lists(names, max_size=5, unique=True))
     items = []
     used: set[tuple[str, int, str]] = set()
@@ -77,7 +94,7 @@ def snapshots(draw: st.DrawFn, version: int | None = None) -> snapshot.Snapshot:
             used.add(s.l4)
             items.append(s)
     v = version if version is not None else draw(st.integers(1, snapshot.VERSION_MAX))
-    return snapshot.Snapshot(v, tuple(items))
+    return snapshot.Snapshot(v, tuple(items), tuple(engines))
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -103,11 +120,13 @@ def test_hash_and_equality_ignore_order(snap: snapshot.Snapshot, rnd: Any) -> No
         rnd.shuffle(bes)
         shuffled.append(dataclasses.replace(s, backends=tuple(bes)))
     rnd.shuffle(shuffled)
-    other = snapshot.Snapshot(snap.version, tuple(shuffled))
+    engines = list(snap.engines)
+    rnd.shuffle(engines)
+    other = snapshot.Snapshot(snap.version, tuple(shuffled), tuple(engines))
     assert other == snap
     assert other.hash == snap.hash
     # The version is not content.
-    assert snapshot.Snapshot(1, tuple(shuffled)).hash == snap.hash
+    assert snapshot.Snapshot(1, tuple(shuffled), tuple(engines)).hash == snap.hash
 
 
 @settings(max_examples=100, deadline=None)
@@ -115,7 +134,10 @@ def test_hash_and_equality_ignore_order(snap: snapshot.Snapshot, rnd: Any) -> No
 def test_round_trips_through_protobuf_and_dict(snap: snapshot.Snapshot) -> None:
     wire = pb.Snapshot.FromString(convert.snapshot_to_pb(snap).SerializeToString())
     assert convert.snapshot_from_pb(wire) == snap
-    assert snapshot.Snapshot.from_dict(snap.version, snap.to_dict()) == snap
+    assert snapshot.Snapshot.from_dict(snap.version, snap.to_dict(engines=True)) == snap
+    # The agent-config shape leaves the engines out.
+    without = snapshot.Snapshot.from_dict(snap.version, snap.to_dict())
+    assert without.services == snap.services and without.engines == ()
 
 
 @settings(max_examples=60, deadline=None)
@@ -410,3 +432,88 @@ def test_bad_reports_are_rejected(change: dict[str, Any], message: str) -> None:
 def test_negative_counter_rejected() -> None:
     with pytest.raises(SE, match="failed"):
         snapshot.BackendCounters("x", failed=-1)
+
+
+# -- engines ------------------------------------------------------------------------------
+
+
+def ref(identity: str = "10.0.0.1:8000/tcp", **kw: Any) -> snapshot.EngineRef:
+    address = identity.split(":")[0]
+    fields: dict[str, Any] = {"metrics_url": f"http://{address}:8000/metrics",
+                              "health_url": f"http://{address}:8000/health", "node": None, **kw}
+    return snapshot.EngineRef(identity=identity, **fields)
+
+
+def test_engines_are_content_hashed_and_sorted() -> None:
+    a = snapshot.Snapshot(1, (svc(),), (ref("10.0.0.2:8000/tcp"), ref("10.0.0.1:8000/tcp")))
+    assert [e.identity for e in a.engines] == ["10.0.0.1:8000/tcp", "10.0.0.2:8000/tcp"]
+    assert a.hash != snapshot.Snapshot(1, (svc(),)).hash
+    moved = snapshot.Snapshot(1, (svc(),), (ref("10.0.0.2:8000/tcp"),
+                                            ref("10.0.0.1:8000/tcp", node="node-b")))
+    assert moved.hash != a.hash
+    assert a.engine("10.0.0.2:8000/tcp") == ref("10.0.0.2:8000/tcp")
+    assert a.engine("10.0.0.9:8000/tcp") is None
+
+
+def test_delta_replaces_the_engine_list_only_when_it_changed() -> None:
+    a = snapshot.Snapshot(1, (svc(),), (ref(),))
+    b = snapshot.Snapshot(2, (svc(saturated=True),), (ref(),))
+    d = snapshot.delta(a, b)
+    assert d.engines is None and not d.empty
+    c = snapshot.Snapshot(3, (svc(saturated=True),), (ref(), ref("10.0.0.2:8000/tcp")))
+    d2 = snapshot.delta(b, c)
+    assert d2.upserted == () and d2.engines == c.engines and not d2.empty
+    wire = pb.Delta.FromString(convert.delta_to_pb(d2).SerializeToString())
+    assert wire.engines_replaced
+    assert snapshot.apply_delta(b, convert.delta_from_pb(wire)) == c
+    # Back to no engines at all: an empty list, not "unchanged".
+    e = snapshot.Snapshot(4, (svc(saturated=True),))
+    d3 = convert.delta_from_pb(pb.Delta.FromString(
+        convert.delta_to_pb(snapshot.delta(c, e)).SerializeToString()))
+    assert d3.engines == ()
+    assert snapshot.apply_delta(c, d3) == e
+
+
+def test_a_delta_listing_engines_without_the_flag_is_refused() -> None:
+    msg = convert.delta_to_pb(snapshot.Delta(1, 2, "a" * 64, engines=(ref(),)))
+    msg.engines_replaced = False
+    with pytest.raises(SE, match="engines_replaced"):
+        convert.delta_from_pb(msg)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"identity": "10.0.0.1:8000"}, "identity"),
+        ({"identity": "10.0.0.1:8000/sctp"}, "identity"),
+        ({"identity": "10.0.0.1:0/tcp"}, "identity"),
+        ({"identity": "10.0.0.256:80/tcp"}, "identity"),
+        ({"identity": "10.0.0.1:080/tcp"}, "canonical"),
+        ({"identity": ""}, "identity"),
+        ({"metrics_url": "ftp://10.0.0.1/metrics"}, "metrics_url"),
+        ({"metrics_url": "http:///metrics"}, "metrics_url"),
+        ({"metrics_url": "http://10.0.0.1:99999/metrics"}, "metrics_url"),
+        ({"health_url": "http://10.0.0.1/he alth"}, "health_url"),
+        ({"health_url": ""}, "health_url"),
+        ({"node": ""}, "node"),
+        ({"node": "n" * 300}, "node"),
+    ],
+)
+def test_bad_engine_refs_are_refused_naming_the_field(change: dict[str, Any],
+                                                       message: str) -> None:
+    with pytest.raises(SE, match=message):
+        ref(**change) if "identity" not in change else snapshot.EngineRef(
+            **{**ref().to_dict(), **change})
+
+
+def test_duplicate_engines_and_bad_engine_wire_data_are_refused() -> None:
+    with pytest.raises(SE, match=r"engines\[10.0.0.1:8000/tcp\]: listed twice"):
+        snapshot.Snapshot(1, (), (ref(), ref(node="x")))
+    snap = snapshot.Snapshot(1, (svc(),), (ref(),))
+    msg = convert.snapshot_to_pb(snap)
+    msg.engines[0].metrics_url = "gopher://x"
+    with pytest.raises(SE, match=r"engines\[10.0.0.1:8000/tcp\].metrics_url"):
+        convert.snapshot_from_pb(msg)
+    with pytest.raises(SE, match=r"engines\[0\].colour: unknown field"):
+        snapshot.Snapshot.from_dict(1, {"services": [], "engines": [{**ref().to_dict(),
+                                                                     "colour": "red"}]})
