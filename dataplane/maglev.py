@@ -82,7 +82,7 @@ _ALPHA = 2.0
 # Services with at most this many free slots finish in the matrix end game.
 _ENDGAME_MIN = 32
 # Working-set bound for one chunk of build_many (slots across its services).
-_CHUNK_SLOTS = 1 << 23
+_CHUNK_SLOTS = 1 << 20
 _SEED_MAX = (1 << 64) - 1
 _NEVER = np.iinfo(np.int64).max
 # Keeps round arithmetic ((k + 1) * w_max with k <= M) far inside int64.
