@@ -123,6 +123,8 @@ class Agent:
         def on_round(seconds: float, written: int) -> None:
             self.metrics.scrape_seconds.observe(seconds)
             self.metrics.load_writes.set(written)
+            if written:  # other nodes learn of a load change through the controller
+                client.report_now()
 
         watcher = engines.EngineWatcher(self.applier, targets, opts.node, opts.scrape_interval,
                                         on_round=on_round)

@@ -147,6 +147,14 @@ class SnapshotClient:
             raise TimeoutError(f"stream thread did not stop within {timeout}s")
         self._thread = None
 
+    def report_now(self) -> None:
+        """Send a report without waiting for the interval (e.g. an engine's load
+        changed): the controller hears of it within one round trip."""
+        loop, event = self._loop, self._report_now
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(event.set)
+
     def wait_for(self, predicate: Callable[[snapshot.Snapshot | None], bool],
                  timeout: float) -> bool:
         """Wait until ``predicate(applied snapshot)`` holds; False on timeout."""

@@ -1,0 +1,238 @@
+"""A whole kvroute deployment on one machine, for the end-to-end tests and the
+demo: engine simulators in pod namespaces, a controller with a static
+discovery file, and one agent per "node" (each node is a cgroup and a pin
+dir of its own, so two agents route the same clients independently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from lab import cgroup, netns, podserver
+
+ENGINE_PORT = 8000
+KVROUTE = str(Path(sys.executable).parent / "kvroute")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    cgroup: cgroup.Cgroup
+    pin_dir: Path
+    ready: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+def engine_of(vip: str, port: int, session: str | None, timeout: float = 2.0) -> str:
+    """One new connection (tagged with the session, if any) and one request; the
+    engine that answered, or 'error:<reason>'. Runs inside a client namespace."""
+    from dataplane import client
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        if session is not None:
+            client.tag_session(s, session)
+        s.connect((vip, port))
+        s.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        for line in data.split(b"\r\n"):
+            if line.lower().startswith(b"x-engine-id:"):
+                return line.split(b":", 1)[1].strip().decode()
+        return "error:no engine id"
+    except OSError as exc:
+        return f"error:{exc.strerror or exc}"
+    finally:
+        s.close()
+
+
+def engines_for(vip: str, port: int, sessions: list[str | None]) -> list[str]:
+    return [engine_of(vip, port, sid) for sid in sessions]
+
+
+class Fleet:
+    def __init__(self, subnet: str, engines: int = 3, nodes: int = 1, vip: str = "10.96.0.10",
+                 port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
+                 fail_k: int = 3, breaker: dict[str, float] | None = None,
+                 epsilon: float = 0.25) -> None:
+        self.lab = netns.Lab(subnet=subnet)
+        self.n_engines = engines
+        self.vip, self.port = vip, port
+        self.scrape_interval, self.tick, self.fail_k = scrape_interval, tick, fail_k
+        self.breaker = breaker or {"consecutive-failures": 2, "cooldown": 1}
+        self.epsilon = epsilon
+        self.workdir = Path(tempfile.mkdtemp(prefix="kvroute-fleet-"))
+        self.static = self.workdir / "services.yaml"
+        self.controller_port = free_port()
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.nodes: list[Node] = [
+            Node(f"node{i}", cgroup.Cgroup.create(f"kvr-fleet-node{i}"),
+                 Path(f"/sys/fs/bpf/kvrfleet-{secrets.token_hex(2)}-{i}"),
+                 self.workdir / f"ready-node{i}")
+            for i in range(nodes)]
+        self.engines: dict[str, netns.Pod] = {}
+        self.engine_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.client: netns.Pod | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def up(self) -> Fleet:
+        try:
+            self.lab.up()
+            for i in range(self.n_engines):
+                pod = self.lab.add_pod(f"gpu{i}")
+                self.engines[pod.name] = pod
+                self.start_engine(pod.name)
+            self.client = self.lab.add_client("client")
+            for pod in self.engines.values():
+                podserver.wait_listening(pod, ENGINE_PORT, timeout=20)
+            self.write_services()
+            self.start_controller()
+            for node in self.nodes:
+                self.start_agent(node)
+            return self
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        for node in self.nodes:
+            if node.proc and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+                try:
+                    node.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+            if node.pin_dir.exists():
+                from dataplane import loader
+                loader.uninstall(node.pin_dir)
+        self.stop_controller()
+        self.lab.down()
+        for node in self.nodes:
+            node.cgroup.remove()
+
+    def __enter__(self) -> Fleet:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # -- pieces -----------------------------------------------------------------------------
+    def engine_id(self, name: str) -> str:
+        return f"{self.engines[name].address}:{ENGINE_PORT}"
+
+    def start_engine(self, name: str, *extra: str) -> None:
+        pod = self.engines[name]
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        self.engine_procs[name] = pod.spawn(
+            [sys.executable, "-m", "lab.engine_sim", "--host", "0.0.0.0", "--port",
+             str(ENGINE_PORT), "--engine-id", self.engine_id(name),
+             "--seed", name.removeprefix("gpu"), *extra], stdout=log, stderr=log)
+
+    def write_services(self, draining: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        endpoints = []
+        for i, (name, pod) in enumerate(self.engines.items()):
+            ep: dict[str, Any] = {"address": str(pod.address), "port": ENGINE_PORT,
+                                  "node": self.nodes[i % len(self.nodes)].name, "pod": name}
+            if name in draining:
+                ep.update(ready=False, serving=True, terminating=True)
+            endpoints.append(ep)
+        self.static.write_text(yaml.safe_dump({"services": [{
+            "name": "llm", "vip": self.vip, "port": self.port, "engine": "vllm",
+            "affinity": "session", "epsilon": self.epsilon, "metrics-port": ENGINE_PORT,
+            "breaker": self.breaker, "endpoints": endpoints}]}))
+
+    def start_controller(self) -> None:
+        log = open(self.workdir / "controller.log", "ab")  # noqa: SIM115
+        self.controller = subprocess.Popen(
+            [KVROUTE, "controller", "--static", str(self.static),
+             "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick)],
+            stdout=log, stderr=log)
+
+    def stop_controller(self, sig: int = signal.SIGTERM) -> None:
+        if self.controller and self.controller.poll() is None:
+            self.controller.send_signal(sig)
+            try:
+                self.controller.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.controller.kill()
+                self.controller.wait()
+        self.controller = None
+
+    def start_agent(self, node: Node, timeout: float = 60) -> None:
+        node.ready.unlink(missing_ok=True)
+        log = open(self.workdir / f"agent-{node.name}.log", "ab")  # noqa: SIM115
+        node.proc = subprocess.Popen(
+            [KVROUTE, "agent", "--controller", f"127.0.0.1:{self.controller_port}",
+             "--node", node.name, "--cgroup", str(node.cgroup.path), "--pin-dir",
+             str(node.pin_dir), "--ready-file", str(node.ready), "--scrape-interval",
+             str(self.scrape_interval), "--fail-k", str(self.fail_k), "--detach-on-exit"],
+            stdout=log, stderr=log)
+        proc = node.proc
+        if not wait_for(lambda: node.ready.exists() or proc.poll() is not None, timeout):
+            raise RuntimeError(f"agent {node.name} not ready:\n{self.log(f'agent-{node.name}')}")
+        if not node.ready.exists():
+            raise RuntimeError(f"agent {node.name} exited:\n{self.log(f'agent-{node.name}')}")
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    # -- acting and looking -------------------------------------------------------------------
+    def fault(self, name: str, **faults: Any) -> None:
+        url = f"http://{self.engines[name].address}:{ENGINE_PORT}/admin/faults"
+        try:
+            httpx.post(url, json=faults, timeout=2.0, trust_env=False)
+        except httpx.HTTPError:
+            if not faults.get("crash"):  # a crash may cut the answer short
+                raise
+
+    def sessions(self, node: int, sessions: list[str | None]) -> list[str]:
+        assert self.client is not None
+        return self.client.call(engines_for, self.vip, self.port, sessions,
+                                cgroup=self.nodes[node].cgroup, timeout=120)
+
+    def backends(self, node: int) -> dict[str, dict[str, Any]]:
+        """The node's kernel view: engine id (ip:port) -> state, load, counters."""
+        from dataplane import inspect, maps
+        with maps.MapSet(self.nodes[node].pin_dir) as m:
+            return {b["address"].split("/")[0]: b for b in inspect.backends(m)}
+
+
+def env_ok() -> str | None:
+    """Why this machine cannot run a fleet, or None."""
+    if os.geteuid() != 0:
+        return "needs root (eBPF, cgroups, network namespaces)"
+    return None
