@@ -136,17 +136,26 @@ def _text(path: str, value: object, limit: int, *, empty: bool = True) -> str:
 
 
 def _ipv4(path: str, value: object) -> str:
+    return _ipv4_int(path, value)[0]
+
+
+_MULTICAST = ipaddress.IPv4Network("224.0.0.0/4")
+_BROADCAST = int(ipaddress.IPv4Address("255.255.255.255"))
+
+
+def _ipv4_int(path: str, value: object) -> tuple[str, int]:
+    """The normalised address and its integer (parsed once: controllers build thousands
+    of backends per tick)."""
     if not isinstance(value, str):
         raise SnapshotError(f"{path}: must be an IPv4 address string, got {value!r}")
     try:
         address = ipaddress.IPv4Address(value)
     except ValueError as exc:
         raise SnapshotError(f"{path}: {exc}") from None
-    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
+    number = int(address)
+    if number == 0 or number == _BROADCAST or address in _MULTICAST:
         raise SnapshotError(f"{path}: {value} cannot be a unicast destination")
-    return str(address)
+    return str(address), number
 
 
 def _hash(path: str, value: object) -> str:
@@ -202,14 +211,18 @@ class Backend:
     load: int = 0  # bounded-load units (policy.load_units)
 
     def __post_init__(self) -> None:
-        _set(self, "address", _ipv4("address", self.address))
+        address, number = _ipv4_int("address", self.address)
+        _set(self, "address", address)
         _int("port", self.port, 1, 65535)
+        self.__dict__["key"] = (number, self.port)  # fills the cached_property below
         _int("weight", self.weight, 0, WEIGHT_MAX)
         _choice("state", self.state, BACKEND_STATES)
         _int("load", self.load, 0, LOAD_MAX)
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[int, int]:
+        # Set by __post_init__ (services sort and de-duplicate backends by it on every
+        # construction); computed here only for an object made without it.
         return int(ipaddress.IPv4Address(self.address)), self.port
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,6 +322,12 @@ class ServiceState:
     @property
     def l4(self) -> tuple[str, int, str]:
         return self.vip, self.port, self.protocol
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Hex sha256 of this service's canonical encoding (an input of the snapshot
+        hash), computed once per object."""
+        return hashlib.sha256(_canonical([_SCHEMA, self.to_dict()])).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """The dataplane.config service dict (every key present)."""
@@ -448,12 +467,19 @@ class Snapshot:
 
 
 def content_hash(services: Iterable[ServiceState], engines: Iterable[EngineRef] = ()) -> str:
+    """sha256 over the services' own digests (by name) and the engine list. Hashing
+    digests, not whole services, lets a controller that reuses unchanged ServiceState
+    objects rehash only what changed."""
     ordered = sorted(services, key=lambda s: s.name)
     refs = sorted(engines, key=lambda e: e.identity)
-    encoded = json.dumps([_SCHEMA, [s.to_dict() for s in ordered], [e.to_dict() for e in refs]],
-                         sort_keys=True,
-                         separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    encoded = _canonical([_SCHEMA, [[s.name, s.digest] for s in ordered],
+                          [e.to_dict() for e in refs]])
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
 
 
 # -- deltas -------------------------------------------------------------------------------

@@ -1,0 +1,485 @@
+"""Discovery, agent reports and time → snapshots: the controller's brain, pure.
+
+:class:`Reconciler` holds what the controller knows and turns it into the agents' desired
+state. It reads no clock and does no I/O: every input comes with a ``now`` (seconds on one
+monotonic scale), so the same calls in the same order give the same snapshots, on any
+replica and in tests.
+
+- :meth:`Reconciler.set_specs`: the services discovery currently sees.
+- :meth:`Reconciler.observe`: one agent report. Engine scrapes feed that engine's breaker
+  (``ScrapeResult.outcomes()``) and replace its load when the page parsed. The kernel's
+  per-backend counters are cumulative per agent, so the previous reading per
+  (agent, backend) is kept and only the increase counts: more failed connects are failures
+  (source ``kernel``), more established connections are successes, more kernel trips open
+  the breaker at once. A counter that went down means the agent's counters started over
+  (a restart without pinned maps): the new reading is then the increase. The first
+  reading of an (agent, backend) pair is only a baseline, so a restarted controller does
+  not replay an agent's whole history into its breakers.
+- :meth:`Reconciler.tick`: let breaker timers run, compute every LLM service's policy
+  (:func:`controller.policy.compute`, with the previous result as hysteresis memory) and
+  build the next snapshot; it is returned only when its content hash differs from the
+  last one, so the version moves only when agents have something to do.
+
+Services without ``kvroute.io/engine`` get kube-proxy behaviour: every ready endpoint is
+``active`` with weight 100, a serving terminating one ``draining``, no breakers, no
+bounded load. Endpoints neither ready nor serving are left out, as kube-proxy does.
+
+An engine is one backend identity (``"address:port/protocol"``, as the agents hash it),
+with one breaker however many services list it: the pod behind it is up or down for all
+of them. The snapshot lists every LLM backend the agents should scrape
+(:class:`controller.snapshot.EngineRef`), with the node it runs on.
+
+Snapshot names: discovery names a service ``namespace/name`` and gives one spec per port,
+neither of which is a valid snapshot name (lower-case letters, digits, ``-`` and ``.``,
+at most 63 characters, unique). :func:`snapshot_name` maps (name, port, protocol) to one
+deterministically, adding a short hash of the original when the readable part had to be
+changed or cut, so two different services never share a name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import re
+import types
+from collections.abc import Iterable, Mapping
+
+from controller import breaker, enginemetrics, policy, snapshot
+from controller.discovery import model
+from dataplane import config, maglev
+
+PLAIN_WEIGHT = config.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
+HEALTH_PATH = "/health"
+_EVENTS_MAX = 4096  # undrained breaker events kept (oldest dropped first)
+_HASH_CHARS = 8
+_UNSAFE = re.compile(r"[^a-z0-9.-]+")
+_EDGES = re.compile(r"^[^a-z0-9]+|[^a-z0-9]+$")
+
+
+def snapshot_name(name: str, port: int, protocol: str) -> str:
+    """A valid, unique snapshot service name for one port of a discovered service.
+
+    ``"ns/name", 8000, "tcp"`` → ``"ns.name.8000-tcp"``. Anything the name rule does not
+    allow becomes ``-``; when that changed the text, or it is longer than 63 characters,
+    the readable part is cut and ``-<8 hex digits of sha256(name, port, protocol)>``
+    appended, so distinct inputs keep distinct names.
+    """
+    raw = f"{name.replace('/', '.')}.{port}-{protocol}"
+    clean = _EDGES.sub("", _UNSAFE.sub("-", raw.lower()))
+    if clean == raw and len(clean) <= snapshot.NAME_MAX_BYTES:
+        return clean
+    digest = hashlib.sha256(f"{name}\0{port}\0{protocol}".encode()).hexdigest()[:_HASH_CHARS]
+    head = _EDGES.sub("", clean[: snapshot.NAME_MAX_BYTES - _HASH_CHARS - 1])
+    return f"{head}-{digest}" if head else digest
+
+
+def backend_identity(address: str, port: int, protocol: str) -> str:
+    """The string agents hash a backend by (``dataplane.config.backend_identity``)."""
+    return f"{address}:{port}/{protocol}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakerEvent:
+    """One breaker transition of one engine (for metrics and logs)."""
+
+    engine: str  # backend identity
+    from_state: breaker.State
+    to_state: breaker.State
+    reason: str  # bounded set, see controller.breaker.Transition
+    at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineView:
+    """What the controller thinks of one engine as of the last tick."""
+
+    identity: str
+    node: str | None
+    services: tuple[str, ...]  # snapshot names of the services listing it
+    state: str  # policy state in the first of those services
+    weight: int  # Maglev weight there
+    load_units: int  # bounded-load units there
+    load: enginemetrics.EngineLoad | None  # last good scrape
+    breaker: breaker.State
+    trips: int  # trips in a row (the back-off exponent)
+    last_ok: bool | None  # the last scrape reported for it (None: never reported)
+    last_error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backend:
+    address: str
+    port: int
+    identity: str
+    terminating: bool  # serving but terminating: draining
+
+
+@dataclasses.dataclass(frozen=True)
+class _Service:
+    """A spec prepared for ticks: everything but the policy-driven parts."""
+
+    name: str
+    llm: bool
+    vip: str
+    port: int
+    protocol: str
+    affinity: str
+    affinity_timeout: int
+    table_size: int
+    epsilon: float | None
+    probe_share: float
+    policy: policy.PolicyConfig | None  # LLM services only
+    backends: tuple[_Backend, ...]
+
+
+class _Engine:
+    def __init__(self, ref: snapshot.EngineRef, cfg: breaker.BreakerConfig, now: float) -> None:
+        self.ref = ref
+        self.config = cfg  # wanted; the breaker switches to it once it is CLOSED
+        self.breaker = breaker.Breaker(cfg, now)
+        self.load: enginemetrics.EngineLoad | None = None
+        self.revision = 0  # bumped whenever load changes, so ticks skip unchanged services
+        self.last_ok: bool | None = None
+        self.last_error: str | None = None
+
+
+class Reconciler:
+    """Not thread-safe: one owner calls the mutating methods. :attr:`last`,
+    :meth:`engine_view` and :meth:`problems` return immutable values that another thread
+    may read."""
+
+    def __init__(
+        self,
+        policy_config: policy.PolicyConfig | None = None,
+        default_breaker: breaker.BreakerConfig | None = None,
+        *,
+        default_table_size: int = config.DEFAULT_TABLE_SIZE,
+        first_version: int = 1,
+    ) -> None:
+        self.policy_config = policy_config if policy_config is not None else policy.PolicyConfig()
+        self.default_breaker = (
+            default_breaker if default_breaker is not None else breaker.BreakerConfig()
+        )
+        if not (
+            config.MIN_TABLE_SIZE <= default_table_size <= config.MAX_TABLE_SIZE
+            and maglev.is_prime(default_table_size)
+        ):
+            raise ValueError(f"default_table_size must be a prime in [{config.MIN_TABLE_SIZE}, "
+                             f"{config.MAX_TABLE_SIZE}], got {default_table_size}")
+        if not 1 <= first_version <= snapshot.VERSION_MAX:
+            raise ValueError(f"first_version must be in [1, {snapshot.VERSION_MAX}]")
+        self.default_table_size = default_table_size
+        self._version = first_version - 1
+        self._services: tuple[_Service, ...] = ()
+        self._refs: tuple[snapshot.EngineRef, ...] = ()
+        self._engines: dict[str, _Engine] = {}
+        self._counters: dict[tuple[str, str], snapshot.BackendCounters] = {}
+        self._policies: dict[str, policy.ServicePolicy] = {}
+        # Per service: the policy inputs of the last tick and the ServiceState built then,
+        # reused while the inputs stay the same (compute is a fixed point on equal inputs).
+        self._inputs: dict[str, tuple[tuple[int, breaker.State], ...]] = {}
+        self._states: dict[str, snapshot.ServiceState] = {}
+        self._last: snapshot.Snapshot | None = None
+        self._events: collections.deque[BreakerEvent] = collections.deque(maxlen=_EVENTS_MAX)
+        self._view: Mapping[str, EngineView] | None = types.MappingProxyType({})
+        self._view_inputs: tuple[Mapping[str, policy.ServicePolicy],
+                                 Mapping[str, breaker.State]] = ({}, {})
+        self._problems: tuple[str, ...] = ()
+        self.unknown_engine_reports = 0  # scrapes of identities no LLM service lists
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def set_specs(self, specs: Iterable[model.ServiceSpec], now: float) -> None:
+        """Replace the discovered services. Engines no longer listed are forgotten
+        (breaker, load, counters); new ones start CLOSED. A spec that cannot be turned
+        into a service is left out and named in :meth:`problems`."""
+        problems: list[str] = []
+        services: dict[str, _Service] = {}
+        owners: dict[tuple[str, int, str], str] = {}
+        refs: dict[str, snapshot.EngineRef] = {}
+        breakers: dict[str, breaker.BreakerConfig] = {}
+        prepared = []
+        for spec in specs:
+            name = snapshot_name(spec.name, spec.port, spec.protocol)
+            prepared.append((name, spec))
+        for name, spec in sorted(prepared, key=lambda p: p[0]):
+            where = f"service {spec.name} port {spec.port}/{spec.protocol} ({name})"
+            if name in services:
+                problems.append(f"{where}: snapshot name already used, left out")
+                continue
+            l4 = (str(spec.vip), spec.port, spec.protocol)
+            if l4 in owners:
+                problems.append(f"{where}: {l4[0]}:{l4[1]}/{l4[2]} is already service "
+                                f"{owners[l4]}, left out")
+                continue
+            try:
+                svc = self._prepare(name, spec, problems)
+                if spec.llm:
+                    cfg = spec.breaker_config(self.default_breaker)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}; left out")
+                continue
+            owners[l4] = name
+            services[name] = svc
+            if not spec.llm:
+                continue
+            nodes = {(str(e.address), e.port): e.node for e in spec.endpoints}
+            for be in svc.backends:
+                if be.identity in refs:
+                    continue  # listed by an earlier service: its URLs and breaker win
+                mport = spec.metrics_port or be.port
+                refs[be.identity] = snapshot.EngineRef(
+                    identity=be.identity,
+                    metrics_url=f"http://{be.address}:{mport}{spec.metrics_path}",
+                    health_url=f"http://{be.address}:{be.port}{HEALTH_PATH}",
+                    node=nodes.get((be.address, be.port)) or None,
+                )
+                breakers[be.identity] = cfg
+
+        for identity in [i for i in self._engines if i not in refs]:
+            self._drain(identity, self._engines.pop(identity))
+        self._counters = {k: v for k, v in self._counters.items() if k[1] in refs}
+        for identity, ref in refs.items():
+            engine = self._engines.get(identity)
+            if engine is None:
+                self._engines[identity] = _Engine(ref, breakers[identity], now)
+            else:
+                engine.ref = ref
+                engine.config = breakers[identity]
+        self._services = tuple(services.values())
+        self._refs = tuple(refs[i] for i in sorted(refs))
+        self._policies = {k: v for k, v in self._policies.items() if k in services}
+        self._inputs = {}
+        self._states = {}
+        self._problems = tuple(problems)
+
+    def _prepare(self, name: str, spec: model.ServiceSpec, problems: list[str]) -> _Service:
+        # Kubernetes may list one address in two slices (e.g. during a rollout): keep one
+        # backend per address and port, ready winning over terminating.
+        chosen: dict[tuple[str, int], _Backend] = {}
+        for ep in sorted(spec.endpoints):
+            state = ep.state
+            if state is model.State.EXCLUDED:
+                continue
+            address = str(ep.address)
+            be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
+                          terminating=state is model.State.DRAINING)
+            old = chosen.get((address, ep.port))
+            if old is None or (old.terminating and not be.terminating):
+                chosen[(address, ep.port)] = be
+        backends = tuple(chosen[k] for k in sorted(chosen))
+
+        affinity = config.Affinity(spec.affinity)
+        auto = config.auto_table_size(affinity, len(backends), self.default_table_size)
+        table_size = spec.table_size or auto
+        if len(backends) > table_size:
+            fits = next((m for m in config.AUTO_TABLE_SIZES if m >= len(backends)), None)
+            if fits is None:
+                raise ValueError(f"{len(backends)} backends do not fit any Maglev table")
+            problems.append(f"service {spec.name} port {spec.port}/{spec.protocol}: "
+                            f"{len(backends)} backends do not fit table-size {table_size}, "
+                            f"using {fits}")
+            table_size = fits
+        probe_share = (spec.probe_share if spec.probe_share is not None
+                       else self.policy_config.probe_share)
+        pcfg: policy.PolicyConfig | None = None
+        epsilon: float | None = None
+        if spec.llm:
+            pcfg = dataclasses.replace(
+                self.policy_config,
+                epsilon=spec.epsilon if spec.epsilon is not None else self.policy_config.epsilon,
+                probe_share=probe_share,
+            )
+            epsilon = min(max(pcfg.epsilon, 0.0), snapshot.EPSILON_MAX)
+        return _Service(
+            name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port, protocol=spec.protocol,
+            affinity=spec.affinity,
+            affinity_timeout=spec.affinity_timeout or config.DEFAULT_AFFINITY_TIMEOUT,
+            table_size=table_size, epsilon=epsilon, probe_share=probe_share, policy=pcfg,
+            backends=backends,
+        )
+
+    def observe(self, report: snapshot.AgentReport, now: float) -> None:
+        """Feed one agent report (see the module docstring for what counts)."""
+        for result in report.engines:
+            engine = self._engines.get(result.identity)
+            if engine is None:
+                self.unknown_engine_reports += 1
+                continue
+            engine.breaker.record_many(result.outcomes(), now)
+            if result.load is not None and result.load != engine.load:
+                engine.load = result.load
+                engine.revision += 1
+            engine.last_ok, engine.last_error = result.ok, result.error
+        for counters in report.counters:
+            engine = self._engines.get(counters.identity)
+            if engine is None:
+                continue
+            key = (report.agent_id, counters.identity)
+            previous = self._counters.get(key)
+            self._counters[key] = counters
+            if previous is None:
+                continue  # a baseline, not news
+            cfg = engine.breaker.config
+            # More outcomes than this change nothing the window and the run counter
+            # have not already seen; bounding them keeps a burst cheap.
+            cap = max(cfg.window, cfg.consecutive_failures, cfg.half_open_successes)
+            ok = min(cap, _increase(previous.established, counters.established))
+            failed = min(cap, _increase(previous.failed, counters.failed))
+            # Successes first: when both grew in one interval, the failures are as likely
+            # to be the newer news, and a breaker should not miss them behind old successes.
+            outcomes = [(True, "kernel")] * ok + [(False, "kernel")] * failed
+            if outcomes:
+                engine.breaker.record_many(outcomes, now)
+            if _increase(previous.trips, counters.trips) > 0:
+                engine.breaker.kernel_tripped(now)
+        self._collect()
+
+    # -- output ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> snapshot.Snapshot | None:
+        """Advance breakers, recompute policy, and return the next snapshot if its
+        content changed since the last one returned (else None)."""
+        states: dict[str, breaker.State] = {}
+        for identity, engine in self._engines.items():
+            state = engine.breaker.state(now)  # lets its timers run up to now
+            if state is breaker.State.CLOSED and engine.breaker.config != engine.config:
+                # A changed annotation takes effect once the engine is healthy: swapping
+                # an OPEN breaker would skip its cool-down.
+                engine.breaker = breaker.Breaker(engine.config, now)
+            states[identity] = state
+        self._collect()
+
+        services: list[snapshot.ServiceState] = []
+        changed = self._last is None or self._last.engines != self._refs
+        for svc in self._services:
+            cached = self._states.get(svc.name)
+            if svc.policy is None:
+                if cached is None:
+                    cached = self._states[svc.name] = self._plain(svc)
+                    changed = True
+                services.append(cached)
+                continue
+            key = tuple((self._engines[be.identity].revision, states[be.identity])
+                        for be in svc.backends)
+            previous = self._policies.get(svc.name)
+            if cached is None or previous is None or key != self._inputs.get(svc.name):
+                inputs = [
+                    policy.BackendInput(be.identity, self._engines[be.identity].load,
+                                        states[be.identity], be.terminating)
+                    for be in svc.backends
+                ]
+                result = policy.compute(svc.policy, inputs, previous)
+                self._policies[svc.name] = result
+                self._inputs[svc.name] = key
+                if cached is None or result != previous:
+                    cached = self._states[svc.name] = self._llm(svc, result)
+                    changed = True
+            assert cached is not None
+            services.append(cached)
+        # Built on demand from these (engine_view), most ticks nobody looks.
+        self._view_inputs = (dict(self._policies), states)
+        self._view = None
+
+        if not changed:
+            return None
+        candidate = snapshot.Snapshot(self._version + 1, tuple(services), self._refs)
+        if self._last is not None and candidate.hash == self._last.hash:
+            return None
+        self._version += 1
+        self._last = candidate
+        return candidate
+
+    @property
+    def last(self) -> snapshot.Snapshot | None:
+        """The last snapshot :meth:`tick` returned."""
+        return self._last
+
+    def events(self) -> list[BreakerEvent]:
+        """Breaker transitions since the last call, oldest first."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def engine_view(self) -> Mapping[str, EngineView]:
+        """Identity → what the last tick made of that engine (read-only)."""
+        view = self._view
+        if view is None:
+            view = self._view = types.MappingProxyType(self._build_view(*self._view_inputs))
+        return view
+
+    def problems(self) -> tuple[str, ...]:
+        """Why specs of the last :meth:`set_specs` were left out or changed."""
+        return self._problems
+
+    def breaker_state(self, identity: str, now: float) -> breaker.State | None:
+        engine = self._engines.get(identity)
+        return engine.breaker.state(now) if engine is not None else None
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _plain(self, svc: _Service) -> snapshot.ServiceState:
+        backends = tuple(
+            snapshot.Backend(be.address, be.port, 0 if be.terminating else PLAIN_WEIGHT,
+                             "draining" if be.terminating else "active")
+            for be in svc.backends
+        )
+        return self._state(svc, backends, saturated=False)
+
+    def _llm(self, svc: _Service, result: policy.ServicePolicy) -> snapshot.ServiceState:
+        by_id = {bp.identity: bp for bp in result.backends}
+        backends = tuple(
+            snapshot.Backend(be.address, be.port, by_id[be.identity].weight,
+                             by_id[be.identity].state, by_id[be.identity].load)
+            for be in svc.backends
+        )
+        return self._state(svc, backends, saturated=result.saturated)
+
+    def _state(self, svc: _Service, backends: tuple[snapshot.Backend, ...],
+               saturated: bool) -> snapshot.ServiceState:
+        return snapshot.ServiceState(
+            name=svc.name, vip=svc.vip, port=svc.port, protocol=svc.protocol,
+            affinity=svc.affinity, affinity_timeout=svc.affinity_timeout,
+            table_size=svc.table_size, epsilon=svc.epsilon, probe_share=svc.probe_share,
+            saturated=saturated, backends=backends,
+        )
+
+    def _build_view(self, policies: Mapping[str, policy.ServicePolicy],
+                    states: Mapping[str, breaker.State]) -> dict[str, EngineView]:
+        listed: dict[str, list[tuple[str, policy.BackendPolicy]]] = {}
+        for name, result in policies.items():
+            for bp in result.backends:
+                listed.setdefault(bp.identity, []).append((name, bp))
+        view: dict[str, EngineView] = {}
+        for ref in self._refs:
+            engine = self._engines.get(ref.identity)
+            if engine is None:
+                continue
+            entries = listed.get(ref.identity, [])
+            first = entries[0][1] if entries else None
+            view[ref.identity] = EngineView(
+                identity=ref.identity, node=ref.node,
+                services=tuple(name for name, _ in entries),
+                state=first.state if first else "active",
+                weight=first.weight if first else 0,
+                load_units=first.load if first else 0,
+                load=engine.load, breaker=states.get(ref.identity, breaker.State.CLOSED),
+                trips=engine.breaker.trips, last_ok=engine.last_ok,
+                last_error=engine.last_error,
+            )
+        return view
+
+    def _collect(self) -> None:
+        for identity, engine in self._engines.items():
+            self._drain(identity, engine)
+
+    def _drain(self, identity: str, engine: _Engine) -> None:
+        for t in engine.breaker.drain_events():
+            self._events.append(BreakerEvent(identity, t.from_state, t.to_state, t.reason, t.at))
+
+
+def _increase(previous: int, current: int) -> int:
+    """How much a cumulative counter grew; a counter that went down started over."""
+    return current - previous if current >= previous else current
+
