@@ -144,6 +144,9 @@ class _Engine:
         self.last_error: str | None = None
 
 
+_ViewInputs = tuple[Mapping[str, policy.ServicePolicy], Mapping[str, breaker.State]]
+
+
 class Reconciler:
     """Not thread-safe: one owner calls the mutating methods. :attr:`last`,
     :meth:`engine_view` and :meth:`problems` return immutable values that another thread
@@ -182,9 +185,11 @@ class Reconciler:
         self._states: dict[str, snapshot.ServiceState] = {}
         self._last: snapshot.Snapshot | None = None
         self._events: collections.deque[BreakerEvent] = collections.deque(maxlen=_EVENTS_MAX)
-        self._view: Mapping[str, EngineView] | None = types.MappingProxyType({})
-        self._view_inputs: tuple[Mapping[str, policy.ServicePolicy],
-                                 Mapping[str, breaker.State]] = ({}, {})
+        # The engine view is built on demand from the last tick's inputs, and cached
+        # together with the inputs it came from, so a reader on another thread racing a
+        # tick can never cache a view of older inputs as current.
+        self._view_inputs: _ViewInputs = ({}, {})
+        self._view: tuple[_ViewInputs, Mapping[str, EngineView]] | None = None
         self._problems: tuple[str, ...] = ()
         self.unknown_engine_reports = 0  # scrapes of identities no LLM service lists
 
@@ -380,7 +385,6 @@ class Reconciler:
             services.append(cached)
         # Built on demand from these (engine_view), most ticks nobody looks.
         self._view_inputs = (dict(self._policies), states)
-        self._view = None
 
         if not changed:
             return None
@@ -396,6 +400,11 @@ class Reconciler:
         """The last snapshot :meth:`tick` returned."""
         return self._last
 
+    @property
+    def has_events(self) -> bool:
+        """Transitions are waiting for :meth:`events`."""
+        return bool(self._events)
+
     def events(self) -> list[BreakerEvent]:
         """Breaker transitions since the last call, oldest first."""
         out = list(self._events)
@@ -404,9 +413,11 @@ class Reconciler:
 
     def engine_view(self) -> Mapping[str, EngineView]:
         """Identity → what the last tick made of that engine (read-only)."""
-        view = self._view
-        if view is None:
-            view = self._view = types.MappingProxyType(self._build_view(*self._view_inputs))
+        inputs, cached = self._view_inputs, self._view
+        if cached is not None and cached[0] is inputs:
+            return cached[1]
+        view = types.MappingProxyType(self._build_view(*inputs))
+        self._view = (inputs, view)
         return view
 
     def problems(self) -> tuple[str, ...]:

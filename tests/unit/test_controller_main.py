@@ -1,0 +1,371 @@
+"""controller.main end to end, in process and without root: a static file naming simulated
+engines, the controller on loopback, and a fake agent (dataplane.stream.SnapshotClient)
+that scrapes the engines the snapshot lists and reports them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import prometheus_client
+import pytest
+from click.testing import CliRunner
+from prometheus_client import parser as prom_parser
+
+from controller import grpc_server, main, reconcile, scraper, snapshot
+from controller.discovery import static
+from dataplane import stream
+from lab.engine_sim import server as sim
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRAPE_INTERVAL = 0.05
+TICK = 0.05
+
+
+class FakeAgent:
+    """Applies snapshots by recording them; scrapes the engines of its node (and those of
+    no node) every SCRAPE_INTERVAL with a fresh connection per round (like a real engine's
+    death, a refused connect is then seen at once) and reports each round once."""
+
+    def __init__(self, target: str, agent_id: str = "agent-a", node: str = "node-a") -> None:
+        self.node = node
+        self.applied: list[tuple[float, snapshot.Snapshot]] = []
+        self._lock = threading.Lock()
+        self._pending: dict[str, scraper.ScrapeResult] = {}
+        self._stop = threading.Event()
+        self.rounds = 0
+        self.client = stream.SnapshotClient(target, agent_id, node, self._on_snapshot,
+                                            report_source=self._report,
+                                            report_interval=SCRAPE_INTERVAL,
+                                            backoff=stream.Backoff(base=0.05, cap=0.2))
+        self._thread = threading.Thread(target=self._scrape_main, daemon=True)
+
+    def start(self) -> None:
+        self.client.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.client.stop()
+        self._thread.join(5)
+
+    def _on_snapshot(self, snap: snapshot.Snapshot) -> bool:
+        with self._lock:
+            self.applied.append((time.monotonic(), snap))
+        return True
+
+    def _report(self) -> snapshot.Observations:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return snapshot.Observations(engines=tuple(pending.values()))
+
+    def _targets(self) -> list[scraper.EngineTarget]:
+        snap = self.client.applied
+        out = []
+        for ref in snap.engines if snap is not None else ():
+            if ref.node not in (None, self.node):
+                continue
+            url = httpx.URL(ref.metrics_url)
+            health = httpx.URL(ref.health_url)
+            out.append(scraper.EngineTarget(ref.identity, f"{url.scheme}://{url.netloc.decode()}",
+                                            metrics_path=url.path, health_path=health.path))
+        return out
+
+    def _scrape_main(self) -> None:
+        async def loop() -> None:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                targets = self._targets()
+                if targets:
+                    results = await scraper.scrape(targets, timeout=1.0)
+                    with self._lock:
+                        self._pending.update(results)
+                    self.rounds += 1
+                await asyncio.sleep(max(0.0, SCRAPE_INTERVAL - (time.monotonic() - started)))
+
+        asyncio.run(loop())
+
+    def state_of(self, identity: str) -> str | None:
+        snap = self.client.applied
+        return _state_in(snap, identity) if snap is not None else None
+
+    def wait_state(self, identity: str, state: str, timeout: float) -> float | None:
+        """Monotonic time the applied snapshot first showed ``state``, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for at, snap in self.applied:
+                    if _state_in(snap, identity) == state:
+                        return at
+            time.sleep(0.005)
+        return None
+
+    def forget(self) -> None:
+        with self._lock:
+            self.applied.clear()
+
+
+def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _state_in(snap: snapshot.Snapshot, identity: str) -> str | None:
+    for svc in snap.services:
+        for b in svc.backends:
+            if reconcile.backend_identity(b.address, b.port, svc.protocol) == identity:
+                return b.state
+    return None
+
+
+@contextlib.contextmanager
+def engines(n: int) -> Iterator[list[tuple[str, sim.EngineServer]]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(sim.running_in_thread(sim.ServerConfig(engine_id=f"e{i}")))
+               for i in range(n)]
+
+
+def write_static(path: Path, ports: list[int]) -> None:
+    def eps(chosen: list[int]) -> str:
+        return "\n".join(f"      - {{address: 127.0.0.1, port: {p}, node: node-a}}"
+                         for p in chosen)
+
+    path.write_text(f"""services:
+  - name: chat
+    vip: 10.96.0.10
+    port: 80
+    engine: vllm
+    affinity: session
+    breaker: {{consecutive-failures: 2, cooldown: 0.2}}
+    endpoints:
+{eps(ports[:2])}
+  - name: code
+    vip: 10.96.0.11
+    port: 80
+    engine: vllm
+    affinity: session
+    breaker: {{consecutive-failures: 2, cooldown: 0.2}}
+    endpoints:
+{eps(ports[2:])}
+""")
+
+
+def post_faults(base_url: str, body: dict[str, Any]) -> None:
+    r = httpx.post(f"{base_url}/admin/faults", json=body, timeout=5.0)
+    assert r.status_code == 200, r.text
+
+
+def run_controller(discovery: static.StaticDiscovery,
+                   body: Callable[[main.Controller, FakeAgent], None]) -> main.Controller:
+    """Start the controller on loopback and a fake agent, run ``body`` in a thread."""
+    rec = reconcile.Reconciler()
+    server = grpc_server.ControlServer(grpc_server.Publisher())
+    controller = main.Controller(discovery, rec, server, TICK,
+                                 prometheus_client.CollectorRegistry())
+
+    async def go() -> None:
+        await controller.start("127.0.0.1:0", "127.0.0.1:0")
+        agent = FakeAgent(f"127.0.0.1:{controller.grpc_port}")
+        agent.start()
+        try:
+            await asyncio.to_thread(body, controller, agent)
+        finally:
+            await asyncio.to_thread(agent.stop)
+            await controller.stop()
+
+    asyncio.run(go())
+    return controller
+
+
+def test_controller_end_to_end_breaker_cycle(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kvroute.controller")
+    with engines(3) as sims:
+        ports = [s.port for _, s in sims]
+        ids = [f"127.0.0.1:{p}/tcp" for p in ports]
+        path = tmp_path / "services.yaml"
+        write_static(path, ports)
+        discovery = static.StaticDiscovery(path, poll_interval=0.05)
+        measured: dict[str, float] = {}
+
+        def body(controller: main.Controller, agent: FakeAgent) -> None:
+            # Converges: the agent holds the controller's current content.
+            assert agent.client.wait_for(lambda s: s is not None and len(s.services) == 2, 10)
+            snap = agent.client.applied
+            assert snap is not None
+            assert [s.name for s in snap.services] == ["chat.80-tcp", "code.80-tcp"]
+            assert [e.identity for e in snap.engines] == sorted(ids)
+            assert all(_state_in(snap, i) == "active" for i in ids)
+            assert wait(lambda: (a := controller.server.agents().get("agent-a")) is not None
+                        and a.converged)
+            # Loads flow in: every engine has been scraped and reported.
+            assert wait(lambda: all(
+                v.last_ok for v in controller.reconciler.engine_view().values()))
+
+            # Kill engine 0's listener (refuse new connects) for 1 s.
+            agent.forget()
+            t0 = time.monotonic()
+            post_faults(sims[0][0], {"refuse": True, "refuse_s": 1.0})
+            opened = agent.wait_state(ids[0], "open", 5)
+            assert opened is not None, "engine 0 never showed open"
+            measured["fault_to_open_applied"] = opened - t0
+            assert _state_in(agent.applied[-1][1], ids[1]) == "active"
+            # Back after refuse_s: cool-down → probing → active.
+            probing = agent.wait_state(ids[0], "probing", 10)
+            assert probing is not None and probing > opened
+            assert wait(lambda: agent.state_of(ids[0]) == "active")
+            measured["fault_to_active"] = time.monotonic() - t0
+
+            # The HTTP side: health, readiness, metrics, the live view.
+            base = f"http://127.0.0.1:{controller.http_port}"
+            assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+            assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+            families = {f.name: f for f in prom_parser.text_string_to_metric_families(text)}
+            trans = [s for s in families["kvroute_breaker_transitions"].samples
+                     if s.name.endswith("_total") and s.labels["engine"] == ids[0]]
+            assert {(s.labels["from"], s.labels["to"]) for s in trans} >= {
+                ("closed", "open"), ("open", "half_open"), ("half_open", "closed")}
+            lag = [s for s in families["kvroute_agent_convergence_lag_seconds"].samples
+                   if s.labels["agent"] == "agent-a"]
+            assert len(lag) == 1 and lag[0].value >= 0
+            assert families["kvroute_snapshot_version"].samples[0].value >= 1
+            view = json.loads(urllib.request.urlopen(f"{base}/engines", timeout=5).read())
+            assert {e["identity"] for e in view["engines"]} == set(ids)
+            assert view["agents"][0]["agent_id"] == "agent-a"
+
+        run_controller(discovery, body)
+    print(f"\nfault -> open in the agent's applied snapshot: "
+          f"{measured['fault_to_open_applied'] * 1000:.0f} ms; fault -> active again "
+          f"(refused 1 s, cool-down 0.2 s): {measured['fault_to_active']:.2f} s")
+    assert measured["fault_to_open_applied"] < 2.0
+    assert any("breaker closed -> open" in r.getMessage() for r in caplog.records)
+
+
+def test_nothing_is_published_before_discovery_delivers(tmp_path: Path) -> None:
+    class Never:
+        def snapshot(self) -> list[Any]:
+            return []
+
+        async def watch(self) -> Any:
+            await asyncio.Event().wait()
+            yield []  # pragma: no cover
+
+    rec = reconcile.Reconciler()
+    server = grpc_server.ControlServer(grpc_server.Publisher())
+    controller = main.Controller(Never(), rec, server, TICK)
+
+    async def go() -> None:
+        await controller.start("127.0.0.1:0", "127.0.0.1:0")
+        try:
+            await asyncio.sleep(0.3)
+            assert server.publisher.current is None
+            assert controller.healthy()
+            r = await asyncio.to_thread(
+                httpx.get, f"http://127.0.0.1:{controller.http_port}/readyz")
+            assert r.status_code == 503 and "not synced" in r.text
+        finally:
+            await controller.stop()
+
+    asyncio.run(go())
+
+
+def test_a_follower_ticks_but_publishes_only_once_leading(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("services:\n  - {name: web, vip: 10.96.0.20, port: 80,"
+                    " endpoints: [{address: 10.0.0.5, port: 80}]}\n")
+    rec = reconcile.Reconciler()
+    server = grpc_server.ControlServer(grpc_server.Publisher())
+    controller = main.Controller(static.StaticDiscovery(path, poll_interval=0.05), rec, server,
+                                 TICK, leading=False)
+
+    async def go() -> None:
+        await controller.start("127.0.0.1:0")
+        try:
+            for _ in range(100):
+                if rec.last is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert rec.last is not None and server.publisher.current is None
+            controller.set_leading(True)
+            await asyncio.sleep(3 * TICK)
+            assert server.publisher.current is not None
+            assert server.publisher.current.hash == rec.last.hash
+        finally:
+            await controller.stop()
+
+    asyncio.run(go())
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "exactly one of --static FILE or --kubernetes"),
+        (["--kubernetes", "--static", "{file}"], "exactly one"),
+        (["--static", "{file}", "--namespace", "x"], "go with --kubernetes"),
+        (["--static", "{file}", "--tls-ca", "{file}"], "all of --tls-ca"),
+        (["--static", "{file}", "--listen", "nonsense"], "HOST:PORT"),
+        (["--static", "{file}", "--leader-elect"], "needs --kubernetes"),
+    ],
+)
+def test_cli_refuses_bad_usage(tmp_path: Path, args: list[str], message: str) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("services: []\n")
+    result = CliRunner().invoke(main.command, [a.format(file=f) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("services:\n  - {name: web, vip: 10.96.0.20, port: 80,"
+                 " endpoints: [{address: 10.0.0.5, port: 80}]}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.main", "--static", str(f), "--listen",
+         "127.0.0.1:0", "--metrics", f"127.0.0.1:{http_port}", "-v"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 20
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics",
+                                              timeout=1).read().decode()
+                if 'kvroute_snapshot_services 1.0' in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert 'kvroute_snapshot_services 1.0' in body
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
