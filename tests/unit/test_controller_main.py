@@ -369,3 +369,47 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+def test_metrics_live_on_the_given_registry_only() -> None:
+    from controller import metrics
+    from tests.unit import test_reconcile as tr
+
+    before = {m.name for m in prometheus_client.REGISTRY.collect()}
+    rec = tr.make(tr.spec(endpoints=(tr.ep("10.0.0.1"), tr.ep("10.0.0.2", ready=False,
+                                                                terminating=True))))
+    registry = prometheus_client.CollectorRegistry()
+    m = metrics.ControllerMetrics(registry, rec, grpc_server.ControlServer(
+        grpc_server.Publisher()))
+    assert {x.name for x in prometheus_client.REGISTRY.collect()} == before
+    assert registry.get_sample_value("kvroute_snapshot_version") == 0
+
+    rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.1)
+    rec.observe(tr.report(tr.scrape(tr.E1, ok=False), tr.scrape(
+        tr.E2, engine_load=tr.load(running=2, kv=0.5))), 0.2)
+    rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.3)
+    snap = rec.tick(0.3)
+    assert snap is not None
+    m.record_transitions(rec.events())
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("kvroute_snapshot_version") == snap.version
+    svc = tr.NAME
+    assert value("kvroute_backend_state", service=svc, backend=tr.E1, state="open") == 1
+    assert value("kvroute_backend_state", service=svc, backend=tr.E1, state="active") == 0
+    assert value("kvroute_backend_state", service=svc, backend=tr.E2, state="draining") == 1
+    assert value("kvroute_backend_weight", service=svc, backend=tr.E1) == 0
+    assert value("kvroute_backend_load", service=svc, backend=tr.E2) == 2500
+    assert value("kvroute_engine_breaker_state", engine=tr.E1, state="open") == 1
+    assert value("kvroute_engine_breaker_state", engine=tr.E2, state="closed") == 1
+    assert value("kvroute_engine_requests_running", engine=tr.E2) == 2
+    assert value("kvroute_engine_kv_usage_ratio", engine=tr.E2) == 0.5
+    assert value("kvroute_engine_scrape_ok", engine=tr.E1) == 0
+    assert value("kvroute_breaker_transitions_total", engine=tr.E1, reason=(
+        "consecutive_failures:scrape"), to="open", **{"from": "closed"}) == 1
+    assert value("kvroute_service_saturated", service=svc) == 0
