@@ -222,7 +222,7 @@ class Reconciler:
                 svc = self._prepare(name, spec, problems)
                 if spec.llm:
                     cfg = spec.breaker_config(self.default_breaker)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # TypeError: an unknown breaker field
                 problems.append(f"{where}: {exc}; left out")
                 continue
             owners[l4] = name

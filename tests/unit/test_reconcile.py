@@ -426,22 +426,30 @@ def test_versions_only_move_when_content_changes() -> None:
 
 
 def test_a_tick_for_100_services_of_10_engines_is_cheap() -> None:
+    """Prints the numbers with ``pytest -s``; the bound only catches a gross regression
+    (the machine is shared, so no tight timing is asserted)."""
     specs = [spec(f"ns/svc{i}", f"10.96.{i // 200}.{i % 200 + 1}",
                   endpoints=tuple(ep(f"10.1.{i}.{j + 1}") for j in range(10)))
              for i in range(100)]
     rec = make(*specs)
     first = rec.tick(0.0)
     assert first is not None and len(first.services) == 100 and len(first.engines) == 1000
-    results = tuple(scrape(f"10.1.{i}.{j + 1}:8000/tcp", engine_load=load(running=j))
-                    for i in range(100) for j in range(10))
-    rec.observe(report(*results), 0.1)
-    rec.tick(0.1)
-    # Steady state: a report moving every load a little, then a tick.
-    best = float("inf")
-    for k in range(5):
-        rec.observe(report(*(dataclasses.replace(r, load=load(running=r.load.running + k % 2))
-                             for r in results if r.load is not None)), 0.2 + k)
-        start = time.perf_counter()
-        rec.tick(0.2 + k)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.25, f"tick took {best * 1000:.1f} ms"
+    ids = [f"10.1.{i}.{j + 1}:8000/tcp" for i in range(100) for j in range(10)]
+
+    def timed(moving: Any, rounds: int = 15) -> float:
+        times = []
+        for k in range(rounds):
+            now = 1.0 + k
+            rec.observe(report(*(scrape(ident, engine_load=load(running=moving(ident, k)))
+                                 for ident in ids)), now)
+            start = time.perf_counter()
+            rec.tick(now)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    unchanged = timed(lambda ident, k: 1.0)
+    one = timed(lambda ident, k: 1.0 + (k % 3 if ident.startswith("10.1.7.") else 0))
+    every = timed(lambda ident, k: 1.0 + k % 3)
+    print(f"\ntick, 100 services x 10 engines (median): loads unchanged {unchanged * 1e3:.2f} ms,"
+          f" one service's loads moved {one * 1e3:.2f} ms, every load moved {every * 1e3:.2f} ms")
+    assert every < 0.25 and unchanged < every
