@@ -7,7 +7,9 @@ replica and in tests.
 
 - :meth:`Reconciler.set_specs`: the services discovery currently sees.
 - :meth:`Reconciler.observe`: one agent report. Engine scrapes feed that engine's breaker
-  (``ScrapeResult.outcomes()``) and replace its load when the page parsed. The kernel's
+  (``ScrapeResult.outcomes()``) and replace its load when the page parsed; a result equal
+  to the one the same agent reported last for that engine is the same round again and
+  counts once. The kernel's
   per-backend counters are cumulative per agent, so the previous reading per
   (agent, backend) is kept and only the increase counts: more failed connects are failures
   (source ``kernel``), more established connections are successes, more kernel trips open
@@ -45,7 +47,7 @@ import re
 import types
 from collections.abc import Iterable, Mapping
 
-from controller import breaker, enginemetrics, policy, snapshot
+from controller import breaker, enginemetrics, policy, scraper, snapshot
 from controller.discovery import model
 from dataplane import config, maglev
 
@@ -178,6 +180,7 @@ class Reconciler:
         self._refs: tuple[snapshot.EngineRef, ...] = ()
         self._engines: dict[str, _Engine] = {}
         self._counters: dict[tuple[str, str], snapshot.BackendCounters] = {}
+        self._scrapes: dict[tuple[str, str], scraper.ScrapeResult] = {}  # last per agent
         self._policies: dict[str, policy.ServicePolicy] = {}
         # Per service: the policy inputs of the last tick and the ServiceState built then,
         # reused while the inputs stay the same (compute is a fixed point on equal inputs).
@@ -192,6 +195,7 @@ class Reconciler:
         self._view: tuple[_ViewInputs, Mapping[str, EngineView]] | None = None
         self._problems: tuple[str, ...] = ()
         self.unknown_engine_reports = 0  # scrapes of identities no LLM service lists
+        self.repeated_scrape_reports = 0  # a round an agent had already reported
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -245,6 +249,7 @@ class Reconciler:
         for identity in [i for i in self._engines if i not in refs]:
             self._drain(identity, self._engines.pop(identity))
         self._counters = {k: v for k, v in self._counters.items() if k[1] in refs}
+        self._scrapes = {k: v for k, v in self._scrapes.items() if k[1] in refs}
         for identity, ref in refs.items():
             engine = self._engines.get(identity)
             if engine is None:
@@ -312,6 +317,15 @@ class Reconciler:
             if engine is None:
                 self.unknown_engine_reports += 1
                 continue
+            key = (report.agent_id, result.identity)
+            if self._scrapes.get(key) == result:
+                # The same round reported again (an agent reports its latest round on
+                # every report, and may report faster than it scrapes): counting it twice
+                # would open and close breakers on half the evidence. Two real rounds
+                # always differ, if only in their measured latency.
+                self.repeated_scrape_reports += 1
+                continue
+            self._scrapes[key] = result
             engine.breaker.record_many(result.outcomes(), now)
             if result.load is not None and result.load != engine.load:
                 engine.load = result.load

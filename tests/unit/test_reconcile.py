@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import time
 from typing import Any
 
@@ -38,11 +39,17 @@ def load(running: float = 0.0, waiting: float = 0.0, kv: float = 0.0) -> enginem
                                     kv_family=enginemetrics.KV_USAGE, engines=1)
 
 
+_ROUND = itertools.count(1)
+
+
 def scrape(identity: str, ok: bool = True,
            engine_load: enginemetrics.EngineLoad | None = None) -> scraper.ScrapeResult:
+    """One scrape round's result; each call is a new round (its own latency), as real
+    rounds are."""
     if ok and engine_load is None:
         engine_load = load()
-    return scraper.ScrapeResult(identity=identity, metrics_ok=ok, health_ok=ok, latency=0.01,
+    latency = 0.01 + next(_ROUND) * 1e-7
+    return scraper.ScrapeResult(identity=identity, metrics_ok=ok, health_ok=ok, latency=latency,
                                 load=engine_load if ok else None,
                                 error=None if ok else "metrics: connect failed")
 
@@ -200,6 +207,20 @@ def test_failing_scrapes_open_then_cooldown_probes_then_successes_close() -> Non
     rec.observe(report(scrape(E1)), 1.5)
     assert backend(tick(rec, 1.5), "10.0.0.1").state == "active"
     assert [e.reason for e in rec.events()] == ["probes_succeeded"]
+
+
+def test_a_round_reported_twice_counts_once() -> None:
+    rec = make()
+    failed = scrape(E1, ok=False)
+    for i in range(5):  # 5 reports of one failed round: 2 failures, not 10
+        rec.observe(report(failed), 0.1 * i)
+    assert rec.breaker_state(E1, 0.5) is CLOSED
+    assert rec.repeated_scrape_reports == 4
+    # Another agent's identical-looking result is its own round.
+    rec.observe(report(failed, agent="agent-b"), 0.6)
+    # A new round of the same agent differs (at least in latency) and counts.
+    rec.observe(report(scrape(E1, ok=False)), 0.7)
+    assert rec.breaker_state(E1, 0.7) is OPEN
 
 
 def test_a_kernel_trip_opens_at_once() -> None:
