@@ -52,7 +52,7 @@ How it is computed quickly (the result is exactly the one defined above):
   round's only duplicates are between its own proposals, its first step is
   committed too (lowest priority wins each contested slot) and its losers retry
   straight away, one vectorised step per retry, until the round is settled.
-  ``K`` is chosen so that about ``2 * sqrt(free slots)`` slots are listed,
+  ``K`` is chosen so that about ``1.5 * sqrt(free slots)`` slots are listed,
   about where duplicates start to appear (birthday bound).
 * End game: once few slots are free, scanning for them is the expensive part,
   so each participant's preference position of every free slot is computed
@@ -78,7 +78,7 @@ _I64 = npt.NDArray[np.int64]
 
 # Speculate on about _ALPHA * sqrt(free) slots per step: duplicates (which end
 # the committed prefix) start to appear around sqrt(free) by the birthday bound.
-_ALPHA = 2.0
+_ALPHA = 1.5
 # Services with at most this many free slots finish in the matrix end game.
 _ENDGAME_MIN = 32
 # Working-set bound for one chunk of build_many (slots across its services).
@@ -250,7 +250,7 @@ def _fill_chunk(
         pa, need = pa[keep], need[keep]
         ratio = m / free[svc[pa]]
         end = np.minimum(
-            cursor[pa] + np.ceil((need + np.sqrt(need) + 1) * ratio).astype(np.int64), m
+            cursor[pa] + np.ceil((need + 0.5 * np.sqrt(need) + 0.5) * ratio).astype(np.int64), m
         )
         tpid, tpos, tslot, rank = _scan(table, off, skip, gbase, m, pa, cursor[pa], end, need)
         found = np.bincount(tpid, minlength=len(pa))
@@ -458,8 +458,6 @@ def _endgame(
     slots[fsvc, col] = fs % m
     pl = np.flatnonzero(free[svc] > 0)
     ps = svc[pl]
-    pcount = np.bincount(ps, minlength=nsvc)
-    pstart = np.cumsum(pcount) - pcount
     inv = _modinv(skip[pl], m)
     xs = slots[ps]
     big = np.int32(m + 1)
@@ -467,6 +465,7 @@ def _endgame(
     posm = ((xs - off[pl, None]) * inv[:, None] % m).astype(np.int32)
     posm[xs < 0] = big
     best = posm.argmin(axis=1)
+    taken = np.zeros((nsvc, width), dtype=bool)
     done_local = done[pl].copy()
     rnd = np.empty(nsvc, dtype=np.int64)
     while True:
@@ -486,15 +485,11 @@ def _endgame(
         table[wsvc * m + slots[wsvc, wcol]] = index[pl[win]]
         done_local[win] += 1
         free -= np.bincount(wsvc, minlength=nsvc)
-        # Strike the taken columns from every row of their service; only rows
-        # whose favourite was struck look again.
-        n = pcount[wsvc]
-        rows = np.repeat(pstart[wsvc] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
-        cols = np.repeat(wcol, n)
-        posm[rows, cols] = big
-        stale = np.unique(rows[best[rows] == cols])
+        taken[wsvc, wcol] = True
+        # Only rows whose favourite was just taken look again, past taken columns.
+        stale = np.flatnonzero(taken[ps, best] & (free[ps] > 0))
         if len(stale):
-            best[stale] = posm[stale].argmin(axis=1)
+            best[stale] = np.where(taken[ps[stale]], big, posm[stale]).argmin(axis=1)
 
 
 def _modinv(a: _I64, m: int) -> _I64:

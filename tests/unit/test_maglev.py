@@ -69,6 +69,7 @@ def test_golden_table() -> None:
     assert table.dtype == np.uint32
     first20 = [1, 3, 1, 1, 0, 1, 2, 2, 2, 2, 2, 2, 1, 2, 1, 0, 1, 2, 0, 2]
     assert table[:20].tolist() == first20
+    assert table.tolist() == _reference(ids, [100, 200, 100, 50], 251, 0x5EED)
     digest = hashlib.sha256(table.astype("<u4").tobytes()).hexdigest()
     assert digest == "fb34a7ede77f80a63f4400e0b83118b3f66147d53e9715065461244bebfe82c4"
 
