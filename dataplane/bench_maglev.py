@@ -3,7 +3,8 @@
 ``run()`` times, best of ``repeat`` runs each (wall clock, ``time.perf_counter``):
 
 * ``build`` of one service with 1000 backends at M=65537 (target: <= 50 ms);
-* ``build_many`` of 10,000 services x 10 backends at M=1021 and at M=16381.
+* ``build_many`` of 10,000 services x 10 backends at M=1021 (best of ``repeat``)
+  and at M=16381 (best of ``large_repeat``: one run takes about a minute).
 
 Run alone with ``python -m dataplane.bench_maglev``.
 """
@@ -31,8 +32,8 @@ def _backend(service: int, backend: int) -> str:
     return f"10.{service // 250 % 250}.{service % 250}.{backend + 1}:8000/tcp"
 
 
-def run(repeat: int = 5, services: int = 10_000) -> list[dict[str, Any]]:
-    """Return one row per benchmark: name, seconds (best of ``repeat``) and its parameters."""
+def run(repeat: int = 5, services: int = 10_000, large_repeat: int = 1) -> list[dict[str, Any]]:
+    """Return one row per benchmark: name, seconds (best of N runs) and its parameters."""
     rows: list[dict[str, Any]] = []
     ids = [_backend(i, 0) for i in range(1000)]
     weights = [100] * len(ids)
@@ -40,13 +41,14 @@ def run(repeat: int = 5, services: int = 10_000) -> list[dict[str, Any]]:
         {
             "name": "maglev.build 1000 backends M=65537",
             "seconds": _best(lambda: maglev.build(ids, weights, 65537, 1), repeat),
+            "runs": repeat,
             "backends": 1000,
             "size": 65537,
             "target_seconds": 0.050,
         }
     )
     groups = [([_backend(s, b) for b in range(10)], [100] * 10) for s in range(services)]
-    for size in (1021, 16381):
+    for size, runs in ((1021, repeat), (16381, large_repeat)):
 
         def many(size: int = size) -> object:
             return maglev.build_many(groups, size, 1)
@@ -54,7 +56,8 @@ def run(repeat: int = 5, services: int = 10_000) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": f"maglev.build_many {services}x10 M={size}",
-                "seconds": _best(many, repeat),
+                "seconds": _best(many, runs),
+                "runs": runs,
                 "services": services,
                 "backends": 10,
                 "size": size,
