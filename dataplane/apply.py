@@ -243,7 +243,7 @@ def plan(desired: config.DesiredState, current: View, seed: int,
             else:
                 tables[key] = _to_ids(proportional(tuple(weights), svc.table_size), ids,
                                       svc.table_size)
-        flags = abi.SVC_F_SATURATED if getattr(svc, "saturated", False) else 0
+        flags = abi.SVC_F_SATURATED if svc.saturated else 0
         target.services[key] = (
             svc_id, svc.table_size, group, base, svc.affinity_timeout, eps_milli,
             round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),

@@ -112,6 +112,9 @@ class Service:
     epsilon: float | None
     probe_share: float
     backends: tuple[Backend, ...]
+    # Every engine is over its queue and KV limits (the controller's policy): new
+    # connections fail fast with ECONNREFUSED instead of queueing without end.
+    saturated: bool = False
 
     @property
     def key(self) -> tuple[ipaddress.IPv4Address, int, str]:
@@ -199,6 +202,7 @@ class _ServiceIn(pydantic.BaseModel):
     table_size: _TableSize | None = None
     epsilon: _Epsilon | None = DEFAULT_EPSILON
     probe_share: _Fraction = DEFAULT_PROBE_SHARE
+    saturated: pydantic.StrictBool = False
     backends: list[_BackendIn] = []
 
 
@@ -293,6 +297,7 @@ def _service(spec: _ServiceIn, top_size: int) -> Service:
         table_size=spec.table_size or auto_table_size(spec.affinity, len(spec.backends), top_size),
         epsilon=spec.epsilon,
         probe_share=spec.probe_share,
+        saturated=spec.saturated,
         backends=tuple(
             Backend(address=b.address, port=b.port, weight=b.weight, state=b.state, load=b.load)
             for b in spec.backends
@@ -396,6 +401,7 @@ def to_dict(state: DesiredState) -> dict[str, Any]:
                 "table_size": s.table_size,
                 "epsilon": s.epsilon,
                 "probe_share": s.probe_share,
+                "saturated": s.saturated,
                 "backends": [
                     {
                         "address": str(b.address),

@@ -197,3 +197,12 @@ def _bad_sockopt() -> str:
 
 def test_malformed_session_tag_is_rejected(kv: Node) -> None:
     assert kv.run(_bad_sockopt) == "EINVAL"
+
+
+def test_saturated_service_fails_fast(kv: Node) -> None:
+    kv.apply([svc("sat", VIP, [kv.backend("gpu0")], saturated=True)])
+    assert kv.run(connect_names, VIP, 80, 3) == ["error:ECONNREFUSED"] * 3
+    counters = {s["name"]: s["counters"] for s in inspect.services(kv.maps)}
+    assert counters["sat"]["saturated"] == 3 and counters["sat"]["selected"] == 0
+    kv.apply([svc("sat", VIP, [kv.backend("gpu0")])])
+    assert kv.run(connect_names, VIP, 80, 1) == ["gpu0"]
