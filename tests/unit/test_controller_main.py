@@ -39,7 +39,8 @@ TICK = 0.05
 class FakeAgent:
     """Applies snapshots by recording them; scrapes the engines of its node (and those of
     no node) every SCRAPE_INTERVAL with a fresh connection per round (like a real engine's
-    death, a refused connect is then seen at once) and reports each round once."""
+    death, a refused connect is then seen at once) and reports each round once, right
+    after it ends."""
 
     def __init__(self, target: str, agent_id: str = "agent-a", node: str = "node-a") -> None:
         self.node = node
@@ -48,6 +49,7 @@ class FakeAgent:
         self._pending: dict[str, scraper.ScrapeResult] = {}
         self._stop = threading.Event()
         self.rounds = 0
+        self.first_failure: dict[str, float] = {}  # monotonic time of an engine's first failure
         self.client = stream.SnapshotClient(target, agent_id, node, self._on_snapshot,
                                             report_source=self._report,
                                             report_interval=SCRAPE_INTERVAL,
@@ -87,15 +89,25 @@ class FakeAgent:
 
     def _scrape_main(self) -> None:
         async def loop() -> None:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                targets = self._targets()
-                if targets:
-                    results = await scraper.scrape(targets, timeout=1.0)
-                    with self._lock:
-                        self._pending.update(results)
-                    self.rounds += 1
-                await asyncio.sleep(max(0.0, SCRAPE_INTERVAL - (time.monotonic() - started)))
+            # No keep-alive: each round connects anew, so a closed listener shows at once.
+            async with httpx.AsyncClient(timeout=1.0, trust_env=False, limits=httpx.Limits(
+                    max_keepalive_connections=0)) as client:
+                while not self._stop.is_set():
+                    await one_round(client)
+
+        async def one_round(client: httpx.AsyncClient) -> None:
+            started = time.monotonic()
+            targets = self._targets()
+            if targets:
+                results = await scraper.scrape(targets, timeout=1.0, client=client)
+                with self._lock:
+                    self._pending.update(results)
+                    for r in results.values():
+                        if not r.ok:
+                            self.first_failure.setdefault(r.identity, time.monotonic())
+                self.rounds += 1
+                self.client.report_now()  # as the real agent does on news
+            await asyncio.sleep(max(0.0, SCRAPE_INTERVAL - (time.monotonic() - started)))
 
         asyncio.run(loop())
 
@@ -117,6 +129,7 @@ class FakeAgent:
     def forget(self) -> None:
         with self._lock:
             self.applied.clear()
+            self.first_failure.clear()
 
 
 def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -222,11 +235,14 @@ def test_controller_end_to_end_breaker_cycle(tmp_path: Path,
 
             # Kill engine 0's listener (refuse new connects) for 1 s.
             agent.forget()
+            measured["t0_wall"] = time.time()
             t0 = time.monotonic()
             post_faults(sims[0][0], {"refuse": True, "refuse_s": 1.0})
+            measured["post"] = time.monotonic() - t0  # the listener is closed by now
             opened = agent.wait_state(ids[0], "open", 5)
             assert opened is not None, "engine 0 never showed open"
             measured["fault_to_open_applied"] = opened - t0
+            measured["fault_to_failed_scrape"] = agent.first_failure[ids[0]] - t0
             assert _state_in(agent.applied[-1][1], ids[1]) == "active"
             # Back after refuse_s: cool-down → probing → active.
             probing = agent.wait_state(ids[0], "probing", 10)
@@ -253,11 +269,18 @@ def test_controller_end_to_end_breaker_cycle(tmp_path: Path,
             assert view["agents"][0]["agent_id"] == "agent-a"
 
         run_controller(discovery, body)
-    print(f"\nfault -> open in the agent's applied snapshot: "
-          f"{measured['fault_to_open_applied'] * 1000:.0f} ms; fault -> active again "
-          f"(refused 1 s, cool-down 0.2 s): {measured['fault_to_active']:.2f} s")
+    opened_logs = [r for r in caplog.records
+                   if f"engine {ids[0]}: breaker closed -> open" in r.getMessage()]
+    assert opened_logs
+    breaker_open = opened_logs[0].created - measured["t0_wall"]
+    since_post = measured["fault_to_open_applied"] - measured["post"]
+    print(f"\nfault POST took {measured['post'] * 1000:.0f} ms; from its start: first failed "
+          f"scrape {measured['fault_to_failed_scrape'] * 1000:.0f} ms, breaker open in the "
+          f"controller {breaker_open * 1000:.0f} ms, open in the agent's applied snapshot "
+          f"{measured['fault_to_open_applied'] * 1000:.0f} ms ({since_post * 1000:.0f} ms "
+          f"after the POST returned); active again after {measured['fault_to_active']:.2f} s "
+          f"(refused 1 s, cool-down 0.2 s)")
     assert measured["fault_to_open_applied"] < 2.0
-    assert any("breaker closed -> open" in r.getMessage() for r in caplog.records)
 
 
 def test_nothing_is_published_before_discovery_delivers(tmp_path: Path) -> None:
