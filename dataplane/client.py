@@ -33,7 +33,8 @@ OpenAI's SDK takes an httpx client::
     openai.OpenAI(http_client=httpx.Client(transport=client.SessionTransport()))
     # per call: extra_headers={"X-Session-ID": "user-42"}
 
-``AsyncSessionTransport`` is the same for ``httpx.AsyncClient`` (asyncio or trio).
+``AsyncSessionTransport`` is the same for ``httpx.AsyncClient`` (asyncio; written
+against anyio, so trio should work too, but only asyncio is tested).
 
 Requests without the header share one untagged pool.  Each session has a pool
 of at most one connection (so all its requests reuse the connection the kernel
@@ -237,6 +238,7 @@ class _AsyncTaggingBackend(httpcore.AsyncNetworkBackend):
                 except BaseException:
                     sock.close()
                     raise
+                # from_socket is recent in anyio (present in the installed 4.16).
                 stream = await anyio.abc.SocketStream.from_socket(sock)
                 return AnyIOStream(stream)
             raise last or OSError(f"no address for {host}")
