@@ -170,7 +170,12 @@ class Controller:
         while True:
             self._wake.clear()
             if self.synced:
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:
+                    # A bug must not stop the controller: agents keep the last snapshot,
+                    # the next tick tries again, and /healthz turns red if none succeeds.
+                    log.exception("tick failed")
             next_tick += self.tick_interval
             now = loop.time()
             if next_tick < now:  # overran: skip the missed ticks instead of bursting
@@ -199,7 +204,7 @@ class Controller:
             published = last
             log.debug("published snapshot %d (%s)", last.version, last.hash[:12])
         self.metrics.tick_seconds.observe(time.perf_counter() - started)
-        self.last_tick = now
+        self.last_tick = now  # only a tick that got this far counts for /healthz
         self.ticks += 1
         return published
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import ipaddress
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,7 @@ from dataplane import config, maglev
 
 PLAIN_WEIGHT = config.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
 HEALTH_PATH = "/health"
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _EVENTS_MAX = 4096  # undrained breaker events kept (oldest dropped first)
 _HASH_CHARS = 8
 _UNSAFE = re.compile(r"[^a-z0-9.-]+")
@@ -273,6 +275,11 @@ class Reconciler:
             if state is model.State.EXCLUDED:
                 continue
             address = str(ep.address)
+            if ep.address.is_unspecified or ep.address.is_multicast or ep.address == _BROADCAST:
+                problems.append(f"service {spec.name} port {spec.port}/{spec.protocol}: "
+                                f"endpoint {address}:{ep.port} is not a unicast address, "
+                                f"left out")
+                continue
             be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
                           terminating=state is model.State.DRAINING)
             old = chosen.get((address, ep.port))
@@ -302,13 +309,17 @@ class Reconciler:
                 probe_share=probe_share,
             )
             epsilon = min(max(pcfg.epsilon, 0.0), snapshot.EPSILON_MAX)
-        return _Service(
+        svc = _Service(
             name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port, protocol=spec.protocol,
             affinity=spec.affinity,
             affinity_timeout=spec.affinity_timeout or config.DEFAULT_AFFINITY_TIMEOUT,
             table_size=table_size, epsilon=epsilon, probe_share=probe_share, policy=pcfg,
             backends=backends,
         )
+        # Whatever the snapshot would refuse (a VIP that is not unicast, ...) is found
+        # here, where the service can be left out, and never in a tick.
+        self._plain(svc)
+        return svc
 
     def observe(self, report: snapshot.AgentReport, now: float) -> None:
         """Feed one agent report (see the module docstring for what counts)."""

@@ -408,6 +408,19 @@ def test_conflicting_specs_are_left_out_with_a_reason() -> None:
     assert "other" in problem and "already service" in problem
 
 
+def test_addresses_the_snapshot_would_refuse_never_reach_a_tick() -> None:
+    eps = (ep("10.0.0.1"), ep("0.0.0.0"), ep("224.0.0.5"), ep("255.255.255.255"))
+    rec = make(spec(endpoints=eps), spec("bad-vip", vip="239.1.2.3"))
+    snap = tick(rec, 0)
+    assert [s.name for s in snap.services] == [NAME]
+    assert [b.address for b in snap.services[0].backends] == ["10.0.0.1"]
+    assert [e.identity for e in snap.engines] == [E1]
+    problems = "\n".join(rec.problems())
+    assert "0.0.0.0:8000 is not a unicast" in problems
+    assert "224.0.0.5:8000 is not a unicast" in problems
+    assert "bad-vip" in problems and "left out" in problems
+
+
 def test_a_table_too_small_for_the_endpoints_grows() -> None:
     eps = tuple(ep(f"10.0.0.{i}") for i in range(1, 10))
     rec = make(spec(endpoints=eps, table_size=7))
