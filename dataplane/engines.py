@@ -24,14 +24,18 @@ Targets = Callable[[], Sequence[snapshot.EngineRef]]
 class EngineWatcher:
     def __init__(self, applier: apply.Applier, targets: Targets, node: str | None,
                  interval: float = 0.25, timeout: float | None = None,
-                 on_round: Callable[[float, int], None] | None = None) -> None:
+                 on_round: Callable[[float, int, bool], None] | None = None) -> None:
         self.applier = applier
         self.targets = targets
         self.node = node
         self.interval = interval
-        self.timeout = timeout if timeout is not None else 0.8 * interval
+        # A floor on the timeout: a busy engine answering in 60 ms is alive, and a
+        # breaker fed by timeouts shorter than that would flap. A dead engine still
+        # fails at once (refused), and a slow round skips ticks instead of piling up.
+        self.timeout = timeout if timeout is not None else max(0.8 * interval, 0.5)
         self.on_round = on_round
         self.results: dict[str, scraper.ScrapeResult] = {}
+        self._trips: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,10 +52,11 @@ class EngineWatcher:
         return out
 
     def observations(self) -> snapshot.Observations:
-        """What the agent reports: its scrapes and the kernel's counters for them."""
+        """What the agent reports: its scrapes, and the kernel's counters for every
+        engine (this node's connects reach engines on other nodes too)."""
         with self._lock:
             results = tuple(self.results.values())
-        counters = self.applier.counters({r.identity for r in results} or None)
+        counters = self.applier.counters({ref.identity for ref in self.targets()})
         return snapshot.Observations(
             engines=results,
             counters=tuple(snapshot.BackendCounters(ident, *values[:6])
@@ -69,26 +74,40 @@ class EngineWatcher:
     def _main(self) -> None:
         asyncio.run(self._loop())
 
+    async def _round(self, client: httpx.AsyncClient) -> tuple[int, bool]:
+        """Scrape this node's engines, write their loads; returns (entries written,
+        whether the controller must hear of it now rather than at the report interval:
+        a load moved, an engine stopped or started answering, or the kernel tripped one)."""
+        written, news = 0, False
+        targets = self.mine()
+        if targets:
+            results = await scraper.scrape(targets, self.timeout, client=client)
+            with self._lock:
+                before, self.results = self.results, results
+            loads = {ident: policy.load_units(r.load) for ident, r in results.items()
+                     if r.ok and r.load is not None}
+            try:
+                written = self.applier.set_loads(loads)
+            except OSError as exc:
+                log.error("could not write engine loads: %s", exc)
+            news = bool(written) or any(ident not in before or before[ident].ok != r.ok
+                                        for ident, r in results.items())
+        engines = {ref.identity for ref in self.targets()}
+        if engines:
+            trips = {i: c[5] for i, c in self.applier.counters(engines).items()}
+            news = news or any(n > self._trips.get(i, 0) for i, n in trips.items())
+            self._trips = trips
+        return written, news
+
     async def _loop(self) -> None:
         client = scraper.make_client(self.timeout)
         try:
             next_at = time.monotonic()
             while not self._stop.is_set():
                 started = time.monotonic()
-                targets = self.mine()
-                if targets:
-                    results = await scraper.scrape(targets, self.timeout, client=client)
-                    with self._lock:
-                        self.results = results
-                    loads = {ident: policy.load_units(r.load) for ident, r in results.items()
-                             if r.ok and r.load is not None}
-                    try:
-                        written = self.applier.set_loads(loads)
-                    except OSError as exc:
-                        log.error("could not write engine loads: %s", exc)
-                        written = 0
-                    if self.on_round:
-                        self.on_round(time.monotonic() - started, written)
+                written, news = await self._round(client)
+                if self.on_round:
+                    self.on_round(time.monotonic() - started, written, news)
                 next_at += self.interval
                 delay = next_at - time.monotonic()
                 if delay < 0:  # overran: skip the missed ticks, no burst

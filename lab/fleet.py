@@ -92,11 +92,12 @@ class Fleet:
         self.n_engines = engines
         self.vip, self.port = vip, port
         self.scrape_interval, self.tick, self.fail_k = scrape_interval, tick, fail_k
-        self.breaker = breaker or {"consecutive-failures": 2, "cooldown": 1}
+        self.breaker = breaker or {"consecutive-failures": 4, "cooldown": 1}
         self.epsilon = epsilon
         self.workdir = Path(tempfile.mkdtemp(prefix="kvroute-fleet-"))
         self.static = self.workdir / "services.yaml"
         self.controller_port = free_port()
+        self.controller_http = free_port()
         self.controller: subprocess.Popen[bytes] | None = None
         self.nodes: list[Node] = [
             Node(f"node{i}", cgroup.Cgroup.create(f"kvr-fleet-node{i}"),
@@ -178,7 +179,8 @@ class Fleet:
         log = open(self.workdir / "controller.log", "ab")  # noqa: SIM115
         self.controller = subprocess.Popen(
             [KVROUTE, "controller", "--static", str(self.static),
-             "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick)],
+             "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick),
+             "--metrics", f"127.0.0.1:{self.controller_http}"],
             stdout=log, stderr=log)
 
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
@@ -223,6 +225,23 @@ class Fleet:
         assert self.client is not None
         return self.client.call(engines_for, self.vip, self.port, sessions,
                                 cgroup=self.nodes[node].cgroup, timeout=120)
+
+    def converged(self) -> bool:
+        """Every agent watches the controller and has applied its latest snapshot."""
+        from prometheus_client.parser import text_string_to_metric_families
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.controller_http}/metrics", timeout=2,
+                             trust_env=False).text
+        except httpx.HTTPError:
+            return False
+        values: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("kvroute_agent_watching", "kvroute_agent_converged"):
+                    values.setdefault(sample.labels["agent"], {})[sample.name] = sample.value
+        return len(values) == len(self.nodes) and all(
+            v.get("kvroute_agent_watching") == 1 and v.get("kvroute_agent_converged") == 1
+            for v in values.values())
 
     def backends(self, node: int) -> dict[str, dict[str, Any]]:
         """The node's kernel view: engine id (ip:port) -> state, load, counters."""
