@@ -1,146 +1,160 @@
-"""`make demo`: the socket load balancer on one machine, end to end.
+"""`make demo`: kvroute end to end on one machine.
 
-Builds a lab (GPU pods in network namespaces serving their names), runs the
-agent on a generated config, drives tagged multi-turn sessions through the
-Service VIP, drains one pod, shows the maps, and tears everything down.
+A fleet of simulated vLLM engines in pod namespaces, the controller on a
+static discovery file, and two node agents (two cgroups, two pin dirs).
+Tagged multi-turn sessions go through the Service VIP; the demo shows that
+each session keeps its engine (and its KV cache) on both nodes, then kills an
+engine midway under live traffic while a live view shows breakers, loads and
+routing react, brings it back, prints the kernel maps and tears down.
 """
 
 from __future__ import annotations
 
 import collections
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
+import contextlib
+import logging
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import yaml
-from rich.console import Console
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
-from lab import netns, podserver
+from lab import fleet
 
-VIP, PORT, POD_PORT = "10.96.0.10", 80, 8000
 console = Console(highlight=False)
 
 
-def _sessions(vip: str, port: int, sessions: list[str], turns: int) -> list[list[str]]:
-    """Each session opens a new tagged connection per turn, as a chat client would."""
-    import socket
-
-    from dataplane import client
-    out = []
-    for sid in sessions:
-        seen = []
-        for _ in range(turns):
-            with socket.socket() as s:
-                s.settimeout(2)
-                client.tag_session(s, sid)
-                try:
-                    s.connect((vip, port))
-                    seen.append(podserver.ask_on(s))
-                except OSError as exc:
-                    seen.append(f"error:{exc.strerror}")
-        out.append(seen)
-    return out
-
-
-def _config(lab: netns.Lab, draining: str | None = None) -> dict[str, Any]:
-    return {"services": [{
-        "name": "llm-chat", "vip": VIP, "port": PORT, "affinity": "session",
-        "backends": [{"address": str(p.address), "port": POD_PORT,
-                      "state": "draining" if p.name == draining else "active"}
-                     for p in lab.pods.values()],
-    }]}
-
-
-def _kvroute(*args: str) -> str:
-    exe = str(Path(sys.executable).parent / "kvroute")
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=True).stdout
-
-
-def _table(title: str, results: list[list[str]], pods: list[str]) -> Table:
-    counts = collections.Counter(name for turns in results for name in turns)
-    console.print(f"[bold]{title}")
-    t = Table(box=None)
-    t.add_column("backend")
+def _affinity_table(title: str, counts: collections.Counter[str], names: dict[str, str]) -> Table:
+    t = Table(title=title, box=None, title_justify="left")
+    t.add_column("engine")
     t.add_column("connections", justify="right")
-    for name in [*pods, *sorted(k for k in counts if k not in pods)]:
-        t.add_row(name, str(counts[name]))
+    for ident, name in names.items():
+        t.add_row(f"{name} ({ident})", str(counts[ident]))
+    errors = sum(v for k, v in counts.items() if k.startswith("error"))
+    if errors:
+        t.add_row("refused", str(errors))
     return t
 
 
-def run(pods: int = 3, sessions: int = 200, turns: int = 3) -> int:
-    pin_dir = Path(f"/sys/fs/bpf/kvroute-demo-{secrets.token_hex(2)}")
-    workdir = Path(tempfile.mkdtemp(prefix="kvroute-demo-"))
-    cfg = workdir / "kvroute.yaml"
-    agent: subprocess.Popen[bytes] | None = None
-    with netns.Lab(subnet="10.77.50.0/24") as lab:
-        console.rule("[bold]kvroute demo: in-kernel session affinity on one machine")
-        for i in range(pods):
-            pod = lab.add_pod(f"gpu{i}")
-            pod.spawn([sys.executable, "-m", "lab.podserver", "--name", pod.name,
-                       "--port", str(POD_PORT)], stdout=subprocess.DEVNULL)
-        client = lab.add_client("client")
-        for pod in lab.pods.values():
-            podserver.wait_listening(pod, POD_PORT)
-        where = ", ".join(f"{p.name}={p.address}" for p in lab.pods.values())
-        console.print(f"lab: {pods} GPU pods ({where}), client {client.address}, "
-                      f"cgroup {lab.cgroup.path}")
-        cfg.write_text(yaml.safe_dump(_config(lab)))
-        ready = workdir / "ready"
-        log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed in finally
-        try:
-            agent = subprocess.Popen(
-                [str(Path(sys.executable).parent / "kvroute"), "agent", "--config", str(cfg),
-                 "--cgroup", str(lab.cgroup.path), "--pin-dir", str(pin_dir),
-                 "--ready-file", str(ready), "--detach-on-exit"], stdout=log, stderr=log)
-            started = time.monotonic()
-            while not ready.exists():
-                if agent.poll() is not None:
-                    console.print((workdir / "agent.log").read_text())
-                    return 1
-                time.sleep(0.1)
-            console.print(f"agent: programs compiled, attached and config applied in "
-                          f"{time.monotonic() - started:.1f}s; service llm-chat at {VIP}:{PORT}")
+class Traffic:
+    """Sessions in a loop from node 0's clients, counting where each connect went."""
 
-            ids = [f"user-{i}" for i in range(sessions)]
-            results = client.call(_sessions, VIP, PORT, ids, turns, cgroup=lab.cgroup)
-            names = list(lab.pods)
-            console.print(_table(f"{sessions} sessions x {turns} turns through {VIP}:{PORT}",
-                                 results, names))
-            sticky = sum(1 for turns_ in results if len(set(turns_)) == 1)
-            console.print(f"sessions that kept one backend across all turns: "
-                          f"[bold]{sticky}/{sessions}[/bold]")
+    def __init__(self, fl: fleet.Fleet, sessions: int) -> None:
+        self.fl = fl
+        self.ids = [f"live-{i}" for i in range(sessions)]
+        self.window: collections.deque[tuple[float, str]] = collections.deque()
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-            console.rule("drain gpu0 (a terminating pod): no new sessions, its sessions move")
-            cfg.write_text(yaml.safe_dump(_config(lab, draining="gpu0")))
-            agent.send_signal(signal.SIGHUP)
-            time.sleep(1.0)
-            after = client.call(_sessions, VIP, PORT, ids, 1, cgroup=lab.cgroup)
-            moved = sum(1 for b, a in zip(results, after, strict=True) if b[0] != a[0])
-            on_gpu0 = sum(1 for b in results if b[0] == "gpu0")
-            console.print(_table("next turn of every session", after, names))
-            console.print(f"sessions moved: {moved} (all {on_gpu0} that were on gpu0, no other)")
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for engine in self.fl.sessions(0, list(self.ids[:25])):
+                self.window.append((time.monotonic(), engine))
+                if engine.startswith("error"):
+                    self.errors += 1
+            self.ids = self.ids[25:] + self.ids[:25]
 
-            console.rule("kvroute maps services")
-            console.print(_kvroute("maps", "services", "--pin-dir", str(pin_dir)))
-            console.rule("kvroute maps backends")
-            console.print(_kvroute("maps", "backends", "--pin-dir", str(pin_dir)))
-            console.rule("kvroute explain 10.96.0.10:80 --session user-7")
-            console.print(_kvroute("explain", f"{VIP}:{PORT}", "--session", "user-7",
-                                   "--pin-dir", str(pin_dir)))
-            ok = sticky == sessions and moved == on_gpu0
-        finally:
-            if agent and agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                agent.wait(timeout=30)
-            log.close()
-            if pin_dir.exists():  # the agent died early: remove what it left
-                from dataplane import loader
-                loader.uninstall(pin_dir)
-    console.rule("torn down: programs detached, maps removed, namespaces deleted")
+    def recent(self, seconds: float = 2.0) -> collections.Counter[str]:
+        cutoff = time.monotonic() - seconds
+        while self.window and self.window[0][0] < cutoff:
+            self.window.popleft()
+        return collections.Counter(e for _, e in self.window)
+
+
+def _live_view(fl: fleet.Fleet, traffic: Traffic, names: dict[str, str], note: str) -> Group:
+    try:
+        status = httpx.get(f"http://127.0.0.1:{fl.controller_http}/engines", timeout=1,
+                           trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        status = {"engines": [], "agents": [], "version": "?"}
+    kernel = fl.backends(0)
+    recent = traffic.recent()
+    t = Table(box=None, title=f"live view: snapshot {status['version']}  |  {note}",
+              title_justify="left")
+    for col in ("engine", "node", "breaker", "kernel", "running", "kv", "weight", "conn/2s"):
+        t.add_column(col, no_wrap=True)
+    for e in sorted(status["engines"], key=lambda e: e["identity"]):
+        ident = e["identity"].split("/")[0]
+        load: dict[str, Any] = e.get("load") or {}
+        k = kernel.get(ident, {})
+        t.add_row(names.get(ident, ident), str(e.get("node") or "-"), e["breaker"],
+                  k.get("state", "-") + ("*" if k.get("kernel_tripped") else ""),
+                  str(int(load.get("running", 0))), f"{load.get('kv_usage', 0):.0%}",
+                  str(e.get("weight", "-")), str(recent[ident]))
+    agents = ", ".join(f"{a['agent_id']} v{a['applied_version']}"
+                       f"{' ok' if a['converged'] else ' behind'}" for a in status["agents"])
+    return Group(t, f"agents: {agents}   refused connects so far: {traffic.errors}")
+
+
+def run(pods: int = 3, sessions: int = 200) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    console.rule("[bold]kvroute demo: in-kernel, load- and breaker-aware session routing")
+    with fleet.Fleet(subnet="10.77.50.0/24", engines=pods, nodes=2) as fl:
+        names = {fl.engine_id(n): n for n in fl.engines}
+        console.print(f"lab: {pods} simulated vLLM engines "
+                      f"({', '.join(f'{n}={fl.engine_id(n)}' for n in fl.engines)}), "
+                      f"controller on 127.0.0.1:{fl.controller_port}, agents node0 and node1")
+        assert fleet.wait_for(fl.converged, 30), fl.log("controller")
+
+        ids = [f"user-{i}" for i in range(sessions)]
+        turns = [fl.sessions(0, ids) for _ in range(3)]
+        sticky = sum(1 for i in range(sessions) if len({t[i] for t in turns}) == 1)
+        console.print(_affinity_table(f"{sessions} sessions x 3 turns through "
+                                      f"{fl.vip}:{fl.port} from node0",
+                                      collections.Counter(e for t in turns for e in t), names))
+        console.print(f"sessions that kept one engine (and its KV cache) on every turn: "
+                      f"[bold]{sticky}/{sessions}[/bold]")
+        other = fl.sessions(1, ids)
+        same = sum(1 for a, b in zip(turns[0], other, strict=True) if a == b)
+        console.print(f"the same sessions from node1 (another agent, its own maps): "
+                      f"[bold]{same}/{sessions}[/bold] reach the same engine")
+
+        console.rule("kill gpu1 under live traffic, then bring it back")
+        traffic = Traffic(fl, sessions)
+        traffic.thread.start()
+        note = "steady"
+        started = time.monotonic()
+        at_crash = 0
+        # A terminal gets a live view; a log (CI) gets the view at each phase's end.
+        live = Live(console=console, refresh_per_second=4) if console.is_terminal else None
+        shown: set[str] = set()
+        with live or contextlib.nullcontext():
+            while (elapsed := time.monotonic() - started) < 12:
+                if elapsed > 3 and note == "steady":
+                    fl.fault("gpu1", crash=True)
+                    note = "gpu1 crashed at t=3s"
+                if elapsed > 7 and note == "gpu1 crashed at t=3s":
+                    at_crash = traffic.errors
+                    fl.start_engine("gpu1")
+                    note = "gpu1 crashed at t=3s, restarted at t=7s"
+                view = _live_view(fl, traffic, names, f"t={elapsed:.0f}s {note}")
+                if live:
+                    live.update(view)
+                else:
+                    phase = "3" if elapsed > 2.5 and elapsed < 3 else \
+                        "7" if 6.5 < elapsed < 7 else "12" if elapsed > 11.5 else ""
+                    if phase and phase not in shown:
+                        shown.add(phase)
+                        console.print(view)
+                time.sleep(0.25)
+        traffic.stop.set()
+        traffic.thread.join(30)
+        console.print(f"refused connects while gpu1 was down: [bold]{at_crash}[/bold] (the "
+                      f"kernel trips an engine after {fl.fail_k} refused connects; the "
+                      "controller then opens its breaker on every node); after its restart: "
+                      f"{traffic.errors - at_crash} (half-open probes before it listened)")
+        fl.fault("gpu1", latency_ms=0)  # wait until it is back in every table
+        fleet.wait_for(lambda: fl.backends(0)[fl.engine_id("gpu1")]["state"] == "active", 20)
+
+        pin = str(fl.nodes[0].pin_dir)
+        for args in (["maps", "services"], ["maps", "backends"],
+                     ["explain", f"{fl.vip}:{fl.port}", "--session", "user-7"]):
+            console.rule("kvroute " + " ".join(args) + " (node0)")
+            console.print(fleet.kvroute(*args, "--pin-dir", pin))
+        ok = sticky == sessions and same == sessions and at_crash <= fl.fail_k
+    console.rule("torn down: agents detached, controller stopped, namespaces deleted")
     return 0 if ok else 1

@@ -250,6 +250,10 @@ class Fleet:
             return {b["address"].split("/")[0]: b for b in inspect.backends(m)}
 
 
+def kvroute(*args: str) -> str:
+    return subprocess.run([KVROUTE, *args], capture_output=True, text=True, check=True).stdout
+
+
 def env_ok() -> str | None:
     """Why this machine cannot run a fleet, or None."""
     if os.geteuid() != 0:
