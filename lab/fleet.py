@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def engine_of(vip: str, port: int, session: str | None, timeout: float = 2.0) ->
         s.close()
 
 
-def engines_for(vip: str, port: int, sessions: list[str | None]) -> list[str]:
+def engines_for(vip: str, port: int, sessions: Sequence[str | None]) -> list[str]:
     return [engine_of(vip, port, sid) for sid in sessions]
 
 
@@ -221,7 +221,7 @@ class Fleet:
             if not faults.get("crash"):  # a crash may cut the answer short
                 raise
 
-    def sessions(self, node: int, sessions: list[str | None]) -> list[str]:
+    def sessions(self, node: int, sessions: Sequence[str | None]) -> list[str]:
         assert self.client is not None
         return self.client.call(engines_for, self.vip, self.port, sessions,
                                 cgroup=self.nodes[node].cgroup, timeout=120)
