@@ -120,10 +120,10 @@ class Agent:
             snap = client.applied
             return list(snap.engines) if snap is not None else []
 
-        def on_round(seconds: float, written: int) -> None:
+        def on_round(seconds: float, written: int, news: bool) -> None:
             self.metrics.scrape_seconds.observe(seconds)
             self.metrics.load_writes.set(written)
-            if written:  # other nodes learn of a load change through the controller
+            if news:  # other nodes learn of it through the controller: tell it now
                 client.report_now()
 
         watcher = engines.EngineWatcher(self.applier, targets, opts.node, opts.scrape_interval,
