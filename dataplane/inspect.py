@@ -212,13 +212,10 @@ def explain(maps: MapSet, ref: str, key: int, key_kind: str) -> dict[str, Any]:
             idle = (time.monotonic_ns() - aff.last_ns) / 1e9
             member = maps.get("kvr_member", abi.MemberKey(svc_id=svc.id, be_id=aff.be_id), U32)
             ok, why = usable(aff.be_id, False)
-            within, load_why = bound_ok(aff.be_id) if aff.be_id in bes else (False, "")
             if svc.aff_timeout and idle > svc.aff_timeout:
                 steps.append(Step("affinity", f"expired: backend {aff.be_id}, idle {idle:.1f}s"))
             elif member is None or not ok:
                 steps.append(Step("affinity", f"moves: backend {aff.be_id} is {why}"))
-            elif not within:
-                steps.append(Step("affinity", f"spills: backend {aff.be_id} {load_why}"))
             else:
                 chosen, how = aff.be_id, f"affinity hit (idle {idle:.1f}s)"
     if chosen is None:

@@ -174,6 +174,12 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 /**
  * lb_affinity_get() - the live affinity entry's backend, if it may be reused.
  * @moved: set when the entry exists but its backend is no longer usable
+ *
+ * Load does not move a live session: its KV cache is on that engine, and
+ * re-prefilling the whole conversation elsewhere costs more than waiting in
+ * a longer queue. Load steers new sessions (the table's weights and the
+ * bounded-load walk); a session moves only when its backend stops being
+ * usable (draining, breaker open, kernel trip).
  */
 static __always_inline __u32 lb_affinity_get(const struct kvr_svc *svc,
 					     struct kvr_aff_key *akey, __u64 now,
@@ -181,7 +187,6 @@ static __always_inline __u32 lb_affinity_get(const struct kvr_svc *svc,
 {
 	struct kvr_aff_val *aff = kvr_affinity.lookup(akey);
 	struct kvr_member_key mkey = {};
-	__u32 load;
 
 	if (!aff)
 		return KVR_NO_BACKEND;
@@ -194,9 +199,6 @@ static __always_inline __u32 lb_affinity_get(const struct kvr_svc *svc,
 		*moved = true;
 		return KVR_NO_BACKEND;
 	}
-	load = lb_backend_load(aff->be_id);
-	if (lb_over_bound(load, lb_svc_mean(svc->id), svc))
-		return KVR_NO_BACKEND;
 	aff->last_ns = now;
 	return aff->be_id;
 }

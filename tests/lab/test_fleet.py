@@ -186,3 +186,27 @@ def test_load_reaches_every_agent_within_a_few_scrapes(fl: fleet.Fleet) -> None:
           f"{seen[1] * 1000:.0f} ms on the other (scrape interval "
           f"{fl.scrape_interval * 1000:.0f} ms)")
     assert max(seen.values()) < 2.0
+
+
+def _chat_through_vip(vip: str, port: int, metrics: list[str]) -> dict[str, object]:
+    import asyncio
+
+    from lab import traffic
+    cfg = traffic.Config(target=f"http://{vip}:{port}", metrics_urls=tuple(metrics),
+                         sessions=12, turns=4, concurrency=4, think_time=0.0, prompt_words=20,
+                         max_tokens=16, seed=3)
+    return asyncio.run(traffic.run(cfg))
+
+
+def test_chat_sessions_through_the_vip_keep_their_engine_and_its_cache(fl: fleet.Fleet) -> None:
+    _recover(fl)
+    assert fl.client is not None
+    metrics = [f"http://{fl.engine_id(n)}" for n in fl.engines]
+    report = fl.client.call(_chat_through_vip, fl.vip, fl.port, metrics,
+                            cgroup=fl.nodes[0].cgroup, timeout=120)
+    assert report["tagging"] is True or "tagged" in str(report["tagging"]), report["tagging"]
+    assert report["ok"] == report["requests"] == 48, report["errors"]
+    # Every turn of a session (each a new tagged connection) reached the same engine...
+    assert report["turns_on_same_engine_as_previous"] == 1.0, report["sessions"][:3]
+    # ...so the engines' own prefix caches served the earlier turns.
+    assert report["prefix_cache_hit_ratio"] > 0.5, report["engines"]
