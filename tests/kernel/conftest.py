@@ -8,7 +8,6 @@ import os
 import secrets
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from dataplane import apply, config, loader
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
+from lab.fleet import wait_for  # noqa: F401 - shared with the kernel tests
 
 POD_PORT = 8000
 N_PODS = 6
@@ -131,12 +131,3 @@ def connect_names(vip: str, port: int, count: int, sessions: list[str] | None = 
 def errno_name(exc: OSError) -> str:
     import errno
     return errno.errorcode.get(exc.errno or 0, str(exc))
-
-
-def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
