@@ -1,0 +1,62 @@
+"""`kvroute maps` and `kvroute explain` as people run them: a separate process
+reading the pinned maps, tables for people, JSON for machines, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dataplane import client
+from tests.kernel.conftest import Node, connect_names
+from tests.kernel.test_sock_lb import VIP, svc
+
+KVROUTE = str(Path(sys.executable).parent / "kvroute")
+
+
+def _run(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KVROUTE, *args], capture_output=True, text=True, timeout=60,
+                          user=user)
+
+
+def test_maps_and_explain_read_the_pinned_maps(kv: Node) -> None:
+    kv.apply([svc("cli", VIP, [kv.backend("gpu0"), kv.backend("gpu1")], affinity="session")])
+    names = kv.run(connect_names, VIP, 80, 0, ["who"])
+    pin = ["--pin-dir", str(kv.settings.pin_dir)]
+    services = json.loads(_run("maps", "services", "--json", *pin).stdout)
+    assert [(s["name"], s["frontend"], s["counters"]["selected"]) for s in services] == \
+        [("cli", f"{VIP}:80/tcp", 1)]
+    table = _run("maps", "services", *pin).stdout
+    assert "cli" in table and f"{VIP}:80/tcp" in table
+    assert all(len(line) <= 80 for line in table.splitlines())
+    maglev = json.loads(_run("maps", "maglev", "cli", "--json", *pin).stdout)
+    assert sum(maglev["slots"].values()) == maglev["table_size"] == len(maglev["table"])
+    affinity = json.loads(_run("maps", "affinity", "--json", *pin).stdout)
+    assert f"{client.session_hash('who'):016x}" in {a["key"] for a in affinity}
+    explained = json.loads(_run("explain", f"{VIP}:80", "--session", "who", "--json",
+                                *pin).stdout)
+    assert explained["backend"] == f"{kv.pod(names[0]).address}:8000/tcp"
+    assert explained["reason"].startswith("affinity hit")
+    fresh = json.loads(_run("explain", "cli", "--session", "nobody-yet", "--json", *pin).stdout)
+    assert fresh["reason"] == "table owner"
+    by_client = _run("explain", f"{VIP}:80", "--client", kv.client.netns, *pin)
+    assert by_client.returncode == 0 and "client netns" in by_client.stdout
+
+
+def test_clear_errors(kv: Node) -> None:
+    pin = ["--pin-dir", str(kv.settings.pin_dir)]
+    cases = {
+        ("maps", "maglev", "no-such-service", *pin): "no service named 'no-such-service'",
+        ("explain", "10.96.10.1:99999", "--session", "x", *pin): "port must be between",
+        ("explain", "not-an-ip:80", "--session", "x", *pin): "not-an-ip:80",
+        ("explain", f"{VIP}:80", *pin): "exactly one of --session",
+        ("maps", "services", "--pin-dir", "/sys/fs/bpf/kvr-nothing-here"): "not pinned",
+    }
+    for args, message in cases.items():
+        proc = _run(*args)
+        assert proc.returncode != 0, args
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    proc = _run("maps", "services", *pin, user=65534)
+    assert proc.returncode != 0 and "needs root" in proc.stderr
