@@ -72,7 +72,7 @@ class View:
     services: dict[L4, SvcVal] = dataclasses.field(default_factory=dict)
     names: dict[int, str] = dataclasses.field(default_factory=dict)
     backends: dict[int, BeVal] = dataclasses.field(default_factory=dict)
-    be_addr: dict[L4, int] = dataclasses.field(default_factory=dict)
+    be_addr: dict[L4, int] = dataclasses.field(default_factory=dict)  # index of backends
     members: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
     be_load: dict[int, int] = dataclasses.field(default_factory=dict)
     svc_load: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -262,7 +262,7 @@ def plan(desired: config.DesiredState, current: View, seed: int,
 
     diffs = {
         name: _diff(getattr(current, name), getattr(target, name))
-        for name in ("backends", "be_addr", "members", "be_load", "svc_load", "names", "services")
+        for name in ("backends", "members", "be_load", "svc_load", "names", "services")
     }
     return Plan(
         target=target, diffs=diffs, tables=tables,
@@ -350,9 +350,6 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
         _put(maps, "kvr_be_v1", _u32(d["backends"].put),
              _records(list(d["backends"].put.values()), _DT_BE,
                       ("addr", "port", "proto", "state")))
-    if d["be_addr"].put:
-        _put(maps, "kvr_be_addr", _l4_array(list(d["be_addr"].put)),
-             _u32(d["be_addr"].put.values()))
     if p.trips_clear:
         _delete_present(maps, "kvr_health", p.trips_clear)
     if d["be_load"].put:
@@ -395,8 +392,8 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
         pool.release(group, base)
     for name, mapname, conv in (
         ("names", "kvr_svc_name", _u32), ("svc_load", "kvr_svc_load", _u32),
-        ("members", "kvr_member", _member_array), ("be_addr", "kvr_be_addr", _l4_array),
-        ("backends", "kvr_be_v1", _u32), ("be_load", "kvr_be_load", _u32),
+        ("members", "kvr_member", _member_array), ("backends", "kvr_be_v1", _u32),
+        ("be_load", "kvr_be_load", _u32),
     ):
         if d[name].delete:
             _delete(maps, mapname, conv(d[name].delete))
@@ -430,8 +427,7 @@ def read_view(maps: MapSet) -> View:
         view.names[k.value] = name.name.decode()
     for k, be in maps.items("kvr_be_v1", abi.ct.c_uint32, abi.Backend):
         view.backends[k.value] = (be.addr, be.port, be.proto, be.state)
-    for key, v in maps.items("kvr_be_addr", abi.L4Key, abi.ct.c_uint32):
-        view.be_addr[(key.addr, key.port, key.proto)] = v.value
+        view.be_addr[(be.addr, be.port, be.proto)] = k.value
     for mk, w in maps.items("kvr_member", abi.MemberKey, abi.ct.c_uint32):
         view.members[(mk.svc_id, mk.be_id)] = w.value
     for k, v in maps.items("kvr_be_load", abi.ct.c_uint32, abi.ct.c_uint32):

@@ -40,7 +40,7 @@ enum kvr_be_state {
 /* struct kvr_svc.eps_milli value that disables the bounded-load check. */
 #define KVR_EPS_OFF		0xffff
 
-/* Key of kvr_svc_v1 (services) and kvr_be_addr (backend reverse lookup). */
+/* Key of kvr_svc_v1 (services). */
 struct kvr_l4_key {
 	__be32	addr;		/* IPv4 address, network order */
 	__be16	port;		/* L4 port, network order */
@@ -124,7 +124,7 @@ struct kvr_sk {
 	__be16	vport;
 	__u8	flags;		/* KVR_SK_* */
 	__u8	pad;
-	__u32	be_id;		/* backend chosen at connect() */
+	__u32	be_id;		/* backend chosen at connect(): sockops counts against it */
 	__u32	pad2;
 };
 _Static_assert(sizeof(struct kvr_sk) == 24, "kvr_sk size");

@@ -15,17 +15,28 @@
 #define KVR_FAIL_K 3
 #endif
 
-/* sock_ops carries the remote port in network order in its upper 16 bits. */
-static __always_inline __u32 ops4_backend(const struct bpf_sock_ops *skops)
+/*
+ * ops4_backend() - the backend a socket was sent to by connect4, if any.
+ *
+ * connect4 leaves its choice in the socket's storage, so sockops needs no
+ * address-to-backend map, and sockets kvroute did not translate cost one
+ * storage probe. A backend removed since is skipped.
+ */
+static __always_inline __u32 ops4_backend(struct bpf_sock_ops *skops)
 {
-	struct kvr_l4_key key = {
-		.addr	= skops->remote_ip4,
-		.port	= (__be16)(skops->remote_port >> 16),
-		.proto	= IPPROTO_TCP,
-	};
-	__u32 *be_id = kvr_be_addr.lookup(&key);
+	struct bpf_sock *sk = skops->sk;
+	struct kvr_sk *sks;
+	__u32 be_id;
 
-	return be_id ? *be_id : KVR_NO_BACKEND;
+	if (!sk)
+		return KVR_NO_BACKEND;
+	sks = kvr_sk.sk_storage_get(sk, NULL, 0);
+	if (!sks || !(sks->flags & KVR_SK_XLATED))
+		return KVR_NO_BACKEND;
+	be_id = sks->be_id;
+	if (!kvr_be_v1.lookup(&be_id))
+		return KVR_NO_BACKEND;
+	return be_id;
 }
 
 static __always_inline void ops4_connect_failed(__u32 be_id)

@@ -51,10 +51,6 @@ BPF_TABLE_PINNED("hash_of_maps$kvr_tbl_tmpl", u32, int, kvr_tables,
 BPF_TABLE_PINNED7("hash", u32, struct kvr_backend, kvr_be_v1,
 		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_v1"), BPF_F_NO_PREALLOC);
 
-/* (pod ip, port, proto) -> backend id, for sockops which sees only addresses */
-BPF_TABLE_PINNED7("hash", struct kvr_l4_key, u32, kvr_be_addr,
-		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_addr"), BPF_F_NO_PREALLOC);
-
 /* (service id, backend id) -> weight: membership, checked on affinity hits */
 BPF_TABLE_PINNED7("hash", struct kvr_member_key, u32, kvr_member,
 		  KVR_MAX_BACKENDS, KVR_PIN("kvr_member"), BPF_F_NO_PREALLOC);

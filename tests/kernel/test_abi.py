@@ -16,7 +16,6 @@ MAP_TYPES: dict[str, tuple[Any, Any]] = {
     "kvr_svc_v1": (abi.L4Key, abi.Svc),
     "kvr_svc_name": (ct.c_uint32, abi.SvcName),
     "kvr_be_v1": (ct.c_uint32, abi.Backend),
-    "kvr_be_addr": (abi.L4Key, ct.c_uint32),
     "kvr_member": (abi.MemberKey, ct.c_uint32),
     "kvr_health": (ct.c_uint32, abi.Health),
     "kvr_affinity": (abi.AffKey, abi.AffVal),
