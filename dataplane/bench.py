@@ -11,6 +11,7 @@ ratios mean more than absolute times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import secrets
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,22 @@ def _services(n: int, pods: list[str], per_service: int, affinity: str = "none",
     return out
 
 
+@contextlib.contextmanager
+def _datapath(cgroup: Path | None = None) -> Iterator[tuple[Settings, MapSet]]:
+    """Programs loaded under a pin dir of their own (attached to `cgroup` if given),
+    removed afterwards whatever happens."""
+    settings = Settings(pin_dir=Path(f"/sys/fs/bpf/kvrbench-{secrets.token_hex(2)}"))
+    dp = loader.Datapath(settings)
+    try:
+        if cgroup is not None:
+            dp.attach(cgroup)
+        with MapSet(settings.pin_dir) as maps:
+            yield settings, maps
+    finally:
+        dp.close()
+        loader.uninstall(settings.pin_dir)
+
+
 def _connect_timer(target: str, port: int, count: int) -> float:
     """Mean seconds per connect()+close() to target, in the calling namespace."""
     import socket
@@ -58,80 +76,67 @@ def _connect_timer(target: str, port: int, count: int) -> float:
 def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[dict[str, Any]]:
     from lab import netns, podserver
     rows = []
-    settings = Settings(pin_dir=Path(f"/sys/fs/bpf/kvrbench-{secrets.token_hex(2)}"))
     with netns.Lab(subnet="10.77.60.0/24") as lab:
         pod = lab.add_pod("gpu0")
         pod.spawn([sys.executable, "-m", "lab.podserver", "--name", "gpu0", "--port",
                    str(POD_PORT)], stdout=subprocess.DEVNULL)
         client = lab.add_client("client")
         podserver.wait_listening(pod, POD_PORT)
-        dp = loader.Datapath(settings)
-        try:
-            dp.attach(lab.cgroup.path)
-            with MapSet(settings.pin_dir) as maps:
-                applier = apply.Applier(maps, settings.hash_seed)
-                for n in counts:
-                    # The measured service is the last of n: every lookup walks a full map.
-                    svcs = _services(n - 1, [str(pod.address)], 1)
-                    svcs.append({"name": "measured", "vip": "10.96.0.1", "port": 80,
-                                 "backends": [{"address": str(pod.address), "port": POD_PORT}]})
-                    applier.apply(config.from_dict({"services": svcs}))
-                    via, direct = [], []
-                    for _ in range(rounds):  # paired and interleaved: drift hits both alike
-                        direct.append(client.call(_connect_timer, str(pod.address), POD_PORT,
-                                                  per_round, cgroup=lab.cgroup))
-                        via.append(client.call(_connect_timer, "10.96.0.1", 80, per_round,
-                                               cgroup=lab.cgroup))
-                    ratios = [v / d for v, d in zip(via, direct, strict=True)]
-                    d, v = statistics.median(direct), statistics.median(via)
-                    rows.append({"bench": f"connect via VIP, {n} services",
-                                 "value_us": round(v * 1e6, 1), "baseline_us": round(d * 1e6, 1),
-                                 "ratio": round(statistics.median(ratios), 3),
-                                 "ratio_iqr": [round(q, 3) for q in
-                                               statistics.quantiles(ratios, n=4)[::2]],
-                                 "target_ratio": 1.05})
-                applier.apply(config.from_dict({"services": []}))
-                applier.close()
-        finally:
-            dp.close()
-            loader.uninstall(settings.pin_dir)
+        with _datapath(lab.cgroup.path) as (settings, maps):
+            applier = apply.Applier(maps, settings.hash_seed)
+            for n in counts:
+                # The measured service is the last of n: every lookup walks a full map.
+                svcs = _services(n - 1, [str(pod.address)], 1)
+                svcs.append({"name": "measured", "vip": "10.96.0.1", "port": 80,
+                             "backends": [{"address": str(pod.address), "port": POD_PORT}]})
+                applier.apply(config.from_dict({"services": svcs}))
+                via, direct = [], []
+                for _ in range(rounds):  # paired and interleaved: drift hits both alike
+                    direct.append(client.call(_connect_timer, str(pod.address), POD_PORT,
+                                              per_round, cgroup=lab.cgroup))
+                    via.append(client.call(_connect_timer, "10.96.0.1", 80, per_round,
+                                           cgroup=lab.cgroup))
+                ratios = [v / d for v, d in zip(via, direct, strict=True)]
+                d, v = statistics.median(direct), statistics.median(via)
+                rows.append({"bench": f"connect via VIP, {n} services",
+                             "value_us": round(v * 1e6, 1), "baseline_us": round(d * 1e6, 1),
+                             "ratio": round(statistics.median(ratios), 3),
+                             "ratio_iqr": [round(q, 3) for q in
+                                           statistics.quantiles(ratios, n=4)[::2]],
+                             "target_ratio": 1.05})
+            applier.apply(config.from_dict({"services": []}))
+            applier.close()
     return rows
 
 
 def bench_apply(n_services: int, per_service: int) -> list[dict[str, Any]]:
     rows = []
-    settings = Settings(pin_dir=Path(f"/sys/fs/bpf/kvrbench-{secrets.token_hex(2)}"))
-    dp = loader.Datapath(settings)
-    try:
-        with MapSet(settings.pin_dir) as maps:
-            for affinity in ("none", "session"):
-                desired = config.from_dict({"services": _services(
-                    n_services, [], per_service, affinity)})
-                applier = apply.Applier(maps, settings.hash_seed)
-                started = time.perf_counter()
-                p = apply.plan(desired, applier.view, settings.hash_seed)
-                planned = time.perf_counter()
-                result = apply.execute(p, maps, applier.pool, applier.view)
-                total = time.perf_counter() - started
-                applier.view = p.target
-                size = desired.services[0].table_size
-                rows.append({
-                    "bench": f"full apply {n_services} x {per_service}, {affinity}, M={size}",
-                    "value_s": round(total, 3), "plan_s": round(planned - started, 3),
-                    "maglev_s": round(p.build_seconds, 3),
-                    "write_s": round(result.write_seconds, 3),
-                    "target_s": 0.35, "ratio_to_target": round(total / 0.35, 2)})
-                # Same state again: the diff is empty, nothing is written.
-                started = time.perf_counter()
-                again = apply.plan(desired, p.target, settings.hash_seed)
-                rows.append({"bench": f"re-apply unchanged ({affinity})",
-                             "value_s": round(time.perf_counter() - started, 3),
-                             "writes": sum(again.summary().values())})
-                applier.apply(config.from_dict({"services": []}))
-                applier.close()
-    finally:
-        dp.close()
-        loader.uninstall(settings.pin_dir)
+    with _datapath() as (settings, maps):
+        for affinity in ("none", "session"):
+            desired = config.from_dict({"services": _services(
+                n_services, [], per_service, affinity)})
+            applier = apply.Applier(maps, settings.hash_seed)
+            started = time.perf_counter()
+            p = apply.plan(desired, applier.view, settings.hash_seed)
+            planned = time.perf_counter()
+            result = apply.execute(p, maps, applier.pool, applier.view)
+            total = time.perf_counter() - started
+            applier.view = p.target
+            size = desired.services[0].table_size
+            rows.append({
+                "bench": f"full apply {n_services} x {per_service}, {affinity}, M={size}",
+                "value_s": round(total, 3), "plan_s": round(planned - started, 3),
+                "maglev_s": round(p.build_seconds, 3),
+                "write_s": round(result.write_seconds, 3),
+                "target_s": 0.35, "ratio_to_target": round(total / 0.35, 2)})
+            # Same state again: the diff is empty, nothing is written.
+            started = time.perf_counter()
+            again = apply.plan(desired, p.target, settings.hash_seed)
+            rows.append({"bench": f"re-apply unchanged ({affinity})",
+                         "value_s": round(time.perf_counter() - started, 3),
+                         "writes": sum(again.summary().values())})
+            applier.apply(config.from_dict({"services": []}))
+            applier.close()
     return rows
 
 

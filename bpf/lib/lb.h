@@ -130,8 +130,8 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
 	__u32 seen[KVR_CANDIDATES] = {};
 	__u32 best_load = 0xffffffffU, nseen = 0;
-	__u32 mean = lb_svc_mean(svc->id);
 	__u32 group = svc->tbl_group;
+	__u32 mean = 0;
 	void *table;
 	__u32 n;
 
@@ -140,6 +140,10 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 		kvr_reason_inc(KVR_R_NO_TABLE);
 		return pick;
 	}
+	/* Loads are read only when a bound can apply: the common no-load case
+	 * costs no load lookups at all. */
+	if (svc->eps_milli != KVR_EPS_OFF)
+		mean = lb_svc_mean(svc->id);
 
 	for (n = 0; n < KVR_WALK; n++) {
 		__u32 slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
@@ -152,7 +156,7 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 		/* A backend owns many slots: compare distinct backends only. */
 		if (lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
 			continue;
-		load = lb_backend_load(id);
+		load = mean ? lb_backend_load(id) : 0;
 		if (!lb_over_bound(load, mean, svc)) {
 			pick.be_id = id;
 			return pick;
