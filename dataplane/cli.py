@@ -339,7 +339,9 @@ def lab() -> None:
 @click.option("--pods", type=click.IntRange(1, 32), default=3, show_default=True)
 @click.option("--sessions", type=click.IntRange(1, 100000), default=200, show_default=True)
 def lab_demo(pods: int, sessions: int) -> None:
-    """Build a lab, run the agent on it, drive tagged sessions, show the maps, tear down."""
+    """The whole system on one machine: engine simulators in pod namespaces, the
+    controller, two node agents; tagged sessions through the VIP, an engine killed
+    under live traffic and brought back, the maps; then everything is removed."""
     from lab import demo
     if os.geteuid() != 0:
         _fail("the lab needs root (network namespaces, cgroups, eBPF)")
