@@ -71,6 +71,9 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The HTTP client would log every engine scrape (several a second per engine).
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _hostport(value: str | None, what: str) -> tuple[str, int] | None:

@@ -210,3 +210,38 @@ def test_chat_sessions_through_the_vip_keep_their_engine_and_its_cache(fl: fleet
     assert report["turns_on_same_engine_as_previous"] == 1.0, report["sessions"][:3]
     # ...so the engines' own prefix caches served the earlier turns.
     assert report["prefix_cache_hit_ratio"] > 0.5, report["engines"]
+
+
+def _loop_sessions(vip: str, port: int, seconds: float) -> dict[str, int]:
+    out: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        engine = fleet.engine_of(vip, port, f"roll-{i % 40}")
+        out[engine] = out.get(engine, 0) + 1
+        i += 1
+    return out
+
+
+def test_agent_killed_and_restarted_under_the_controller_loses_no_connect(
+        fl: fleet.Fleet) -> None:
+    """A DaemonSet rolling update with a controller: SIGKILL, a new agent adopts."""
+    _recover(fl)
+    assert fl.client is not None
+    node = fl.nodes[0]
+    result: dict[str, int] = {}
+    loop = threading.Thread(target=lambda: result.update(fl.client.call(  # type: ignore[union-attr]
+        _loop_sessions, fl.vip, fl.port, 6.0, cgroup=node.cgroup, timeout=60)))
+    loop.start()
+    time.sleep(1.0)
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    time.sleep(0.5)
+    fl.start_agent(node)  # a fresh compile, adopting the pinned maps and links
+    loop.join()
+    assert not [k for k in result if k.startswith("error")], result
+    assert sum(result.values()) > 100
+    assert fleet.wait_for(fl.converged, 30), fl.log("controller")
+    log = (fl.workdir / f"agent-{node.name}.log").read_text()
+    assert "sock4_connect: replaced" in log and "adopted 1 services" in log
