@@ -96,8 +96,12 @@ class Agent:
         with self.metrics.apply_seconds.time():
             result = self.applier.apply(desired)
         changes = ", ".join(f"{k}={v}" for k, v in sorted(result.summary.items())) or "no change"
-        log.info("applied %s: %s (tables %.3fs, write %.3fs)", source, changes,
-                 result.build_seconds, result.write_seconds)
+        # Load-only updates arrive several times a second with a controller: keep
+        # them out of the log unless asked (-v).
+        routine = all(k.startswith(("be_load", "svc_load")) for k in result.summary)
+        log.log(logging.DEBUG if routine else logging.INFO,
+                "applied %s: %s (tables %.3fs, write %.3fs)", source, changes,
+                result.build_seconds, result.write_seconds)
 
     def _start_controller(self, opts: ControllerOptions) -> None:
         from controller import snapshot
