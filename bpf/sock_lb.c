@@ -40,10 +40,11 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	struct kvr_aff_val aval = {};
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND };
 	bool untagged = false, moved = false;
+	struct kvr_sock xl = {};
 	struct kvr_backend *be;
 	struct kvr_svc *svc;
 	struct kvr_sk *sks;
-	__u64 key, now;
+	__u64 key, now, cookie;
 
 	svc = kvr_svc_v1.lookup(&skey);
 	if (!svc)
@@ -55,9 +56,9 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 		return SYS_REJECT;
 	}
 
-	sks = sock4_storage(ctx->sk, true);
-	if (!sks)
-		kvr_reason_inc(KVR_R_NO_SK_STORAGE);
+	/* Only a tagged socket has storage: looking costs little, creating would
+	 * cost every connect an allocation. */
+	sks = svc->affinity == KVR_AFF_SESSION ? sock4_storage(ctx->sk, false) : NULL;
 	key = sock4_session_key(ctx, svc, sks, &untagged);
 	if (untagged)
 		kvr_svc_inc(svc->id, KVR_SC_UNTAGGED);
@@ -94,12 +95,12 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 		aval.last_ns = now;
 		kvr_affinity.update(&akey, &aval);
 	}
-	if (sks) {
-		sks->vip = skey.addr;
-		sks->vport = skey.port;
-		sks->be_id = pick.be_id;
-		sks->flags |= KVR_SK_XLATED;
-	}
+	xl.vip = skey.addr;
+	xl.vport = skey.port;
+	xl.be_id = pick.be_id;
+	cookie = bpf_get_socket_cookie(ctx);
+	if (kvr_sock.update(&cookie, &xl))
+		kvr_reason_inc(KVR_R_NO_SK_STORAGE);
 	ctx->user_ip4 = be->addr;
 	ctx->user_port = (__u32)be->port;
 	kvr_svc_inc(svc->id, KVR_SC_SELECTED);
@@ -115,11 +116,12 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 /* Applications keep seeing the VIP they connected to. */
 int sock4_getpeername(struct bpf_sock_addr *ctx)
 {
-	struct kvr_sk *sks = sock4_storage(ctx->sk, false);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct kvr_sock *xl = kvr_sock.lookup(&cookie);
 
-	if (sks && (sks->flags & KVR_SK_XLATED)) {
-		ctx->user_ip4 = sks->vip;
-		ctx->user_port = (__u32)sks->vport;
+	if (xl) {
+		ctx->user_ip4 = xl->vip;
+		ctx->user_port = (__u32)xl->vport;
 		kvr_reason_inc(KVR_R_REVERSED);
 	}
 	return SYS_PROCEED;

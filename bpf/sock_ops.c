@@ -13,11 +13,13 @@
 
 int sock_ops(struct bpf_sock_ops *skops)
 {
+	__u64 cookie;
 	__u32 be_id;
 
 	if (skops->family != 2 /* AF_INET */)
 		return 1;
-	be_id = ops4_backend(skops);
+	cookie = bpf_get_socket_cookie(skops);
+	be_id = ops4_backend(cookie);
 	if (be_id == KVR_NO_BACKEND)
 		return 1;
 
@@ -40,6 +42,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 			ops4_connect_failed(be_id);
 		else
 			kvr_be_inc(be_id, KVR_BC_CLOSED);
+		kvr_sock.delete(&cookie);
 		break;
 	}
 	return 1;

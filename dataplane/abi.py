@@ -20,7 +20,6 @@ KVROUTE_SESSION = 1
 EPS_OFF = 0xFFFF
 SVC_F_SATURATED = 1 << 0
 HEALTH_TRIPPED = 1 << 0
-SK_XLATED = 1 << 0
 NO_BACKEND = 0xFFFFFFFF
 
 IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -136,9 +135,14 @@ class AffVal(ct.Structure):
 class SkState(ct.Structure):
     """struct kvr_sk"""
 
-    _fields_ = [("session", ct.c_uint64), ("vip", ct.c_uint32), ("vport", ct.c_uint16),
-                ("flags", ct.c_uint8), ("pad", ct.c_uint8), ("be_id", ct.c_uint32),
-                ("pad2", ct.c_uint32)]
+    _fields_ = [("session", ct.c_uint64)]
+
+
+class Sock(ct.Structure):
+    """struct kvr_sock"""
+
+    _fields_ = [("vip", ct.c_uint32), ("vport", ct.c_uint16), ("pad", ct.c_uint16),
+                ("be_id", ct.c_uint32), ("pad2", ct.c_uint32)]
 
 
 class SvcCounters(ct.Structure):
@@ -189,6 +193,6 @@ ABI_VERSION = 1
 MIRRORS: dict[str, type[ct.Structure]] = {
     "kvr_l4_key": L4Key, "kvr_svc": Svc, "kvr_svc_name": SvcName, "kvr_backend": Backend,
     "kvr_member_key": MemberKey, "kvr_health": Health, "kvr_aff_key": AffKey,
-    "kvr_aff_val": AffVal, "kvr_sk": SkState, "kvr_svc_cnt_val": SvcCounters,
+    "kvr_aff_val": AffVal, "kvr_sk": SkState, "kvr_sock": Sock, "kvr_svc_cnt_val": SvcCounters,
     "kvr_be_cnt_val": BeCounters, "kvr_meta": Meta,
 }

@@ -14,7 +14,8 @@ from dataplane import abi, bpfsys
 
 MAP_NAMES = (
     "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_member",
-    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_svc_cnt", "kvr_be_cnt",
+    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt",
+    "kvr_be_cnt",
     "kvr_reasons", "kvr_meta",
 )
 

@@ -21,6 +21,7 @@ class Settings:
     max_services: int = 65536    # ceilings only: hash maps are not preallocated
     max_backends: int = 262144
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
+    sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
 
     def __post_init__(self) -> None:
         problems = []
@@ -30,7 +31,7 @@ class Settings:
             problems.append("fail_k: must be between 1 and 1000")
         if not 1 <= self.candidates <= 16:
             problems.append("candidates: must be between 1 and 16")
-        for name in ("max_services", "max_backends", "affinity_entries"):
+        for name in ("max_services", "max_backends", "affinity_entries", "sock_entries"):
             if not 16 <= getattr(self, name) <= 1 << 24:
                 problems.append(f"{name}: must be between 16 and {1 << 24}")
         if not self.pin_dir.is_absolute():
@@ -47,4 +48,5 @@ class Settings:
             f"-DKVR_MAX_SERVICES={self.max_services}",
             f"-DKVR_MAX_BACKENDS={self.max_backends}",
             f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
+            f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
         ]

@@ -117,19 +117,21 @@ struct kvr_aff_val {
 };
 _Static_assert(sizeof(struct kvr_aff_val) == 16, "kvr_aff_val size");
 
-/* Socket-local storage (kvr_sk): the session tag and the translation made. */
+/* Socket-local storage (kvr_sk): the session tag, on tagged sockets only. */
 struct kvr_sk {
-	__u64	session;	/* 0: untagged */
+	__u64	session;	/* setsockopt(SOL_KVROUTE, KVROUTE_SESSION); 0: untagged */
+};
+_Static_assert(sizeof(struct kvr_sk) == 8, "kvr_sk size");
+
+/* Value of kvr_sock: what connect4 did to a socket, by socket cookie. */
+struct kvr_sock {
 	__be32	vip;		/* original destination, for getpeername */
 	__be16	vport;
-	__u8	flags;		/* KVR_SK_* */
-	__u8	pad;
-	__u32	be_id;		/* backend chosen at connect(): sockops counts against it */
+	__u16	pad;
+	__u32	be_id;		/* backend chosen: sockops counts against it */
 	__u32	pad2;
 };
-_Static_assert(sizeof(struct kvr_sk) == 24, "kvr_sk size");
-
-#define KVR_SK_XLATED		(1U << 0)	/* connect() was translated: reverse getpeername */
+_Static_assert(sizeof(struct kvr_sock) == 16, "kvr_sock size");
 
 /* Value of kvr_svc_name: the service's name, for people (never read by programs). */
 struct kvr_svc_name {
@@ -185,7 +187,7 @@ struct kvr_be_cnt_val {
 /* Why a program left a connection alone or failed it (kvr_reasons, per CPU). */
 enum kvr_reason {
 	KVR_R_NO_TABLE = 0,	/* service has no Maglev table yet (fail open) */
-	KVR_R_NO_SK_STORAGE,	/* socket storage could not be created */
+	KVR_R_NO_SK_STORAGE,	/* socket storage or translation record not stored */
 	KVR_R_BAD_SOCKOPT,	/* KVROUTE_SESSION with a length other than 8 */
 	KVR_R_TAGGED,		/* sockets tagged with a session */
 	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */

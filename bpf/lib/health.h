@@ -18,22 +18,18 @@
 /*
  * ops4_backend() - the backend a socket was sent to by connect4, if any.
  *
- * connect4 leaves its choice in the socket's storage, so sockops needs no
+ * connect4 records its choice under the socket's cookie, so sockops needs no
  * address-to-backend map, and sockets kvroute did not translate cost one
- * storage probe. A backend removed since is skipped.
+ * lookup. A backend removed since is skipped.
  */
-static __always_inline __u32 ops4_backend(struct bpf_sock_ops *skops)
+static __always_inline __u32 ops4_backend(__u64 cookie)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct kvr_sk *sks;
+	struct kvr_sock *xl = kvr_sock.lookup(&cookie);
 	__u32 be_id;
 
-	if (!sk)
+	if (!xl)
 		return KVR_NO_BACKEND;
-	sks = kvr_sk.sk_storage_get(sk, NULL, 0);
-	if (!sks || !(sks->flags & KVR_SK_XLATED))
-		return KVR_NO_BACKEND;
-	be_id = sks->be_id;
+	be_id = xl->be_id;
 	if (!kvr_be_v1.lookup(&be_id))
 		return KVR_NO_BACKEND;
 	return be_id;

@@ -26,6 +26,9 @@
 #ifndef KVR_AFFINITY_ENTRIES
 #define KVR_AFFINITY_ENTRIES 262144
 #endif
+#ifndef KVR_SOCK_ENTRIES
+#define KVR_SOCK_ENTRIES 65536
+#endif
 
 #define KVR_PIN(name) KVR_PIN_DIR "/" name
 
@@ -71,9 +74,15 @@ BPF_TABLE_PINNED7("hash", u32, struct kvr_health, kvr_health,
 BPF_TABLE_PINNED("lru_hash", struct kvr_aff_key, struct kvr_aff_val, kvr_affinity,
 		 KVR_AFFINITY_ENTRIES, KVR_PIN("kvr_affinity"));
 
-/* socket -> session tag and the translation done at connect() */
+/* socket -> session tag (tagged sockets only) */
 BPF_TABLE_PINNED7("sk_storage", int, struct kvr_sk, kvr_sk,
 		  0, KVR_PIN("kvr_sk"), BPF_F_NO_PREALLOC);
+
+/* socket cookie -> the translation connect4 made. An LRU, preallocated:
+ * allocating socket storage on every translated connect cost about 1 us,
+ * most of what a VIP connect added; entries go when the socket closes. */
+BPF_TABLE_PINNED("lru_hash", u64, struct kvr_sock, kvr_sock,
+		 KVR_SOCK_ENTRIES, KVR_PIN("kvr_sock"));
 
 /* service id -> per-CPU outcome counters (enum kvr_svc_cnt) */
 BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt,
