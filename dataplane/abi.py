@@ -176,6 +176,29 @@ def be16_to_port(value: int) -> int:
     return socket.ntohs(value)
 
 
+def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
+    """'10.96.0.10:8000' or '10.96.0.10:8000/udp' -> (address, port, protocol); a
+    ValueError names what is wrong. Backend identities use the same form."""
+    body, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    host, sep, port_s = body.rpartition(":")
+    if not sep or proto not in IPPROTO:
+        raise ValueError(f"{text!r}: expected ADDRESS:PORT or ADDRESS:PORT/tcp|udp")
+    try:
+        addr = ipaddress.IPv4Address(host)
+        port = int(port_s)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port must be between 1 and 65535")
+    return addr, port, proto
+
+
+def format_endpoint(addr: int, port: int, proto: int) -> str:
+    """Raw (network-order) key fields -> 'ADDRESS:PORT/proto', parse_endpoint's form."""
+    return f"{be32_to_ip(addr)}:{be16_to_port(port)}/{PROTO_NAME.get(proto, str(proto))}"
+
+
 def l4_key(addr: ipaddress.IPv4Address | str, port: int, proto: str) -> L4Key:
     return L4Key(addr=ip_to_be32(addr), port=port_to_be16(port), proto=IPPROTO[proto], pad=0)
 

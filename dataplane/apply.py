@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import ipaddress
 import socket
 import struct
 import threading
@@ -93,10 +92,6 @@ class Plan:
     gone_backends: list[int]
     trips_clear: list[int]                  # backends whose kernel trip ends
     build_seconds: float
-
-    @property
-    def empty(self) -> bool:
-        return not (self.tables or any(d.put or d.delete for d in self.diffs.values()))
 
     def summary(self) -> dict[str, int]:
         out = {f"{name}_put": len(d.put) for name, d in self.diffs.items() if d.put}
@@ -439,14 +434,7 @@ def read_view(maps: MapSet) -> View:
 
 def parse_identity(identity: str) -> L4:
     """'10.0.0.5:8000/tcp' (the identity of a backend) -> its endpoint key."""
-    body, _, proto = identity.partition("/")
-    addr, _, port = body.rpartition(":")
-    return _l4(ipaddress.IPv4Address(addr), int(port), proto or "tcp")
-
-
-def identity_of(key: L4) -> str:
-    addr, port, proto = key
-    return f"{abi.be32_to_ip(addr)}:{abi.be16_to_port(port)}/{abi.PROTO_NAME[proto]}"
+    return _l4(*abi.parse_endpoint(identity))
 
 
 class Applier:
@@ -506,7 +494,7 @@ class Applier:
         with self.lock:
             keys = list(self.view.be_addr.items())
         for key, be_id in keys:
-            ident = identity_of(key)
+            ident = abi.format_endpoint(*key)
             if identities is not None and ident not in identities:
                 continue
             values = self.maps.percpu_sum("kvr_be_cnt", abi.ct.c_uint32(be_id),

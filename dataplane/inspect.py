@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes as ct
 import dataclasses
-import ipaddress
 import os
 import socket
 import time
@@ -22,27 +21,6 @@ class LookupError_(LookupError):
     """A named service or backend is not in the maps."""
 
 
-def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
-    """'10.96.0.10:8000' or '10.96.0.10:8000/udp' -> (address, port, protocol)."""
-    body, _, proto = text.partition("/")
-    proto = proto or "tcp"
-    host, sep, port_s = body.rpartition(":")
-    if not sep or proto not in abi.IPPROTO:
-        raise ValueError(f"{text!r}: expected VIP:PORT or VIP:PORT/tcp|udp")
-    try:
-        addr = ipaddress.IPv4Address(host)
-        port = int(port_s)
-    except ValueError as exc:
-        raise ValueError(f"{text!r}: {exc}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{text!r}: port must be between 1 and 65535")
-    return addr, port, proto
-
-
-def _endpoint(addr: int, port: int, proto: int) -> str:
-    return f"{abi.be32_to_ip(addr)}:{abi.be16_to_port(port)}/{abi.PROTO_NAME.get(proto, proto)}"
-
-
 def services(maps: MapSet) -> list[dict[str, Any]]:
     names = {k.value: v.name.decode() for k, v in maps.items("kvr_svc_name", U32, abi.SvcName)}
     out = []
@@ -50,7 +28,7 @@ def services(maps: MapSet) -> list[dict[str, Any]]:
         counters = maps.percpu_sum("kvr_svc_cnt", U32(svc.id), abi.SvcCounters) or []
         out.append({
             "id": svc.id, "name": names.get(svc.id, ""),
-            "frontend": _endpoint(key.addr, key.port, key.proto),
+            "frontend": abi.format_endpoint(key.addr, key.port, key.proto),
             "affinity": abi.Affinity(svc.affinity).name.lower(),
             "affinity_timeout": svc.aff_timeout, "table_size": svc.table_size,
             "epsilon": None if svc.eps_milli == abi.EPS_OFF else svc.eps_milli / 1000,
@@ -73,7 +51,7 @@ def backends(maps: MapSet) -> list[dict[str, Any]]:
         counters = maps.percpu_sum("kvr_be_cnt", k, abi.BeCounters) or []
         tripped = bool(health.flags & abi.HEALTH_TRIPPED)
         out.append({
-            "id": k.value, "address": _endpoint(be.addr, be.port, be.proto),
+            "id": k.value, "address": abi.format_endpoint(be.addr, be.port, be.proto),
             "state": "open" if tripped else abi.BackendState(be.state).name.lower(),
             "configured_state": abi.BackendState(be.state).name.lower(),
             "kernel_tripped": tripped, "consecutive_failures": health.consec_fail,
@@ -106,7 +84,7 @@ def stats(maps: MapSet) -> dict[str, Any]:
 def find_service(maps: MapSet, ref: str) -> tuple[abi.L4Key, abi.Svc]:
     """A service by name or VIP:PORT[/proto]."""
     if ":" in ref:
-        addr, port, proto = parse_endpoint(ref)
+        addr, port, proto = abi.parse_endpoint(ref)
         key = abi.l4_key(addr, port, proto)
         svc = maps.get("kvr_svc_v1", key, abi.Svc)
         if svc is None:
@@ -128,7 +106,7 @@ def maglev(maps: MapSet, ref: str) -> dict[str, Any]:
         counts[be_id] = counts.get(be_id, 0) + 1
     addr = {b["id"]: b["address"] for b in backends(maps)}
     return {
-        "service": svc.id, "frontend": _endpoint(key.addr, key.port, key.proto),
+        "service": svc.id, "frontend": abi.format_endpoint(key.addr, key.port, key.proto),
         "table_size": len(table),
         "slots": {addr.get(b, str(b)) if b != abi.NO_BACKEND else "none": n
                   for b, n in sorted(counts.items())},

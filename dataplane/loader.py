@@ -176,10 +176,6 @@ def _dir_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def is_installed(pin_dir: Path) -> bool:
-    return (pin_dir / "links").is_dir() and any((pin_dir / "links").iterdir())
-
-
 def uninstall(pin_dir: Path) -> list[str]:
     """Detach every pinned link and remove every pin: routing by kvroute ends."""
     removed: list[str] = []
