@@ -30,6 +30,7 @@ test-unit: setup
 lint: setup
 	$(VENV)/bin/ruff check dataplane controller lab tests
 	$(VENV)/bin/mypy dataplane controller lab
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m dataplane.bench
@@ -41,7 +42,7 @@ vllm: setup
 
 # Regenerate the gRPC code from proto/ (tests fail when it is stale).
 proto: setup
-	$(PY) -m controller.pb.generate
+	$(PY) -m dataplane.api.pb.generate
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

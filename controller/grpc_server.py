@@ -10,13 +10,13 @@ desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
   snapshot. After that, each time
   the published snapshot changes, one delta from the last snapshot *sent on this stream*,
   so a slow agent skips intermediate versions instead of queueing them.
-- ``Report``: a client stream of :class:`controller.snapshot.AgentReport`; a report with a
+- ``Report``: a client stream of :class:`controller.agent_reports.AgentReport`; a report with a
   bad field is dropped whole (the agent's previous report stays) and counted.
 
 :meth:`ControlServer.agents` gives per-agent convergence: the version and hash applied,
 whether that is the current content, and for how long the agent has been behind.
 
-TLS: :class:`TLSFiles` names PEM files; the server then requires client certificates
+TLS: :class:`channel.TLSFiles` names PEM files; the server then requires client certificates
 signed by the same CA (mutual TLS), the client checks the server's.
 """
 
@@ -29,78 +29,17 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
-from typing import Any
 
 import grpc
 import grpc.aio
 
-from controller import scraper, snapshot
-from controller.pb import convert
-from controller.pb import kvroute_pb2 as pb
-from controller.pb import kvroute_pb2_grpc as pb_grpc
+from dataplane import model, scraper
+from dataplane import reports as agent_reports
+from dataplane.api import channel, convert
+from dataplane.api.pb import kvroute_pb2 as pb
+from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvroute.controller.grpc")
-
-# Dead peers are found by HTTP/2 pings even while a stream is idle; the server has to
-# allow pings that often or it closes the connection with "too_many_pings".
-KEEPALIVE_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large fleet, with headroom
-
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class TLSFiles:
-    """PEM files for mutual TLS. The same shape serves both ends: each side presents
-    ``cert``/``key`` and trusts peers signed by ``ca``."""
-
-    ca: Path
-    cert: Path
-    key: Path
-    # Client only: the name to check in the server's certificate when it differs from
-    # the host in the target (e.g. dialling an IP whose cert names a DNS name).
-    server_name: str | None = None
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        return Path(self.ca).read_bytes(), Path(self.cert).read_bytes(), Path(self.key).read_bytes()
-
-
-def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
-    ca, cert, key = tls.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=True)
-
-
-def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
-    ca, cert, key = tls.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)
-
-
-def channel_options(tls: TLSFiles | None) -> list[tuple[str, Any]]:
-    options: list[tuple[str, Any]] = [
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        # The agent runs its own backoff with jitter; one attempt per channel.
-        ("grpc.enable_retries", 0),
-    ]
-    if tls is not None and tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return options
-
 
 # -- publisher ----------------------------------------------------------------------------
 
@@ -114,23 +53,23 @@ class Publisher:
             raise ValueError(f"history must be >= 1, got {history}")
         self._lock = threading.Lock()
         self._clock = clock
-        self._history: collections.OrderedDict[int, snapshot.Snapshot] = (
+        self._history: collections.OrderedDict[int, model.Snapshot] = (
             collections.OrderedDict())
         self._size = history
         # Longer than the snapshot history: lag needs only the times.
         self._published_at: collections.OrderedDict[int, float] = collections.OrderedDict()
-        self._current: snapshot.Snapshot | None = None
+        self._current: model.Snapshot | None = None
         self._listeners: list[Callable[[], None]] = []
 
     @property
-    def current(self) -> snapshot.Snapshot | None:
+    def current(self) -> model.Snapshot | None:
         return self._current
 
-    def publish(self, snap: snapshot.Snapshot) -> bool:
+    def publish(self, snap: model.Snapshot) -> bool:
         """Make ``snap`` current. Returns False (and keeps the current version) when the
         content is unchanged, so a controller may publish on every tick without sending
         empty deltas. Raises ValueError if the version does not increase."""
-        if not isinstance(snap, snapshot.Snapshot):
+        if not isinstance(snap, model.Snapshot):
             raise TypeError(f"publish needs a Snapshot, got {type(snap).__name__}")
         with self._lock:
             current = self._current
@@ -152,7 +91,7 @@ class Publisher:
             notify()
         return True
 
-    def get(self, version: int) -> snapshot.Snapshot | None:
+    def get(self, version: int) -> model.Snapshot | None:
         with self._lock:
             return self._history.get(version)
 
@@ -201,7 +140,7 @@ class AgentStatus:
     last_error: str | None  # why the last report was rejected
     errors: tuple[str, ...]  # what the agent itself reported
     engines: tuple[scraper.ScrapeResult, ...]
-    counters: tuple[snapshot.BackendCounters, ...]
+    counters: tuple[agent_reports.BackendCounters, ...]
 
 
 @dataclasses.dataclass
@@ -212,7 +151,7 @@ class _Agent:
     first_seen: float = 0.0  # monotonic
     watching: int = 0
     sent_version: int | None = None
-    report: snapshot.AgentReport | None = None
+    report: agent_reports.AgentReport | None = None
     last_report_at: float | None = None
     reports: int = 0
     rejected: int = 0
@@ -227,8 +166,8 @@ class ControlServer:
         self,
         publisher: Publisher,
         *,
-        tls: TLSFiles | None = None,
-        on_report: Callable[[snapshot.AgentReport], None] | None = None,
+        tls: channel.TLSFiles | None = None,
+        on_report: Callable[[agent_reports.AgentReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -253,12 +192,12 @@ class ControlServer:
             raise RuntimeError("server already started")
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=channel.SERVER_OPTIONS)
         pb_grpc.add_ControlServicer_to_server(_Servicer(self), server)
         if self.tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, server_credentials(self.tls))
+            port = server.add_secure_port(address, channel.server_credentials(self.tls))
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.publisher.subscribe(self._wake_all)
@@ -283,7 +222,7 @@ class ControlServer:
             for agent in self._agents.values():
                 agent.watching = 0
 
-    def publish(self, snap: snapshot.Snapshot) -> bool:
+    def publish(self, snap: model.Snapshot) -> bool:
         """Shorthand for ``self.publisher.publish(snap)``."""
         return self.publisher.publish(snap)
 
@@ -351,7 +290,7 @@ class ControlServer:
             return agent
 
     def _first_update(self, request: pb.WatchRequest,
-                      current: snapshot.Snapshot) -> pb.SnapshotUpdate:
+                      current: model.Snapshot) -> pb.SnapshotUpdate:
         have_version, have_hash = request.have_version, request.have_hash
         if have_version == 0:
             return convert.full_update(current)
@@ -359,25 +298,25 @@ class ControlServer:
             # The agent holds this content, maybe under another number (from before a
             # controller restart): an empty delta renumbers it, nothing to rebuild. Sent
             # even when the numbers agree, so the first message always confirms the state.
-            return convert.delta_update(snapshot.Delta(have_version, current.version,
+            return convert.delta_update(model.Delta(have_version, current.version,
                                                        current.hash))
         base = self.publisher.get(have_version)
         if base is not None and base.hash == have_hash:
-            return convert.delta_update(snapshot.delta(base, current))
+            return convert.delta_update(model.delta(base, current))
         return convert.full_update(current)
 
     async def _watch(self, request: pb.WatchRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SnapshotUpdate]:
         try:
-            snapshot.AgentReport(request.agent_id, request.node, 0, "")  # validates ids
-        except snapshot.SnapshotError as exc:
+            agent_reports.AgentReport(request.agent_id, request.node, 0, "")  # validates ids
+        except model.ModelError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         agent = self._agent(request.agent_id, request.node, context.peer())
         with self._lock:
             agent.watching += 1
         event = asyncio.Event()
         self._wakeups.add(event)
-        sent: snapshot.Snapshot | None = None
+        sent: model.Snapshot | None = None
         try:
             while not self._stopping:
                 event.clear()
@@ -386,7 +325,7 @@ class ControlServer:
                     if sent is None:
                         update = self._first_update(request, current)
                     else:
-                        update = convert.delta_update(snapshot.delta(sent, current))
+                        update = convert.delta_update(model.delta(sent, current))
                     sent = current
                     yield update
                     with self._lock:
@@ -404,9 +343,9 @@ class ControlServer:
         async for msg in requests:
             try:
                 report = convert.report_from_pb(msg)
-            except snapshot.SnapshotError as exc:
+            except model.ModelError as exc:
                 log.warning("report from %r rejected: %s", msg.agent_id, exc)
-                if msg.agent_id and len(msg.agent_id) <= snapshot.IDENTITY_MAX:
+                if msg.agent_id and len(msg.agent_id) <= model.IDENTITY_MAX:
                     agent = self._agent(msg.agent_id, "", context.peer())
                     with self._lock:
                         agent.rejected += 1

@@ -37,8 +37,10 @@ import click
 import prometheus_client
 from aiohttp import web
 
-from controller import grpc_server, leader, metrics, reconcile, snapshot
-from controller.discovery import model
+from controller import grpc_server, leader, metrics, reconcile
+from controller.discovery import discovered
+from dataplane import model, reports
+from dataplane.api import channel
 
 log = logging.getLogger("kvroute.controller")
 
@@ -52,7 +54,7 @@ class Controller:
 
     def __init__(
         self,
-        discovery: model.Discovery,
+        discovery: discovered.Discovery,
         reconciler: reconcile.Reconciler,
         server: grpc_server.ControlServer,
         tick_interval: float = DEFAULT_TICK,
@@ -183,7 +185,7 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), next_tick - now)
 
-    def tick(self) -> snapshot.Snapshot | None:
+    def tick(self) -> model.Snapshot | None:
         """One reconcile step; returns the snapshot published, if any."""
         started = time.perf_counter()
         now = self._clock()
@@ -208,7 +210,7 @@ class Controller:
         self.ticks += 1
         return published
 
-    def _on_report(self, report: snapshot.AgentReport) -> None:
+    def _on_report(self, report: reports.AgentReport) -> None:
         self.reconciler.observe(report, self._clock())
         self.metrics.reports.inc()
         if self.reconciler.has_events:
@@ -333,7 +335,7 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
         raise click.UsageError("--leader-elect needs --kubernetes (the Lease lives there)")
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tls = (grpc_server.TLSFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
+    tls = (channel.TLSFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
            if tls_ca and tls_cert and tls_key else None)
     if leader_elect is None:
         leader_elect = kubernetes and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -345,14 +347,14 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
 
 
 async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str | None,
-                 listen: str, http: str | None, tls: grpc_server.TLSFiles | None, tick: float,
+                 listen: str, http: str | None, tls: channel.TLSFiles | None, tick: float,
                  leader_elect: bool, lease_name: str, lease_namespace: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     cleanups: list[Callable[[], None]] = []
-    discovery: model.Discovery
+    discovery: discovered.Discovery
     api = None
     if static_file:
         from controller.discovery import static

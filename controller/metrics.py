@@ -24,7 +24,8 @@ import prometheus_client
 from prometheus_client import registry as prom_registry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from controller import breaker, grpc_server, reconcile, snapshot
+from controller import breaker, grpc_server, reconcile
+from dataplane import model
 
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BREAKER_STATES = tuple(s.value for s in breaker.State)
@@ -102,7 +103,7 @@ class StateCollector(prom_registry.Collector):
             yield from self._agents(self.server.agents())
 
     @staticmethod
-    def _snapshot(snap: snapshot.Snapshot | None) -> Iterator[Metric]:
+    def _snapshot(snap: model.Snapshot | None) -> Iterator[Metric]:
         version = GaugeMetricFamily("kvroute_snapshot_version",
                                     "Version of the last snapshot built (0: none yet).")
         version.add_metric([], snap.version if snap is not None else 0)
@@ -125,7 +126,7 @@ class StateCollector(prom_registry.Collector):
                 ident = reconcile.backend_identity(b.address, b.port, svc.protocol)
                 weight.add_metric([svc.name, ident], b.weight)
                 load.add_metric([svc.name, ident], b.load)
-                for s in snapshot.BACKEND_STATES:
+                for s in model.BackendState:
                     state.add_metric([svc.name, ident, s], 1 if b.state == s else 0)
         yield from (version, count, weight, load, state, saturated)
 

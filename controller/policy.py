@@ -36,7 +36,8 @@ integer: one unit per thousandth of a request in flight, with KV usage in permil
 tie-breaker between engines with the same number of requests. The kernel compares a
 backend's load with ``(1 + epsilon) * mean``; :attr:`ServicePolicy.mean_load` and
 :attr:`ServicePolicy.load_bound` give both over the backends that can take new sessions.
-Use :func:`load_units` wherever a load is written so every writer uses the same scale.
+The scale is :func:`dataplane.model.load_units` (``EngineLoad.units``), one definition for
+every writer.
 
 Saturation
 ----------
@@ -53,15 +54,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
 
-from controller import breaker, enginemetrics
+from controller import breaker
+from dataplane import enginemetrics, model
 
-WEIGHT_MAX = 65535
-LOAD_MAX = 2**32 - 1
-LOAD_PER_REQUEST = 1000
-
-BackendState = Literal["active", "draining", "open", "probing"]
+WEIGHT_MAX = model.WEIGHT_MAX
+LOAD_MAX = model.LOAD_MAX
+BackendState = model.BackendState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +122,7 @@ class BackendPolicy:
     identity: str
     weight: int  # 0..65535, Maglev weight; 0 = no slots
     state: BackendState
-    load: int  # 0..2**32-1, bounded-load units (see load_units)
+    load: int  # 0..LOAD_MAX, bounded-load units (EngineLoad.units)
     level: int  # weight band, kept even at weight 0 so hysteresis survives open/draining
 
 
@@ -144,13 +143,6 @@ class ServicePolicy:
             if b.identity == identity:
                 return b
         raise KeyError(identity)
-
-
-def load_units(load: enginemetrics.EngineLoad) -> int:
-    """Bounded-load units of one engine (see the module docstring for the scale)."""
-    requests = LOAD_PER_REQUEST * (load.running + load.waiting)
-    value = round(requests) + round(LOAD_PER_REQUEST * load.kv_usage)
-    return max(0, min(LOAD_MAX, value))
 
 
 def utilisation(config: PolicyConfig, load: enginemetrics.EngineLoad) -> float:
@@ -203,7 +195,7 @@ def compute(
             headroom = 1.0 - utilisation(config, b.load)
             prev_level = old.level if old is not None else None
             levels[b.identity] = level_for(headroom, config.levels, config.hysteresis, prev_level)
-            loads[b.identity] = load_units(b.load)
+            loads[b.identity] = b.load.units
         elif old is not None:
             # A failed scrape tells us nothing about load: keep what we had.
             levels[b.identity], loads[b.identity] = old.level, old.load
@@ -249,12 +241,12 @@ def _check_identities(inputs: Sequence[BackendInput]) -> None:
 
 def _state(b: BackendInput) -> BackendState:
     if b.breaker is breaker.State.OPEN:
-        return "open"
+        return BackendState.OPEN
     if b.terminating:
-        return "draining"
+        return BackendState.DRAINING
     if b.breaker is breaker.State.HALF_OPEN:
-        return "probing"
-    return "active"
+        return BackendState.PROBING
+    return BackendState.ACTIVE
 
 
 def _probe_weight(share: float, active_sum: int) -> int:

@@ -29,7 +29,7 @@ bounded load. Endpoints neither ready nor serving are left out, as kube-proxy do
 An engine is one backend identity (``"address:port/protocol"``, as the agents hash it),
 with one breaker however many services list it: the pod behind it is up or down for all
 of them. The snapshot lists every LLM backend the agents should scrape
-(:class:`controller.snapshot.EngineRef`), with the node it runs on.
+(:class:`controller.model.EngineRef`), with the node it runs on.
 
 Snapshot names: discovery names a service ``namespace/name`` and gives one spec per port,
 neither of which is a valid snapshot name (lower-case letters, digits, ``-`` and ``.``,
@@ -48,11 +48,11 @@ import re
 import types
 from collections.abc import Iterable, Mapping
 
-from controller import breaker, enginemetrics, policy, scraper, snapshot
-from controller.discovery import model
-from dataplane import config, maglev
+from controller import breaker, policy
+from controller.discovery import discovered
+from dataplane import enginemetrics, model, reports, scraper
 
-PLAIN_WEIGHT = config.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
+PLAIN_WEIGHT = model.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
 HEALTH_PATH = "/health"
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _EVENTS_MAX = 4096  # undrained breaker events kept (oldest dropped first)
@@ -71,16 +71,14 @@ def snapshot_name(name: str, port: int, protocol: str) -> str:
     """
     raw = f"{name.replace('/', '.')}.{port}-{protocol}"
     clean = _EDGES.sub("", _UNSAFE.sub("-", raw.lower()))
-    if clean == raw and len(clean) <= snapshot.NAME_MAX_BYTES:
+    if clean == raw and len(clean) <= model.NAME_MAX:
         return clean
     digest = hashlib.sha256(f"{name}\0{port}\0{protocol}".encode()).hexdigest()[:_HASH_CHARS]
-    head = _EDGES.sub("", clean[: snapshot.NAME_MAX_BYTES - _HASH_CHARS - 1])
+    head = _EDGES.sub("", clean[: model.NAME_MAX - _HASH_CHARS - 1])
     return f"{head}-{digest}" if head else digest
 
 
-def backend_identity(address: str, port: int, protocol: str) -> str:
-    """The string agents hash a backend by (``dataplane.config.backend_identity``)."""
-    return f"{address}:{port}/{protocol}"
+backend_identity = model.backend_identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +125,8 @@ class _Service:
     llm: bool
     vip: str
     port: int
-    protocol: str
-    affinity: str
+    protocol: model.Protocol
+    affinity: model.Affinity
     affinity_timeout: int
     table_size: int
     epsilon: float | None
@@ -138,7 +136,7 @@ class _Service:
 
 
 class _Engine:
-    def __init__(self, ref: snapshot.EngineRef, cfg: breaker.BreakerConfig, now: float) -> None:
+    def __init__(self, ref: model.EngineRef, cfg: breaker.BreakerConfig, now: float) -> None:
         self.ref = ref
         self.config = cfg  # wanted; the breaker switches to it once it is CLOSED
         self.breaker = breaker.Breaker(cfg, now)
@@ -161,34 +159,26 @@ class Reconciler:
         policy_config: policy.PolicyConfig | None = None,
         default_breaker: breaker.BreakerConfig | None = None,
         *,
-        default_table_size: int = config.DEFAULT_TABLE_SIZE,
         first_version: int = 1,
     ) -> None:
         self.policy_config = policy_config if policy_config is not None else policy.PolicyConfig()
         self.default_breaker = (
             default_breaker if default_breaker is not None else breaker.BreakerConfig()
         )
-        if not (
-            config.MIN_TABLE_SIZE <= default_table_size <= config.MAX_TABLE_SIZE
-            and maglev.is_prime(default_table_size)
-        ):
-            raise ValueError(f"default_table_size must be a prime in [{config.MIN_TABLE_SIZE}, "
-                             f"{config.MAX_TABLE_SIZE}], got {default_table_size}")
-        if not 1 <= first_version <= snapshot.VERSION_MAX:
-            raise ValueError(f"first_version must be in [1, {snapshot.VERSION_MAX}]")
-        self.default_table_size = default_table_size
+        if not 1 <= first_version <= model.VERSION_MAX:
+            raise ValueError(f"first_version must be in [1, {model.VERSION_MAX}]")
         self._version = first_version - 1
         self._services: tuple[_Service, ...] = ()
-        self._refs: tuple[snapshot.EngineRef, ...] = ()
+        self._refs: tuple[model.EngineRef, ...] = ()
         self._engines: dict[str, _Engine] = {}
-        self._counters: dict[tuple[str, str], snapshot.BackendCounters] = {}
+        self._counters: dict[tuple[str, str], reports.BackendCounters] = {}
         self._scrapes: dict[tuple[str, str], scraper.ScrapeResult] = {}  # last per agent
         self._policies: dict[str, policy.ServicePolicy] = {}
         # Per service: the policy inputs of the last tick and the ServiceState built then,
         # reused while the inputs stay the same (compute is a fixed point on equal inputs).
         self._inputs: dict[str, tuple[tuple[int, breaker.State], ...]] = {}
-        self._states: dict[str, snapshot.ServiceState] = {}
-        self._last: snapshot.Snapshot | None = None
+        self._states: dict[str, model.Service] = {}
+        self._last: model.Snapshot | None = None
         self._events: collections.deque[BreakerEvent] = collections.deque(maxlen=_EVENTS_MAX)
         # The engine view is built on demand from the last tick's inputs, and cached
         # together with the inputs it came from, so a reader on another thread racing a
@@ -201,14 +191,14 @@ class Reconciler:
 
     # -- inputs ------------------------------------------------------------------------
 
-    def set_specs(self, specs: Iterable[model.ServiceSpec], now: float) -> None:
+    def set_specs(self, specs: Iterable[discovered.ServiceSpec], now: float) -> None:
         """Replace the discovered services. Engines no longer listed are forgotten
         (breaker, load, counters); new ones start CLOSED. A spec that cannot be turned
         into a service is left out and named in :meth:`problems`."""
         problems: list[str] = []
         services: dict[str, _Service] = {}
         owners: dict[tuple[str, int, str], str] = {}
-        refs: dict[str, snapshot.EngineRef] = {}
+        refs: dict[str, model.EngineRef] = {}
         breakers: dict[str, breaker.BreakerConfig] = {}
         prepared = []
         for spec in specs:
@@ -240,7 +230,7 @@ class Reconciler:
                 if be.identity in refs:
                     continue  # listed by an earlier service: its URLs and breaker win
                 mport = spec.metrics_port or be.port
-                refs[be.identity] = snapshot.EngineRef(
+                refs[be.identity] = model.EngineRef(
                     identity=be.identity,
                     metrics_url=f"http://{be.address}:{mport}{spec.metrics_path}",
                     health_url=f"http://{be.address}:{be.port}{HEALTH_PATH}",
@@ -266,13 +256,13 @@ class Reconciler:
         self._states = {}
         self._problems = tuple(problems)
 
-    def _prepare(self, name: str, spec: model.ServiceSpec, problems: list[str]) -> _Service:
+    def _prepare(self, name: str, spec: discovered.ServiceSpec, problems: list[str]) -> _Service:
         # Kubernetes may list one address in two slices (e.g. during a rollout): keep one
         # backend per address and port, ready winning over terminating.
         chosen: dict[tuple[str, int], _Backend] = {}
         for ep in sorted(spec.endpoints):
             state = ep.state
-            if state is model.State.EXCLUDED:
+            if state is discovered.State.EXCLUDED:
                 continue
             address = str(ep.address)
             if ep.address.is_unspecified or ep.address.is_multicast or ep.address == _BROADCAST:
@@ -281,19 +271,15 @@ class Reconciler:
                                 f"left out")
                 continue
             be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
-                          terminating=state is model.State.DRAINING)
+                          terminating=state is discovered.State.DRAINING)
             old = chosen.get((address, ep.port))
             if old is None or (old.terminating and not be.terminating):
                 chosen[(address, ep.port)] = be
         backends = tuple(chosen[k] for k in sorted(chosen))
 
-        affinity = config.Affinity(spec.affinity)
-        auto = config.auto_table_size(affinity, len(backends), self.default_table_size)
-        table_size = spec.table_size or auto
+        table_size = spec.table_size or model.auto_table_size(spec.affinity, len(backends))
         if len(backends) > table_size:
-            fits = next((m for m in config.AUTO_TABLE_SIZES if m >= len(backends)), None)
-            if fits is None:
-                raise ValueError(f"{len(backends)} backends do not fit any Maglev table")
+            fits = model.auto_table_size(spec.affinity, len(backends))
             problems.append(f"service {spec.name} port {spec.port}/{spec.protocol}: "
                             f"{len(backends)} backends do not fit table-size {table_size}, "
                             f"using {fits}")
@@ -308,11 +294,11 @@ class Reconciler:
                 epsilon=spec.epsilon if spec.epsilon is not None else self.policy_config.epsilon,
                 probe_share=probe_share,
             )
-            epsilon = min(max(pcfg.epsilon, 0.0), snapshot.EPSILON_MAX)
+            epsilon = min(max(pcfg.epsilon, 0.0), model.EPSILON_MAX)
         svc = _Service(
-            name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port, protocol=spec.protocol,
-            affinity=spec.affinity,
-            affinity_timeout=spec.affinity_timeout or config.DEFAULT_AFFINITY_TIMEOUT,
+            name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port,
+            protocol=model.Protocol(spec.protocol), affinity=model.Affinity(spec.affinity),
+            affinity_timeout=spec.affinity_timeout or model.DEFAULT_AFFINITY_TIMEOUT,
             table_size=table_size, epsilon=epsilon, probe_share=probe_share, policy=pcfg,
             backends=backends,
         )
@@ -321,7 +307,7 @@ class Reconciler:
         self._plain(svc)
         return svc
 
-    def observe(self, report: snapshot.AgentReport, now: float) -> None:
+    def observe(self, report: reports.AgentReport, now: float) -> None:
         """Feed one agent report (see the module docstring for what counts)."""
         for result in report.engines:
             engine = self._engines.get(result.identity)
@@ -368,7 +354,7 @@ class Reconciler:
 
     # -- output ------------------------------------------------------------------------
 
-    def tick(self, now: float) -> snapshot.Snapshot | None:
+    def tick(self, now: float) -> model.Snapshot | None:
         """Advance breakers, recompute policy, and return the next snapshot if its
         content changed since the last one returned (else None)."""
         states: dict[str, breaker.State] = {}
@@ -381,7 +367,7 @@ class Reconciler:
             states[identity] = state
         self._collect()
 
-        services: list[snapshot.ServiceState] = []
+        services: list[model.Service] = []
         changed = self._last is None or self._last.engines != self._refs
         for svc in self._services:
             cached = self._states.get(svc.name)
@@ -413,7 +399,7 @@ class Reconciler:
 
         if not changed:
             return None
-        candidate = snapshot.Snapshot(self._version + 1, tuple(services), self._refs)
+        candidate = model.Snapshot.of(self._version + 1, tuple(services), self._refs)
         if self._last is not None and candidate.hash == self._last.hash:
             return None
         self._version += 1
@@ -421,7 +407,7 @@ class Reconciler:
         return candidate
 
     @property
-    def last(self) -> snapshot.Snapshot | None:
+    def last(self) -> model.Snapshot | None:
         """The last snapshot :meth:`tick` returned."""
         return self._last
 
@@ -455,26 +441,27 @@ class Reconciler:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _plain(self, svc: _Service) -> snapshot.ServiceState:
+    def _plain(self, svc: _Service) -> model.Service:
         backends = tuple(
-            snapshot.Backend(be.address, be.port, 0 if be.terminating else PLAIN_WEIGHT,
-                             "draining" if be.terminating else "active")
+            model.Backend(be.address, be.port, 0 if be.terminating else PLAIN_WEIGHT,
+                          model.BackendState.DRAINING if be.terminating
+                          else model.BackendState.ACTIVE)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=False)
 
-    def _llm(self, svc: _Service, result: policy.ServicePolicy) -> snapshot.ServiceState:
+    def _llm(self, svc: _Service, result: policy.ServicePolicy) -> model.Service:
         by_id = {bp.identity: bp for bp in result.backends}
         backends = tuple(
-            snapshot.Backend(be.address, be.port, by_id[be.identity].weight,
-                             by_id[be.identity].state, by_id[be.identity].load)
+            model.Backend(be.address, be.port, by_id[be.identity].weight,
+                          by_id[be.identity].state, by_id[be.identity].load)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=result.saturated)
 
-    def _state(self, svc: _Service, backends: tuple[snapshot.Backend, ...],
-               saturated: bool) -> snapshot.ServiceState:
-        return snapshot.ServiceState(
+    def _state(self, svc: _Service, backends: tuple[model.Backend, ...],
+               saturated: bool) -> model.Service:
+        return model.Service(
             name=svc.name, vip=svc.vip, port=svc.port, protocol=svc.protocol,
             affinity=svc.affinity, affinity_timeout=svc.affinity_timeout,
             table_size=svc.table_size, epsilon=svc.epsilon, probe_share=svc.probe_share,

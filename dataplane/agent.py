@@ -22,7 +22,8 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from dataplane import apply, config, loader, metrics
+from dataplane import apply, config, engines, loader, metrics, model, stream
+from dataplane.api import channel
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
@@ -36,7 +37,7 @@ class ControllerOptions:
     agent_id: str
     scrape_interval: float = 0.25
     report_interval: float = 1.0
-    tls: object | None = None        # controller.grpc_server.TLSFiles
+    tls: channel.TLSFiles | None = None
 
 
 class Agent:
@@ -59,8 +60,8 @@ class Agent:
         self.applier: apply.Applier | None = None
         self.registry = CollectorRegistry()
         self.metrics = metrics.AgentMetrics(self.registry)
-        self.stream: object | None = None
-        self.watcher: object | None = None
+        self.stream: stream.SnapshotClient | None = None
+        self.watcher: engines.EngineWatcher | None = None
 
     def start(self) -> None:
         # Validate the desired state before touching the kernel: a bad file at
@@ -89,7 +90,7 @@ class Agent:
         if self.ready_file and not self.ready_file.exists():
             self.ready_file.write_text("ready\n")
 
-    def _apply(self, desired: config.DesiredState, source: str) -> None:
+    def _apply(self, desired: model.DesiredState, source: str) -> None:
         assert self.applier is not None
         if self.config_path:
             self._mtime = self._current_mtime()
@@ -104,23 +105,16 @@ class Agent:
                 result.build_seconds, result.write_seconds)
 
     def _start_controller(self, opts: ControllerOptions) -> None:
-        from controller import snapshot
-        from dataplane import engines, stream
         assert self.applier is not None
 
-        def on_snapshot(snap: snapshot.Snapshot) -> bool:
-            try:
-                desired = config.from_dict(snap.to_dict())
-            except config.ConfigError as exc:
-                log.error("snapshot %d rejected, keeping the current state: %s",
-                          snap.version, exc)
-                return False
-            self._apply(desired, f"snapshot {snap.version}")
+        def on_snapshot(snap: model.Snapshot) -> bool:
+            # Validated on receipt (the model's constructors): applied as it is.
+            self._apply(snap.desired, f"snapshot {snap.version}")
             self.metrics.snapshot_version.set(snap.version)
             self._ready()
             return True
 
-        def targets() -> list[snapshot.EngineRef]:
+        def targets() -> list[model.EngineRef]:
             snap = client.applied
             return list(snap.engines) if snap is not None else []
 
@@ -134,7 +128,7 @@ class Agent:
                                         on_round=on_round)
         client = stream.SnapshotClient(
             opts.target, opts.agent_id, opts.node, on_snapshot,
-            tls=opts.tls,  # type: ignore[arg-type]
+            tls=opts.tls,
             report_source=watcher.observations, report_interval=opts.report_interval)
         client.start()
         watcher.start()
@@ -148,7 +142,7 @@ class Agent:
         assert self.config_path is not None
         try:
             desired = config.load_file(self.config_path)
-        except (config.ConfigError, OSError) as exc:
+        except model.ModelError as exc:
             self._mtime = self._current_mtime()
             log.error("not applied, keeping the current state: %s", exc)
             return False
@@ -171,9 +165,9 @@ class Agent:
 
     def close(self, detach: bool) -> None:
         if self.watcher:
-            self.watcher.stop()  # type: ignore[attr-defined]
+            self.watcher.stop()
         if self.stream:
-            self.stream.stop()  # type: ignore[attr-defined]
+            self.stream.stop()
         if self.applier:
             self.applier.close()
         if self.maps:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from dataplane import abi, bpfsys, config, maglev
+from dataplane import abi, bpfsys, maglev, model
 from dataplane.maps import MapSet
 from dataplane.tables import TablePool
 
@@ -44,23 +44,23 @@ _UNPLACED = -1  # tbl_group/tbl_base of a table execute has yet to write
 # A backend serving several services with different states takes the most
 # restrictive one: an endpoint is one pod, whatever Service names it.
 _SEVERITY = {
-    config.BackendState.ACTIVE: 0, config.BackendState.PROBING: 1,
-    config.BackendState.DRAINING: 2, config.BackendState.OPEN: 3,
+    model.BackendState.ACTIVE: 0, model.BackendState.PROBING: 1,
+    model.BackendState.DRAINING: 2, model.BackendState.OPEN: 3,
 }
 _KSTATE = {
-    config.BackendState.ACTIVE: int(abi.BackendState.ACTIVE),
-    config.BackendState.DRAINING: int(abi.BackendState.DRAINING),
-    config.BackendState.OPEN: int(abi.BackendState.OPEN),
-    config.BackendState.PROBING: int(abi.BackendState.PROBING),
+    model.BackendState.ACTIVE: int(abi.BackendState.ACTIVE),
+    model.BackendState.DRAINING: int(abi.BackendState.DRAINING),
+    model.BackendState.OPEN: int(abi.BackendState.OPEN),
+    model.BackendState.PROBING: int(abi.BackendState.PROBING),
 }
 _KAFF = {
-    config.Affinity.NONE: int(abi.Affinity.NONE),
-    config.Affinity.CLIENT: int(abi.Affinity.CLIENT),
-    config.Affinity.SESSION: int(abi.Affinity.SESSION),
+    model.Affinity.NONE: int(abi.Affinity.NONE),
+    model.Affinity.CLIENT: int(abi.Affinity.CLIENT),
+    model.Affinity.SESSION: int(abi.Affinity.SESSION),
 }
 # Only these states get table slots; draining and open backends are left out
 # of the table, which moves only their own keys.
-_IN_TABLE = (config.BackendState.ACTIVE, config.BackendState.PROBING)
+_IN_TABLE = (model.BackendState.ACTIVE, model.BackendState.PROBING)
 _USABLE_KSTATES = (int(abi.BackendState.ACTIVE), int(abi.BackendState.PROBING))
 
 
@@ -101,17 +101,16 @@ class Plan:
         return out
 
 
-def identity(svc: config.Service, be: config.Backend) -> str:
-    """A backend's name for Maglev: the same string on every node."""
-    return f"{be.address}:{be.port}/{svc.protocol}"
-
-
-def _l4(addr: Any, port: int, proto: str) -> L4:
+def _l4(addr: int, port: int, proto: str) -> L4:
     # abi.ip_to_be32/port_to_be16 inlined (this runs once per backend per apply):
     # network order read as a native little-endian integer is a byte swap.
-    x = int(addr)
+    x = addr
     be32 = ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | (x >> 24)
     return (be32, socket.htons(port), abi.IPPROTO[proto])
+
+
+def _ip(text: str) -> int:
+    return int.from_bytes(socket.inet_aton(text), "big")
 
 
 H = TypeVar("H", bound=Hashable)
@@ -159,7 +158,7 @@ def proportional(weights: tuple[int, ...], size: int) -> np.ndarray:
     return table
 
 
-def plan(desired: config.DesiredState, current: View, seed: int,
+def plan(desired: model.DesiredState, current: View, seed: int,
          live_loads: Mapping[L4, int] | None = None) -> Plan:
     """Compute the target maps and what differs from `current`. Pure.
 
@@ -170,13 +169,13 @@ def plan(desired: config.DesiredState, current: View, seed: int,
     live_loads = live_loads or {}
 
     # Endpoints: one backend id per (address, port, protocol), shared by services.
-    ep_state: dict[L4, config.BackendState] = {}
+    ep_state: dict[L4, model.BackendState] = {}
     ep_load: dict[L4, int] = {}
     svc_eps: list[list[L4]] = []
     for svc in desired.services:
         eps = []
         for be in svc.backends:
-            key = _l4(be.address, be.port, svc.protocol)
+            key = _l4(be.key[0], be.port, svc.protocol)
             eps.append(key)
             state = ep_state.get(key)
             if state is None:
@@ -201,7 +200,7 @@ def plan(desired: config.DesiredState, current: View, seed: int,
         if load:
             target.be_load[be_id] = load
 
-    svc_keys = [_l4(s.vip, s.port, s.protocol) for s in desired.services]
+    svc_keys = [_l4(_ip(s.vip), s.port, s.protocol) for s in desired.services]
     current_ids = {k: v[0] for k, v in current.services.items()}
     svc_ids = _alloc(list(svc_keys), current_ids, set(current_ids.values()))
 
@@ -210,20 +209,20 @@ def plan(desired: config.DesiredState, current: View, seed: int,
     tables: dict[L4, np.ndarray] = {}
     for svc, key, eps in zip(desired.services, svc_keys, svc_eps, strict=True):
         svc_id = svc_ids[key]
-        consistent = svc.affinity != config.Affinity.NONE
+        consistent = svc.affinity != model.Affinity.NONE
         entries: list[tuple[Any, int, int]] = []
         loads = []
         for be, ep in zip(svc.backends, eps, strict=True):
             be_id = be_ids[ep]
             usable = ep_state[ep] in _IN_TABLE
             # Maglev needs the node-independent name; a proportional table only an order.
-            name = identity(svc, be) if consistent else ep
+            name = svc.identity(be) if consistent else ep
             entries.append((name, be.weight if usable else 0, be_id))
             target.members[(svc_id, be_id)] = be.weight
             if usable:
                 loads.append(target.be_load.get(be_id, 0))
         entries.sort()
-        revision = _revision(b"maglev" if consistent else b"prop", svc.table_size, seed, entries)
+        revision = _revision(b"maglev" if consistent else b"prop", svc.size, seed, entries)
         eps_milli = abi.EPS_OFF if svc.epsilon is None else min(round(svc.epsilon * 1000), 0xFFFE)
         prev = current.services.get(key)
         if prev is not None and prev[0] == svc_id and prev[10] == revision:
@@ -233,14 +232,14 @@ def plan(desired: config.DesiredState, current: View, seed: int,
             ids = np.fromiter((e[2] for e in entries), dtype=np.uint32, count=len(entries))
             weights = [e[1] for e in entries]
             if consistent:
-                maglev_groups.setdefault(svc.table_size, []).append(
+                maglev_groups.setdefault(svc.size, []).append(
                     (key, [e[0] for e in entries], weights, ids))
             else:
-                tables[key] = _to_ids(proportional(tuple(weights), svc.table_size), ids,
-                                      svc.table_size)
+                tables[key] = _to_ids(proportional(tuple(weights), svc.size), ids,
+                                      svc.size)
         flags = abi.SVC_F_SATURATED if svc.saturated else 0
         target.services[key] = (
-            svc_id, svc.table_size, group, base, svc.affinity_timeout, eps_milli,
+            svc_id, svc.size, group, base, svc.affinity_timeout, eps_milli,
             round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),
             revision)
         target.names[svc_id] = svc.name
@@ -434,7 +433,8 @@ def read_view(maps: MapSet) -> View:
 
 def parse_identity(identity: str) -> L4:
     """'10.0.0.5:8000/tcp' (the identity of a backend) -> its endpoint key."""
-    return _l4(*abi.parse_endpoint(identity))
+    address, port, proto = abi.parse_endpoint(identity)
+    return _l4(int(address), port, proto)
 
 
 class Applier:
@@ -451,7 +451,7 @@ class Applier:
         self.pool.adopt(svc for _, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
         self.live_loads: dict[L4, int] = {}
 
-    def apply(self, desired: config.DesiredState) -> ApplyResult:
+    def apply(self, desired: model.DesiredState) -> ApplyResult:
         with self.lock:
             p = plan(desired, self.view, self.seed, self.live_loads)
             result = execute(p, self.maps, self.pool, self.view)

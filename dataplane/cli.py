@@ -4,10 +4,10 @@ for people (80 columns), --json for machines."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dataplane import host, settings
+from dataplane import host, model, settings
+from dataplane.api import channel
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=max(80, Console().width), highlight=False)
@@ -61,7 +62,41 @@ def _emit(data: Any, as_json: bool, table: Callable[[], Table] | None) -> None:
         console.print(table())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+PLUGIN_GROUP = "kvroute.commands"
+
+
+class _Commands(click.Group):
+    """The built-in commands plus those other packages of the distribution provide
+    (``controller``, ``engine-sim``, ``lab``) through the ``kvroute.commands`` entry
+    points, loaded only when used: ``kvroute maps`` on a node needs neither the
+    controller's nor the lab's dependencies. A listed command that fails to import is an
+    error naming the cause, never a silently missing command."""
+
+    def _plugins(self) -> dict[str, importlib.metadata.EntryPoint]:
+        return {ep.name: ep for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        builtin = super().get_command(ctx, cmd_name)
+        if builtin is not None:
+            return builtin
+        ep = self._plugins().get(cmd_name)
+        if ep is None:
+            return None
+        try:
+            command = ep.load()
+        except Exception as exc:
+            raise click.ClickException(
+                f"command {cmd_name!r} ({ep.value}) is installed but cannot be loaded: "
+                f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(command, click.Command):
+            raise click.ClickException(f"command {cmd_name!r}: {ep.value} is not a click command")
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
     """kvroute: connect-time routing for LLM inference fleets, in the kernel.
@@ -124,7 +159,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     import socket as socket_mod
 
     from dataplane import agent as agent_mod
-    from dataplane import config, loader
+    from dataplane import loader
     if (config_path is None) == (controller_target is None):
         raise click.UsageError("give exactly one of --config FILE or --controller HOST:PORT")
     if any((tls_ca, tls_cert, tls_key)) and not all((tls_ca, tls_cert, tls_key)):
@@ -141,8 +176,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         node = node or socket_mod.gethostname()
         tls = None
         if tls_ca and tls_cert and tls_key:
-            from controller import grpc_server
-            tls = grpc_server.TLSFiles(ca=tls_ca, cert=tls_cert, key=tls_key)
+            tls = channel.TLSFiles(ca=tls_ca, cert=tls_cert, key=tls_key)
         ctrl = agent_mod.ControllerOptions(
             target=controller_target, node=node, agent_id=agent_id or f"{node}-{pin_dir.name}",
             scrape_interval=scrape_interval, tls=tls)
@@ -151,8 +185,8 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     a.install_signals()
     try:
         a.start()
-    except config.ConfigError as exc:
-        _fail(f"{config_path}: not applied, nothing changed:\n{exc}")
+    except model.ModelError as exc:
+        _fail(f"not applied, nothing changed:\n{exc}")
     except (host.HostError, loader.LoadError, OSError) as exc:
         _fail(str(exc))
     try:
@@ -182,8 +216,8 @@ def check_config(path: Path) -> None:
     from dataplane import config
     try:
         state = config.load_file(path)
-    except config.ConfigError as exc:
-        _fail(f"{path}:\n{exc}")
+    except model.ModelError as exc:
+        _fail(f"not valid:\n{exc}")
     n_be = sum(len(s.backends) for s in state.services)
     click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends)")
 
@@ -331,49 +365,3 @@ def explain(maps: Any, as_json: bool, service: str, session: str | None,
     for step in data["steps"]:
         click.echo(f"{step['what']:>12}: {step['detail']}")
     click.echo(f"{'backend':>12}: {data['backend'] or 'none'} ({data['reason']})")
-
-
-@main.group()
-def lab() -> None:
-    """The one-machine lab: network namespaces as GPU pods, clients, engines, traffic."""
-
-
-@lab.command("demo")
-@click.option("--pods", type=click.IntRange(1, 32), default=3, show_default=True)
-@click.option("--sessions", type=click.IntRange(1, 100000), default=200, show_default=True)
-def lab_demo(pods: int, sessions: int) -> None:
-    """The whole system on one machine: engine simulators in pod namespaces, the
-    controller, two node agents; tagged sessions through the VIP, an engine killed
-    under live traffic and brought back, the maps; then everything is removed."""
-    from lab import demo
-    if os.geteuid() != 0:
-        _fail("the lab needs root (network namespaces, cgroups, eBPF)")
-    sys.exit(demo.run(pods=pods, sessions=sessions))
-
-
-@lab.command("clean")
-def lab_clean() -> None:
-    """Remove leftovers of crashed labs (namespaces, links, cgroups named kvr*)."""
-    from lab import netns
-    report = netns.sweep()
-    for bucket in ("namespaces", "links", "cgroups"):
-        for name in getattr(report, bucket):
-            click.echo(f"removed {bucket[:-1]} {name}")
-    for failure in report.failures:
-        click.echo(f"could not remove: {failure}", err=True)
-
-
-def _register_optional() -> None:
-    """Commands whose modules live in the lab package; absent ones are skipped."""
-    import importlib
-    for module, attr, group in (("lab.engine_sim.cli", "command", main),
-                                ("controller.main", "command", main),
-                                ("lab.traffic", "command", lab)):
-        try:
-            cmd = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            continue
-        group.add_command(cmd)
-
-
-_register_optional()

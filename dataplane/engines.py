@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from controller import policy, scraper, snapshot
-from dataplane import apply
+from dataplane import apply, model, reports, scraper
 
 log = logging.getLogger("kvroute.engines")
 
-Targets = Callable[[], Sequence[snapshot.EngineRef]]
+Targets = Callable[[], Sequence[model.EngineRef]]
 
 
 class EngineWatcher:
@@ -51,15 +50,15 @@ class EngineWatcher:
                 metrics_path=metrics.raw_path.decode(), health_path=health.raw_path.decode()))
         return out
 
-    def observations(self) -> snapshot.Observations:
+    def observations(self) -> reports.Observations:
         """What the agent reports: its scrapes, and the kernel's counters for every
         engine (this node's connects reach engines on other nodes too)."""
         with self._lock:
             results = tuple(self.results.values())
         counters = self.applier.counters({ref.identity for ref in self.targets()})
-        return snapshot.Observations(
+        return reports.Observations(
             engines=results,
-            counters=tuple(snapshot.BackendCounters(ident, *values[:6])
+            counters=tuple(reports.BackendCounters(ident, *values[:6])
                            for ident, values in sorted(counters.items())))
 
     def start(self) -> None:
@@ -84,7 +83,7 @@ class EngineWatcher:
             results = await scraper.scrape(targets, self.timeout, client=client)
             with self._lock:
                 before, self.results = self.results, results
-            loads = {ident: policy.load_units(r.load) for ident, r in results.items()
+            loads = {ident: r.load.units for ident, r in results.items()
                      if r.ok and r.load is not None}
             try:
                 written = self.applier.set_loads(loads)

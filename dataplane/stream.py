@@ -34,15 +34,15 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from controller import grpc_server, snapshot
-from controller.pb import convert
-from controller.pb import kvroute_pb2 as pb
-from controller.pb import kvroute_pb2_grpc as pb_grpc
+from dataplane import model, reports
+from dataplane.api import channel, convert
+from dataplane.api.pb import kvroute_pb2 as pb
+from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvroute.agent.stream")
 
-OnSnapshot = Callable[[snapshot.Snapshot], bool]
-ReportSource = Callable[[], snapshot.Observations]
+OnSnapshot = Callable[[model.Snapshot], bool]
+ReportSource = Callable[[], reports.Observations]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +82,13 @@ class SnapshotClient:
         node: str,
         on_snapshot: OnSnapshot,
         *,
-        tls: grpc_server.TLSFiles | None = None,
+        tls: channel.TLSFiles | None = None,
         report_source: ReportSource | None = None,
         report_interval: float = 1.0,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        snapshot.AgentReport(agent_id, node, 0, "")  # validates the ids early
+        reports.AgentReport(agent_id, node, 0, "")  # validates the ids early
         if not report_interval > 0:
             raise ValueError(f"report_interval must be > 0, got {report_interval!r}")
         self.target = target
@@ -103,8 +103,8 @@ class SnapshotClient:
         self.stats = Stats()
         # _received: the controller's state as rebuilt from the stream;
         # _applied: what on_snapshot accepted, i.e. what the kernel holds.
-        self._received: snapshot.Snapshot | None = None
-        self._applied: snapshot.Snapshot | None = None
+        self._received: model.Snapshot | None = None
+        self._applied: model.Snapshot | None = None
         self._apply_seconds = 0.0
         self._apply_error: str | None = None
         self._want_full = False
@@ -118,12 +118,12 @@ class SnapshotClient:
     # -- public, any thread
 
     @property
-    def applied(self) -> snapshot.Snapshot | None:
+    def applied(self) -> model.Snapshot | None:
         """The last snapshot applied (kept while the controller is away)."""
         return self._applied
 
     @property
-    def received(self) -> snapshot.Snapshot | None:
+    def received(self) -> model.Snapshot | None:
         return self._received
 
     def start(self) -> None:
@@ -155,7 +155,7 @@ class SnapshotClient:
             with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(event.set)
 
-    def wait_for(self, predicate: Callable[[snapshot.Snapshot | None], bool],
+    def wait_for(self, predicate: Callable[[model.Snapshot | None], bool],
                  timeout: float) -> bool:
         """Wait until ``predicate(applied snapshot)`` holds; False on timeout."""
         with self._cond:
@@ -215,10 +215,10 @@ class SnapshotClient:
                 await asyncio.wait_for(self._stop.wait(), delay)
 
     def _channel(self) -> grpc.aio.Channel:
-        options = grpc_server.channel_options(self.tls)
+        options = channel.channel_options(self.tls)
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=options)
-        return grpc.aio.secure_channel(self.target, grpc_server.channel_credentials(self.tls),
+        return grpc.aio.secure_channel(self.target, channel.channel_credentials(self.tls),
                                        options=options)
 
     async def _session(self) -> bool:
@@ -261,12 +261,12 @@ class SnapshotClient:
                 self.stats.fulls += 1
             elif kind == "delta":
                 if self._received is None:
-                    raise snapshot.SnapshotError("delta received before any full snapshot")
-                snap = snapshot.apply_delta(self._received, convert.delta_from_pb(update.delta))
+                    raise model.ModelError("delta received before any full snapshot")
+                snap = model.apply_delta(self._received, convert.delta_from_pb(update.delta))
                 self.stats.deltas += 1
             else:
-                raise snapshot.SnapshotError(f"update: unknown kind {kind!r}")
-        except snapshot.SnapshotError as exc:
+                raise model.ModelError(f"update: unknown kind {kind!r}")
+        except model.ModelError as exc:
             self.stats.resyncs += 1
             self.stats.last_error = str(exc)
             self._want_full = True
@@ -275,7 +275,7 @@ class SnapshotClient:
         self._received = snap
         self._apply(snap)
 
-    def _apply(self, snap: snapshot.Snapshot) -> None:
+    def _apply(self, snap: model.Snapshot) -> None:
         applied = self._applied
         if applied is not None and applied.hash == snap.hash:
             if applied.version != snap.version:
@@ -298,7 +298,7 @@ class SnapshotClient:
         if self._report_now is not None:
             self._report_now.set()
 
-    def _set_applied(self, snap: snapshot.Snapshot) -> None:
+    def _set_applied(self, snap: model.Snapshot) -> None:
         with self._cond:
             self._applied = snap
             self._cond.notify_all()
@@ -306,7 +306,7 @@ class SnapshotClient:
     # -- reports
 
     def _report(self) -> pb.AgentReport:
-        observed = snapshot.Observations()
+        observed = reports.Observations()
         errors: list[str] = []
         if self._report_source is not None:
             try:
@@ -317,7 +317,7 @@ class SnapshotClient:
         if self._apply_error:
             errors.append(self._apply_error)
         applied = self._applied
-        report = snapshot.AgentReport(
+        report = reports.AgentReport(
             agent_id=self.agent_id, node=self.node,
             applied_version=applied.version if applied else 0,
             applied_hash=applied.hash if applied else "",
@@ -339,7 +339,7 @@ class SnapshotClient:
                 self._report_now.clear()
             try:
                 msg = self._report()
-            except snapshot.SnapshotError as exc:  # our own report source handed garbage
+            except model.ModelError as exc:  # our own report source handed garbage
                 log.error("%s: report not sent: %s", self.agent_id, exc)
                 self.stats.last_error = str(exc)
             else:

@@ -38,7 +38,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from controller.discovery import k8sobjects, model
+from controller.discovery import discovered, k8sobjects
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class KubernetesDiscovery:
         ]
         self._started = False
         self._build_lock = threading.Lock()
-        self._cache: tuple[int, list[model.ServiceSpec]] | None = None
+        self._cache: tuple[int, list[discovered.ServiceSpec]] | None = None
         self._noted: set[str] = set()
 
     def __enter__(self) -> KubernetesDiscovery:
@@ -393,7 +393,7 @@ class KubernetesDiscovery:
         """The version each kind would resume from (for tests and status pages)."""
         return {r.kind: r.resource_version for r in self._reflectors}
 
-    def snapshot(self) -> list[model.ServiceSpec]:
+    def snapshot(self) -> list[discovered.ServiceSpec]:
         """The current view. Before :attr:`synced` it may lack a kind's objects."""
         with self._store.lock:
             generation = self._store.generation
@@ -411,7 +411,7 @@ class KubernetesDiscovery:
             self._cache = (generation, result.specs)
             return list(result.specs)
 
-    async def watch(self) -> AsyncGenerator[list[model.ServiceSpec], None]:
+    async def watch(self) -> AsyncGenerator[list[discovered.ServiceSpec], None]:
         """Yield the full list once both kinds are listed, then after each change."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
@@ -423,7 +423,7 @@ class KubernetesDiscovery:
         self._store.subscribe(notify)
         try:
             self.start()
-            last: list[model.ServiceSpec] | None = None
+            last: list[discovered.ServiceSpec] | None = None
             wake.set()  # look once now: the store may be synced already
             while True:
                 await wake.wait()

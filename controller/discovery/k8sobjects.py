@@ -29,16 +29,17 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from controller.discovery import model
+from controller.discovery import discovered
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
-_STATE_RANK = {model.State.ACTIVE: 0, model.State.DRAINING: 1, model.State.EXCLUDED: 2}
+_STATE_RANK = {discovered.State.ACTIVE: 0, discovered.State.DRAINING: 1,
+               discovered.State.EXCLUDED: 2}
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    specs: list[model.ServiceSpec]  # sorted by (name, port, protocol)
+    specs: list[discovered.ServiceSpec]  # sorted by (name, port, protocol)
     notes: list[str]  # objects or fields skipped, and annotation problems
 
 
@@ -46,7 +47,7 @@ class Result:
 class _Port:
     name: str
     port: int
-    protocol: model.Protocol_
+    protocol: discovered.Protocol_
 
 
 def object_key(obj: object) -> tuple[str, str] | None:
@@ -69,7 +70,7 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
             continue  # not a service's slice (or nameless): nothing to join
         by_service.setdefault((key[0], owner), []).append(sl)
 
-    specs: list[model.ServiceSpec] = []
+    specs: list[discovered.ServiceSpec] = []
     for svc in services:
         key = object_key(svc)
         if key is None:
@@ -85,7 +86,7 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
             notes.append(f"service {name}: skipped, malformed object: {exc!r}")
 
     specs.sort(key=lambda s: (s.name, s.port, s.protocol))
-    unique: list[model.ServiceSpec] = []
+    unique: list[discovered.ServiceSpec] = []
     owners: dict[tuple[Any, ...], str] = {}
     for spec in specs:
         if spec.key in owners and owners[spec.key] != spec.name:
@@ -108,7 +109,7 @@ def _service_specs(
     svc: Mapping[str, Any],
     slices: list[Mapping[str, Any]],
     notes: list[str],
-) -> list[model.ServiceSpec]:
+) -> list[discovered.ServiceSpec]:
     spec = _dict(svc.get("spec"))
     if spec.get("type") == "ExternalName":
         return []
@@ -127,7 +128,7 @@ def _service_specs(
         if client_ip
         else None
     )
-    options, problems = model.parse_options(
+    options, problems = discovered.parse_options(
         name, annotations, client_ip_affinity=client_ip, client_ip_timeout=timeout
     )
     if problems:
@@ -138,7 +139,7 @@ def _service_specs(
     for port in ports:
         endpoints = _endpoints_for(name, port, slices, notes)
         out.append(
-            model.ServiceSpec.build(
+            discovered.ServiceSpec.build(
                 name=name,
                 vip=vip,
                 port=port.port,
@@ -207,8 +208,8 @@ def _port_of(entry: Mapping[str, Any]) -> _Port | str:
 
 def _endpoints_for(
     name: str, port: _Port, slices: list[Mapping[str, Any]], notes: list[str]
-) -> tuple[model.Endpoint, ...]:
-    best: dict[tuple[ipaddress.IPv4Address, int], model.Endpoint] = {}
+) -> tuple[discovered.Endpoint, ...]:
+    best: dict[tuple[ipaddress.IPv4Address, int], discovered.Endpoint] = {}
     for sl in slices:
         if sl.get("addressType") != "IPv4":
             continue
@@ -238,7 +239,7 @@ def _endpoints_for(
     return tuple(sorted(best.values()))
 
 
-def _endpoint(entry: Mapping[str, Any], port: int) -> model.Endpoint | str:
+def _endpoint(entry: Mapping[str, Any], port: int) -> discovered.Endpoint | str:
     addresses = _list(entry.get("addresses"))
     if not addresses:
         return "has no addresses"
@@ -264,7 +265,7 @@ def _endpoint(entry: Mapping[str, Any], port: int) -> model.Endpoint | str:
     pod = None
     if ref.get("kind") == "Pod" and isinstance(ref.get("name"), str):
         pod = f"{ref.get('namespace') or ''}/{ref['name']}"
-    return model.Endpoint(
+    return discovered.Endpoint(
         address=address,
         port=port,
         ready=flags["ready"],

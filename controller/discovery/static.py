@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from controller.discovery import model
+from controller.discovery import discovered
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,17 @@ DEFAULT_DEBOUNCE = 0.1
 
 _SERVICE_KEYS = frozenset({"name", "vip", "port", "protocol", "endpoints"})
 _OPTION_KEYS = frozenset(
-    k.removeprefix(model.PREFIX) for k in model.KNOWN_ANNOTATIONS if k not in model.BREAKER_FIELDS
+    k.removeprefix(discovered.PREFIX)
+    for k in discovered.KNOWN_ANNOTATIONS
+    if k not in discovered.BREAKER_FIELDS
 )
-_BREAKER_KEYS = frozenset(k.removeprefix(model.PREFIX + "breaker-") for k in model.BREAKER_FIELDS)
+_BREAKER_KEYS = frozenset(
+    k.removeprefix(discovered.PREFIX + "breaker-") for k in discovered.BREAKER_FIELDS
+)
 _ENDPOINT_KEYS = frozenset({"address", "port", "ready", "serving", "terminating", "node", "pod"})
 
 
-def parse(text: str, source: str = "<static>") -> list[model.ServiceSpec]:
+def parse(text: str, source: str = "<static>") -> list[discovered.ServiceSpec]:
     """Parse a whole file; raise ValueError listing every problem found."""
     try:
         doc = yaml.safe_load(text)
@@ -76,7 +80,7 @@ def parse(text: str, source: str = "<static>") -> list[model.ServiceSpec]:
         raise ValueError(f"{source}: 'services' must be a list")
 
     problems: list[str] = []
-    specs: list[model.ServiceSpec] = []
+    specs: list[discovered.ServiceSpec] = []
     for i, entry in enumerate(entries):
         try:
             specs.append(_service(entry, f"{source}: services[{i}]"))
@@ -103,11 +107,11 @@ def parse(text: str, source: str = "<static>") -> list[model.ServiceSpec]:
     return sorted(specs, key=_order)
 
 
-def _order(spec: model.ServiceSpec) -> tuple[str, int, str]:
+def _order(spec: discovered.ServiceSpec) -> tuple[str, int, str]:
     return (spec.name, spec.port, spec.protocol)
 
 
-def _service(entry: object, where: str) -> model.ServiceSpec:
+def _service(entry: object, where: str) -> discovered.ServiceSpec:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a mapping")
     name = entry.get("name")
@@ -123,11 +127,11 @@ def _service(entry: object, where: str) -> model.ServiceSpec:
         if norm == "breaker":
             annotations.update(_breaker(value, where))
         elif norm in _OPTION_KEYS:
-            annotations[model.PREFIX + norm] = _scalar(value, f"{where}: {key!r}")
+            annotations[discovered.PREFIX + norm] = _scalar(value, f"{where}: {key!r}")
         else:
             known = sorted(_SERVICE_KEYS | _OPTION_KEYS | {"breaker"})
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
-    options, problems = model.parse_options(name, annotations)
+    options, problems = discovered.parse_options(name, annotations)
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
 
@@ -145,7 +149,7 @@ def _service(entry: object, where: str) -> model.ServiceSpec:
     if dups:
         listed = ", ".join(f"{a}:{p}" for a, p in dups)
         raise ValueError(f"{where}: endpoints listed twice: {listed}")
-    return model.ServiceSpec.build(
+    return discovered.ServiceSpec.build(
         name=name,
         vip=vip,
         port=port,
@@ -164,7 +168,7 @@ def _breaker(value: object, where: str) -> dict[str, object]:
         if key not in _BREAKER_KEYS:
             known = ", ".join(sorted(_BREAKER_KEYS))
             raise ValueError(f"{where}: unknown breaker key {raw_key!r} (known: {known})")
-        out[model.PREFIX + "breaker-" + key] = _scalar(v, f"{where}: breaker {raw_key!r}")
+        out[discovered.PREFIX + "breaker-" + key] = _scalar(v, f"{where}: breaker {raw_key!r}")
     return out
 
 
@@ -175,7 +179,7 @@ def _scalar(value: object, what: str) -> str:
     return str(value)
 
 
-def _endpoint(entry: object, where: str) -> model.Endpoint:
+def _endpoint(entry: object, where: str) -> discovered.Endpoint:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a mapping")
     unknown = set(map(str, entry)) - _ENDPOINT_KEYS
@@ -195,7 +199,7 @@ def _endpoint(entry: object, where: str) -> model.Endpoint:
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{where}: {key!r} must be a non-empty string")
         labels[key] = value
-    return model.Endpoint(
+    return discovered.Endpoint(
         address=_ipv4(entry.get("address"), f"{where}: 'address'"),
         port=_port(entry.get("port"), f"{where}: 'port'"),
         ready=flags["ready"],
@@ -254,7 +258,7 @@ class StaticDiscovery:
         self._signature: _Signature | None = self._stat()
         self._specs = parse(self.path.read_text(), str(self.path))
 
-    def snapshot(self) -> list[model.ServiceSpec]:
+    def snapshot(self) -> list[discovered.ServiceSpec]:
         return list(self._specs)
 
     def reload(self) -> bool:
@@ -287,10 +291,10 @@ class StaticDiscovery:
             # Gone (or unreadable) now but not when last read: worth a reload to say so.
             return self._signature is not None
 
-    async def watch(self) -> AsyncGenerator[list[model.ServiceSpec], None]:
+    async def watch(self) -> AsyncGenerator[list[discovered.ServiceSpec], None]:
         """Yield the list now, then again each time it changes (file edits picked up by
         polling every ``poll_interval``, or explicit :meth:`reload` calls)."""
-        last: list[model.ServiceSpec] | None = None
+        last: list[discovered.ServiceSpec] | None = None
         while True:
             if self.changed_on_disk():
                 # Let a writer that is not atomic finish before reading.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dataplane import apply, config, loader
+from dataplane import apply, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 from lab.fleet import wait_for  # noqa: F401 - shared with the kernel tests
@@ -63,7 +63,7 @@ class Node:
         self.client = lab.clients["client"]
 
     def apply(self, services: list[dict[str, Any]]) -> apply.ApplyResult:
-        return self.applier.apply(config.from_dict({"services": services}))
+        return self.applier.apply(model.desired_from_dict({"services": services}))
 
     def pod(self, name: str) -> Any:
         return self.lab.pods[name]

@@ -145,7 +145,7 @@ def test_controller_death_changes_no_route_and_a_restart_converges(fl: fleet.Fle
 def test_load_reaches_every_agent_within_a_few_scrapes(fl: fleet.Fleet) -> None:
     import httpx
 
-    from controller import enginemetrics
+    from dataplane import enginemetrics
     _recover(fl)
     target_id = fl.engine_id("gpu2")
     stop = threading.Event()

@@ -26,9 +26,9 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import parser as prom_parser
 
-from controller import grpc_server, main, reconcile, scraper, snapshot
+from controller import grpc_server, main, reconcile
 from controller.discovery import static
-from dataplane import stream
+from dataplane import model, reports, scraper, stream
 from lab.engine_sim import server as sim
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ class FakeAgent:
 
     def __init__(self, target: str, agent_id: str = "agent-a", node: str = "node-a") -> None:
         self.node = node
-        self.applied: list[tuple[float, snapshot.Snapshot]] = []
+        self.applied: list[tuple[float, model.Snapshot]] = []
         self._lock = threading.Lock()
         self._pending: dict[str, scraper.ScrapeResult] = {}
         self._stop = threading.Event()
@@ -65,15 +65,15 @@ class FakeAgent:
         self.client.stop()
         self._thread.join(5)
 
-    def _on_snapshot(self, snap: snapshot.Snapshot) -> bool:
+    def _on_snapshot(self, snap: model.Snapshot) -> bool:
         with self._lock:
             self.applied.append((time.monotonic(), snap))
         return True
 
-    def _report(self) -> snapshot.Observations:
+    def _report(self) -> reports.Observations:
         with self._lock:
             pending, self._pending = self._pending, {}
-        return snapshot.Observations(engines=tuple(pending.values()))
+        return reports.Observations(engines=tuple(pending.values()))
 
     def _targets(self) -> list[scraper.EngineTarget]:
         snap = self.client.applied
@@ -141,7 +141,7 @@ def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-def _state_in(snap: snapshot.Snapshot, identity: str) -> str | None:
+def _state_in(snap: model.Snapshot, identity: str) -> str | None:
     for svc in snap.services:
         for b in svc.backends:
             if reconcile.backend_identity(b.address, b.port, svc.protocol) == identity:

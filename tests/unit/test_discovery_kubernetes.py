@@ -29,7 +29,7 @@ import kubernetes
 import pytest
 import yaml
 
-from controller.discovery import k8s, k8sobjects, model
+from controller.discovery import discovered, k8s, k8sobjects
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "k8s"
 TOKEN = "kvroute-test-token"
@@ -385,11 +385,13 @@ def discovery(api: kubernetes.client.ApiClient) -> Iterator[k8s.KubernetesDiscov
         assert not [t for t in threading.enumerate() if t.name.startswith("kvroute-k8s-")]
 
 
-def by_port(specs: list[model.ServiceSpec]) -> dict[tuple[str, int, str], model.ServiceSpec]:
+def by_port(
+    specs: list[discovered.ServiceSpec],
+) -> dict[tuple[str, int, str], discovered.ServiceSpec]:
     return {(s.name, s.port, s.protocol): s for s in specs}
 
 
-def endpoints(spec: model.ServiceSpec) -> dict[str, str]:
+def endpoints(spec: discovered.ServiceSpec) -> dict[str, str]:
     return {f"{e.address}:{e.port}": e.state.value for e in spec.endpoints}
 
 
@@ -544,18 +546,19 @@ def test_duplicate_vip_keeps_the_first() -> None:
     ("annotations", "client_ip", "timeout", "expected"),
     [
         ({}, False, None, ("none", 0)),
-        ({}, True, None, ("client", model.DEFAULT_AFFINITY_TIMEOUT)),
+        ({}, True, None, ("client", discovered.DEFAULT_AFFINITY_TIMEOUT)),
         ({}, True, 60, ("client", 60)),
-        ({model.AFFINITY: "session"}, True, 60, ("session", 60)),
-        ({model.AFFINITY: "none"}, True, 60, ("none", 0)),
-        ({model.AFFINITY: "client", model.AFFINITY_TIMEOUT: "30"}, False, None, ("client", 30)),
+        ({discovered.AFFINITY: "session"}, True, 60, ("session", 60)),
+        ({discovered.AFFINITY: "none"}, True, 60, ("none", 0)),
+        ({discovered.AFFINITY: "client", discovered.AFFINITY_TIMEOUT: "30"}, False, None,
+         ("client", 30)),
         ({"example.com/other": "x"}, False, None, ("none", 0)),
     ],
 )
 def test_affinity_from_annotations_and_session_affinity(
     annotations: dict[str, str], client_ip: bool, timeout: int | None, expected: tuple[str, int]
 ) -> None:
-    options, problems = model.parse_options(
+    options, problems = discovered.parse_options(
         "ns/s", annotations, client_ip_affinity=client_ip, client_ip_timeout=timeout
     )
     assert problems == ()
@@ -563,22 +566,22 @@ def test_affinity_from_annotations_and_session_affinity(
 
 
 def test_bad_annotation_falls_back_to_kube_proxy_behaviour() -> None:
-    options, problems = model.parse_options(
+    options, problems = discovered.parse_options(
         "ns/s",
-        {model.ENGINE: "vllm", model.EPSILON: "-1", model.AFFINITY: "session"},
+        {discovered.ENGINE: "vllm", discovered.EPSILON: "-1", discovered.AFFINITY: "session"},
         client_ip_affinity=True,
         client_ip_timeout=90,
     )
     # Nothing of the annotations half-applies; ClientIP is kept as kube-proxy would.
-    assert options == model.Options(affinity="client", affinity_timeout=90)
+    assert options == discovered.Options(affinity="client", affinity_timeout=90)
     assert problems == (
         "service ns/s: annotation kvroute.io/epsilon='-1': must be a finite number >= 0, <= 10",
     )
-    _, problems = model.parse_options("ns/s", {"kvroute.io/enigne": "vllm"})
+    _, problems = discovered.parse_options("ns/s", {"kvroute.io/enigne": "vllm"})
     assert "unknown kvroute annotation" in problems[0] and "kvroute.io/engine" in problems[0]
-    options, problems = model.parse_options("ns/s", {model.BREAKER_FAILURE_RATIO: "1.5"})
-    assert problems and options == model.Options()
-    _, problems = model.parse_options("ns/s", {}, client_ip_affinity=True, client_ip_timeout=0)
+    options, problems = discovered.parse_options("ns/s", {discovered.BREAKER_FAILURE_RATIO: "1.5"})
+    assert problems and options == discovered.Options()
+    _, problems = discovered.parse_options("ns/s", {}, client_ip_affinity=True, client_ip_timeout=0)
     assert "timeoutSeconds" in problems[0]
 
 
@@ -588,7 +591,7 @@ def test_bad_annotation_falls_back_to_kube_proxy_behaviour() -> None:
 def test_initial_list_then_watch_from_its_version(
     server: FakeApiServer, discovery: k8s.KubernetesDiscovery
 ) -> None:
-    source: model.Discovery = discovery  # mypy checks the protocol
+    source: discovered.Discovery = discovery  # mypy checks the protocol
     discovery.start()
     assert discovery.wait_synced(5)
     specs = by_port(source.snapshot())
@@ -614,10 +617,10 @@ def test_initial_list_then_watch_from_its_version(
 def _run_watch(
     discovery: k8s.KubernetesDiscovery,
     steps: list[Callable[[], object]],
-) -> list[list[model.ServiceSpec]]:
+) -> list[list[discovered.ServiceSpec]]:
     """Collect the first yield, then one yield after each step."""
 
-    async def main() -> list[list[model.ServiceSpec]]:
+    async def main() -> list[list[discovered.ServiceSpec]]:
         gen = discovery.watch()
         seen = [await asyncio.wait_for(anext(gen), 5)]
         try:

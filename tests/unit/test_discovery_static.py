@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.discovery import model, static
+from controller.discovery import discovered, static
 
 FULL = """\
 services:
@@ -75,7 +75,7 @@ def test_full_file() -> None:
     # Sorted by address; conditions default like Kubernetes' nil ones.
     assert [str(e.address) for e in llm.endpoints] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     states = [e.state for e in llm.endpoints]
-    assert states == [model.State.ACTIVE, model.State.DRAINING, model.State.EXCLUDED]
+    assert states == [discovered.State.ACTIVE, discovered.State.DRAINING, discovered.State.EXCLUDED]
     first = llm.endpoints[0]
     assert (first.ready, first.serving, first.terminating) == (True, True, False)
     assert (first.node, first.pod) == ("node-a", "default/gpu0")
@@ -90,7 +90,7 @@ def test_client_affinity_gets_default_timeout() -> None:
     text = "services: [{name: a, vip: 10.96.0.1, port: 80, affinity: client}]"
     (spec,) = static.parse(text)
     assert spec.affinity == "client"
-    assert spec.affinity_timeout == model.DEFAULT_AFFINITY_TIMEOUT
+    assert spec.affinity_timeout == discovered.DEFAULT_AFFINITY_TIMEOUT
 
 
 def test_empty_file_means_no_services() -> None:
@@ -214,7 +214,7 @@ def test_constructor_refuses_a_bad_file(tmp_path: Path) -> None:
 def test_snapshot_is_a_copy(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     write(path, FULL)
-    disc: model.Discovery = static.StaticDiscovery(path)  # mypy checks the protocol
+    disc: discovered.Discovery = static.StaticDiscovery(path)  # mypy checks the protocol
     disc.snapshot().clear()
     assert len(disc.snapshot()) == 3
 
@@ -224,8 +224,8 @@ def test_watch_yields_initial_then_changes_only(tmp_path: Path) -> None:
     write(path, _one())
     disc = static.StaticDiscovery(path, poll_interval=0.01, debounce=0.0)
 
-    async def main() -> list[list[model.ServiceSpec]]:
-        seen: list[list[model.ServiceSpec]] = []
+    async def main() -> list[list[discovered.ServiceSpec]]:
+        seen: list[list[discovered.ServiceSpec]] = []
         gen = disc.watch()
         seen.append(await asyncio.wait_for(anext(gen), 2))
         write(path, _one(affinity="nope"))  # invalid: nothing yielded

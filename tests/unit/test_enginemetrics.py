@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
-from controller import enginemetrics as em
+from dataplane import enginemetrics as em
 
 # A page shaped like a data-parallel vLLM v1 server with two engines ("0" and "1"):
 # the families routing reads, the deprecated KV gauge next to the new one, and a few

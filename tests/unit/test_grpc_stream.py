@@ -16,27 +16,28 @@ from typing import Any
 import grpc
 import pytest
 
-from controller import enginemetrics, grpc_server, scraper, snapshot
-from controller.pb import kvroute_pb2 as pb
-from controller.pb import kvroute_pb2_grpc as pb_grpc
-from dataplane import stream
+from controller import grpc_server
+from dataplane import enginemetrics, model, reports, scraper, stream
+from dataplane.api import channel
+from dataplane.api.pb import kvroute_pb2 as pb
+from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
 FAST = stream.Backoff(base=0.05, cap=0.3)
 WAIT = 5.0
 
 
-def service(name: str, n: int, *, saturated: bool = False) -> snapshot.ServiceState:
-    return snapshot.ServiceState(
+def service(name: str, n: int, *, saturated: bool = False) -> model.Service:
+    return model.Service(
         name=name, vip=f"10.96.0.{n}", port=80, protocol="tcp", affinity="session",
         affinity_timeout=600, table_size=251, epsilon=0.25, probe_share=0.05,
         saturated=saturated,
-        backends=tuple(snapshot.Backend(f"10.0.{n}.{i}", 8000, 100 + i, "active", i)
+        backends=tuple(model.Backend(f"10.0.{n}.{i}", 8000, 100 + i, "active", i)
                        for i in range(1, 4)),
     )
 
 
-def snap(version: int, *services: snapshot.ServiceState) -> snapshot.Snapshot:
-    return snapshot.Snapshot(version, services)
+def snap(version: int, *services: model.Service) -> model.Snapshot:
+    return model.Snapshot.of(version, services)
 
 
 class Controller:
@@ -52,7 +53,7 @@ class Controller:
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
 
-    def start(self, port: int = 0, tls: grpc_server.TLSFiles | None = None) -> int:
+    def start(self, port: int = 0, tls: channel.TLSFiles | None = None) -> int:
         self.server = grpc_server.ControlServer(self.publisher, tls=tls)
         port = self.run(self.server.start(f"127.0.0.1:{port}"))
         assert isinstance(port, int)
@@ -79,19 +80,19 @@ class Agent:
 
     def __init__(self, port: int, agent_id: str, *, ok: Callable[[], bool] = lambda: True,
                  delay: float = 0.0, **kw: Any) -> None:
-        self.seen: list[snapshot.Snapshot] = []
+        self.seen: list[model.Snapshot] = []
         self.ok = ok
         self.delay = delay
         kw.setdefault("report_interval", 0.2)
         self.client = stream.SnapshotClient(f"127.0.0.1:{port}", agent_id, f"node-{agent_id}",
                                             self.on_snapshot, backoff=FAST, **kw)
 
-    def on_snapshot(self, s: snapshot.Snapshot) -> bool:
+    def on_snapshot(self, s: model.Snapshot) -> bool:
         time.sleep(self.delay)
         self.seen.append(s)
         return self.ok()
 
-    def wait(self, s: snapshot.Snapshot) -> None:
+    def wait(self, s: model.Snapshot) -> None:
         assert self.client.wait_for(lambda a: a == s, WAIT), (
             f"{self.client.agent_id} holds {self.client.applied}, stats {self.client.stats}")
 
@@ -157,10 +158,10 @@ def test_reports_reach_agents_with_the_applied_version(controller: Controller,
     load = enginemetrics.EngineLoad(running=2.0, waiting=1.0, kv_usage=0.5,
                                     kv_family=enginemetrics.KV_USAGE, engines=1)
 
-    def observe() -> snapshot.Observations:
-        return snapshot.Observations(
+    def observe() -> reports.Observations:
+        return reports.Observations(
             engines=(scraper.ScrapeResult("10.0.1.1:8000", True, True, 0.001, load, None),),
-            counters=(snapshot.BackendCounters("10.0.1.1:8000/tcp", connects=7, failed=2),),
+            counters=(reports.BackendCounters("10.0.1.1:8000/tcp", connects=7, failed=2),),
         )
 
     v1 = snap(1, service("a", 1))
@@ -307,10 +308,10 @@ def test_corrupted_delta_leads_to_a_full_resync(controller: Controller, agents: 
     agents.append(agent)
     agent.client.start()
     agent.wait(v1)
-    real_delta = snapshot.delta
-    corrupted: list[snapshot.Delta] = []
+    real_delta = model.delta
+    corrupted: list[model.Delta] = []
 
-    def corrupt_once(old: snapshot.Snapshot, new: snapshot.Snapshot) -> snapshot.Delta:
+    def corrupt_once(old: model.Snapshot, new: model.Snapshot) -> model.Delta:
         d = real_delta(old, new)
         if not corrupted:
             corrupted.append(d)
@@ -319,7 +320,7 @@ def test_corrupted_delta_leads_to_a_full_resync(controller: Controller, agents: 
             return dataclasses.replace(d, upserted=d.upserted[:-1])
         return d
 
-    monkeypatch.setattr(snapshot, "delta", corrupt_once)
+    monkeypatch.setattr(model, "delta", corrupt_once)
     v2 = snap(2, service("a", 1), service("b", 2))
     controller.publisher.publish(v2)
     agent.wait(v2)
@@ -335,9 +336,9 @@ def test_corrupted_delta_leads_to_a_full_resync(controller: Controller, agents: 
 
 @dataclasses.dataclass
 class PKI:
-    server: grpc_server.TLSFiles
-    client: grpc_server.TLSFiles
-    rogue: grpc_server.TLSFiles  # a client cert from another CA
+    server: channel.TLSFiles
+    client: channel.TLSFiles
+    rogue: channel.TLSFiles  # a client cert from another CA
 
 
 def _make_pki(root: Path) -> PKI:
@@ -381,12 +382,12 @@ def _make_pki(root: Path) -> PKI:
         return subject, key, path
 
     def leaf(name: str, ca: tuple[x509.Name, ec.EllipticCurvePrivateKey, Path],
-             server: bool = False) -> grpc_server.TLSFiles:
+             server: bool = False) -> channel.TLSFiles:
         key = ec.generate_private_key(ec.SECP256R1())
         crt = root / f"{name}.crt"
         crt.write_bytes(cert(name, key, ca[0], ca[1], server=server).public_bytes(
             serialization.Encoding.PEM))
-        return grpc_server.TLSFiles(ca=ca[2], cert=crt, key=write_key(key, root / f"{name}.key"))
+        return channel.TLSFiles(ca=ca[2], cert=crt, key=write_key(key, root / f"{name}.key"))
 
     good_ca, other_ca = authority("kvroute-ca"), authority("rogue-ca")
     rogue = leaf("rogue-agent", other_ca)

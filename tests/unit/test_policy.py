@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import breaker, enginemetrics, policy
+from controller import breaker, policy
+from dataplane import enginemetrics
 
 CFG = policy.PolicyConfig()  # kv 0.9, queue 8, running 64, 16 levels, h 0.5
 
@@ -209,9 +210,9 @@ def test_level_survives_open_and_draining() -> None:
 
 
 def test_load_units_scale_and_clamp() -> None:
-    assert policy.load_units(load(running=3, waiting=2, kv=0.4567)) == 5457
-    assert policy.load_units(load()) == 0
-    assert policy.load_units(load(running=3 * 10**6, waiting=3 * 10**6, kv=1.0)) == policy.LOAD_MAX
+    assert load(running=3, waiting=2, kv=0.4567).units == 5457
+    assert load().units == 0
+    assert load(running=3 * 10**6, waiting=3 * 10**6, kv=1.0).units == policy.LOAD_MAX
 
 
 def test_unknown_load_keeps_previous_or_starts_idle() -> None:

@@ -1,4 +1,4 @@
-"""The committed controller/pb code is what proto/kvroute/v1/kvroute.proto generates."""
+"""The committed dataplane/api/pb code is what proto/kvroute/v1/kvroute.proto generates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.pb import generate
+from dataplane.api.pb import generate
 
 
 def test_generated_code_is_current() -> None:
@@ -25,8 +25,8 @@ def test_generated_code_is_current() -> None:
             stale.append("\n".join(list(diff)[:40]))
     version = importlib.metadata.version("grpcio-tools")
     assert not stale, (
-        "controller/pb is out of date with proto/kvroute/v1/kvroute.proto: run "
-        f"`python -m controller.pb.generate` (grpcio-tools {version}; the committed code "
+        "dataplane/api/pb is out of date with proto/kvroute/v1/kvroute.proto: run "
+        f"`python -m dataplane.api.pb.generate` (grpcio-tools {version}; the committed code "
         "came from grpcio-tools 1.85.1, and another version also changes it)\n"
         + "\n\n".join(stale)
     )

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import breaker, enginemetrics, policy, reconcile, scraper, snapshot
-from controller.discovery import model
+from controller import breaker, policy, reconcile
+from controller.discovery import discovered
+from dataplane import enginemetrics, model, reports, scraper
 
 # Small, fast breaker: 5 failures in a row open it, 1 s cool-down, 3 successes close it.
 BRK = breaker.BreakerConfig(consecutive_failures=5, cooldown_base=1.0, half_open_successes=3)
@@ -21,16 +22,16 @@ OPEN, HALF, CLOSED = breaker.State.OPEN, breaker.State.HALF_OPEN, breaker.State.
 
 
 def ep(address: str, port: int = 8000, *, ready: bool = True, serving: bool = True,
-       terminating: bool = False, node: str | None = None) -> model.Endpoint:
-    return model.Endpoint(ipaddress.IPv4Address(address), port, ready, serving, terminating,
+       terminating: bool = False, node: str | None = None) -> discovered.Endpoint:
+    return discovered.Endpoint(ipaddress.IPv4Address(address), port, ready, serving, terminating,
                           node=node)
 
 
 def spec(name: str = "default/llm", vip: str = "10.96.0.10", port: int = 80, *,
-         endpoints: tuple[model.Endpoint, ...] = (ep("10.0.0.1"), ep("10.0.0.2")),
-         llm: bool = True, **kw: Any) -> model.ServiceSpec:
+         endpoints: tuple[discovered.Endpoint, ...] = (ep("10.0.0.1"), ep("10.0.0.2")),
+         llm: bool = True, **kw: Any) -> discovered.ServiceSpec:
     fields: dict[str, Any] = {"affinity": "session", "affinity_timeout": 600, **kw}
-    return model.ServiceSpec(name=name, vip=ipaddress.IPv4Address(vip), port=port,
+    return discovered.ServiceSpec(name=name, vip=ipaddress.IPv4Address(vip), port=port,
                              protocol="tcp", endpoints=endpoints, llm=llm, **fields)
 
 
@@ -54,21 +55,21 @@ def scrape(identity: str, ok: bool = True,
                                 error=None if ok else "metrics: connect failed")
 
 
-def report(*engines: scraper.ScrapeResult, counters: tuple[snapshot.BackendCounters, ...] = (),
-           agent: str = "agent-a") -> snapshot.AgentReport:
-    return snapshot.AgentReport(agent_id=agent, node="node-a", applied_version=0,
+def report(*engines: scraper.ScrapeResult, counters: tuple[reports.BackendCounters, ...] = (),
+           agent: str = "agent-a") -> reports.AgentReport:
+    return reports.AgentReport(agent_id=agent, node="node-a", applied_version=0,
                                 applied_hash="", engines=engines, counters=counters)
 
 
-def counters(identity: str, **kw: int) -> snapshot.BackendCounters:
-    return snapshot.BackendCounters(identity=identity, **kw)
+def counters(identity: str, **kw: int) -> reports.BackendCounters:
+    return reports.BackendCounters(identity=identity, **kw)
 
 
 E1, E2 = "10.0.0.1:8000/tcp", "10.0.0.2:8000/tcp"
 NAME = "default.llm.80-tcp"
 
 
-def backend(snap: snapshot.Snapshot, address: str, name: str = NAME) -> snapshot.Backend:
+def backend(snap: model.Snapshot, address: str, name: str = NAME) -> model.Backend:
     svc = snap.service(name)
     assert svc is not None, f"no service {name} in {[s.name for s in snap.services]}"
     for b in svc.backends:
@@ -77,13 +78,13 @@ def backend(snap: snapshot.Snapshot, address: str, name: str = NAME) -> snapshot
     raise AssertionError(f"no backend {address} in {name}")
 
 
-def make(*specs: model.ServiceSpec, now: float = 0.0, **kw: Any) -> reconcile.Reconciler:
+def make(*specs: discovered.ServiceSpec, now: float = 0.0, **kw: Any) -> reconcile.Reconciler:
     rec = reconcile.Reconciler(default_breaker=BRK, **kw)
     rec.set_specs(list(specs or (spec(),)), now)
     return rec
 
 
-def tick(rec: reconcile.Reconciler, now: float) -> snapshot.Snapshot:
+def tick(rec: reconcile.Reconciler, now: float) -> model.Snapshot:
     """The snapshot in force after a tick at ``now`` (new or unchanged)."""
     rec.tick(now)
     assert rec.last is not None
@@ -112,7 +113,7 @@ def test_snapshot_names_stay_distinct_when_changed_or_cut(a: tuple[str, int, str
     na, nb = reconcile.snapshot_name(*a), reconcile.snapshot_name(*b)
     assert na != nb
     for n in (na, nb):
-        snapshot._name("name", n)  # valid (raises otherwise)
+        model._name("name", n)  # valid (raises otherwise)
 
 
 @settings(max_examples=200, deadline=None)
@@ -120,8 +121,8 @@ def test_snapshot_names_stay_distinct_when_changed_or_cut(a: tuple[str, int, str
 def test_any_discovered_name_maps_to_a_valid_stable_name(name: str, port: int,
                                                          proto: str) -> None:
     got = reconcile.snapshot_name(name, port, proto)
-    assert snapshot._name("name", got) == got
-    assert len(got) <= snapshot.NAME_MAX_BYTES
+    assert model._name("name", got) == got
+    assert len(got) <= model.NAME_MAX
     assert reconcile.snapshot_name(name, port, proto) == got
 
 
@@ -137,13 +138,13 @@ def test_first_tick_publishes_and_an_unchanged_tick_returns_none() -> None:
     assert svc is not None
     assert (svc.vip, svc.port, svc.affinity, svc.affinity_timeout) == ("10.96.0.10", 80,
                                                                        "session", 600)
-    assert svc.table_size == 16381 and svc.epsilon == 0.25 and svc.probe_share == 0.05
+    assert svc.table_size == 251 and svc.epsilon == 0.25 and svc.probe_share == 0.05
     assert [(b.address, b.state, b.weight) for b in svc.backends] == [
         ("10.0.0.1", "active", policy.WEIGHT_MAX), ("10.0.0.2", "active", policy.WEIGHT_MAX)]
     assert snap.engines == (
-        snapshot.EngineRef(E1, "http://10.0.0.1:8000/metrics", "http://10.0.0.1:8000/health",
+        model.EngineRef(E1, "http://10.0.0.1:8000/metrics", "http://10.0.0.1:8000/health",
                            "node-a"),
-        snapshot.EngineRef(E2, "http://10.0.0.2:8000/metrics", "http://10.0.0.2:8000/health",
+        model.EngineRef(E2, "http://10.0.0.2:8000/metrics", "http://10.0.0.2:8000/health",
                            None),
     )
     assert rec.tick(0.05) is None
@@ -364,7 +365,7 @@ def test_saturation_sets_the_service_flag_and_clears_with_hysteresis() -> None:
 def test_epsilon_is_clamped_to_the_snapshot_limit() -> None:
     rec = make(policy_config=policy.PolicyConfig(epsilon=50.0))
     svc = tick(rec, 0).service(NAME)
-    assert svc is not None and svc.epsilon == snapshot.EPSILON_MAX
+    assert svc is not None and svc.epsilon == model.EPSILON_MAX
     svc = tick(make(spec(epsilon=0.5, probe_share=0.2)), 0).service(NAME)
     assert svc is not None and (svc.epsilon, svc.probe_share) == (0.5, 0.2)
 
@@ -425,7 +426,7 @@ def test_a_table_too_small_for_the_endpoints_grows() -> None:
     eps = tuple(ep(f"10.0.0.{i}") for i in range(1, 10))
     rec = make(spec(endpoints=eps, table_size=7))
     svc = tick(rec, 0).service(NAME)
-    assert svc is not None and svc.table_size == 251 and len(svc.backends) == 9
+    assert svc is not None and svc.table_size == 1021 and len(svc.backends) == 9
     assert "do not fit table-size 7" in rec.problems()[0]
 
 
@@ -452,7 +453,7 @@ def test_versions_only_move_when_content_changes() -> None:
     rec.set_specs([spec(endpoints=(ep("10.0.0.1"),))], 0.2)
     s2 = rec.tick(0.2)
     assert s2 is not None and s2.version == v1 + 1
-    d = snapshot.delta(dataclasses.replace(s2, version=v1), s2)
+    d = model.delta(dataclasses.replace(s2, version=v1), s2)
     assert d.engines is None or len(d.engines) == 1
 
 

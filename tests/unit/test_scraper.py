@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
-from controller import scraper
+from dataplane import scraper
 
 T = TypeVar("T")
 
@@ -273,7 +273,7 @@ def test_loop_survives_callback_errors_and_awaits_async_callbacks(
             await s.stop()
             assert len(calls) >= 3 and set(calls) == {1}
 
-    with caplog.at_level("ERROR", logger="controller.scraper"):
+    with caplog.at_level("ERROR", logger="dataplane.scraper"):
         run(main())
     assert "scrape round failed" in caplog.text and "bookkeeping bug" in caplog.text
 

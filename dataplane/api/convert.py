@@ -1,7 +1,7 @@
-"""controller.snapshot objects <-> kvroute.v1 protobuf messages (hand-written, not generated).
+"""dataplane.model objects <-> kvroute.v1 protobuf messages (hand-written, not generated).
 
 Pure. Everything read from the wire goes through the snapshot constructors, so a message
-with a bad field raises :class:`controller.snapshot.SnapshotError` naming it, and a full
+with a bad field raises :class:`controller.model.ModelError` naming it, and a full
 snapshot whose content does not match its announced hash is refused like a bad delta.
 """
 
@@ -10,36 +10,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-from controller import enginemetrics, scraper, snapshot
-from controller.pb import kvroute_pb2 as pb
+from dataplane import enginemetrics, model, reports, scraper
+from dataplane.api.pb import kvroute_pb2 as pb
 
-_PROTOCOL = {"tcp": pb.PROTOCOL_TCP, "udp": pb.PROTOCOL_UDP}
+_PROTOCOL = {model.Protocol.TCP: pb.PROTOCOL_TCP, model.Protocol.UDP: pb.PROTOCOL_UDP}
 _AFFINITY = {
-    "none": pb.AFFINITY_NONE,
-    "client": pb.AFFINITY_CLIENT,
-    "session": pb.AFFINITY_SESSION,
+    model.Affinity.NONE: pb.AFFINITY_NONE,
+    model.Affinity.CLIENT: pb.AFFINITY_CLIENT,
+    model.Affinity.SESSION: pb.AFFINITY_SESSION,
 }
 _STATE = {
-    "active": pb.BACKEND_STATE_ACTIVE,
-    "draining": pb.BACKEND_STATE_DRAINING,
-    "open": pb.BACKEND_STATE_OPEN,
-    "probing": pb.BACKEND_STATE_PROBING,
+    model.BackendState.ACTIVE: pb.BACKEND_STATE_ACTIVE,
+    model.BackendState.DRAINING: pb.BACKEND_STATE_DRAINING,
+    model.BackendState.OPEN: pb.BACKEND_STATE_OPEN,
+    model.BackendState.PROBING: pb.BACKEND_STATE_PROBING,
 }
+_FROM_PROTOCOL = {v: k for k, v in _PROTOCOL.items()}
+_FROM_AFFINITY = {v: k for k, v in _AFFINITY.items()}
+_FROM_STATE = {v: k for k, v in _STATE.items()}
 
 K = TypeVar("K")
+V = TypeVar("V")
 
 
-def _reverse(path: str, table: Mapping[str, K], value: K) -> str:
-    for name, wire in table.items():
-        if wire == value:
-            return name
-    raise snapshot.SnapshotError(f"{path}: unknown or unspecified value {value!r}")
+def _reverse(path: str, table: Mapping[K, V], value: K) -> V:
+    try:
+        return table[value]
+    except KeyError:
+        raise model.ModelError(f"{path}: unknown or unspecified value {value!r}") from None
 
 
 # -- snapshots ----------------------------------------------------------------------------
 
 
-def service_to_pb(svc: snapshot.ServiceState) -> pb.Service:
+def service_to_pb(svc: model.Service) -> pb.Service:
     msg = pb.Service(
         name=svc.name,
         vip=svc.vip,
@@ -61,24 +65,24 @@ def service_to_pb(svc: snapshot.ServiceState) -> pb.Service:
     return msg
 
 
-def service_from_pb(msg: pb.Service, path: str) -> snapshot.ServiceState:
+def service_from_pb(msg: pb.Service, path: str) -> model.Service:
     label = f"{path}[{msg.name}]" if msg.name else path
     try:
         backends = []
         for i, b in enumerate(msg.backends):
             where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
             try:
-                backends.append(snapshot.Backend(
+                backends.append(model.Backend(
                     address=b.address, port=b.port, weight=b.weight,
-                    state=_reverse("state", _STATE, b.state), load=b.load))
-            except snapshot.SnapshotError as exc:
-                raise snapshot.SnapshotError(f"{where}.{exc}") from None
-        return snapshot.ServiceState(
+                    state=_reverse("state", _FROM_STATE, b.state), load=b.load))
+            except model.ModelError as exc:
+                raise exc.prefixed(where) from None
+        return model.Service(
             name=msg.name,
             vip=msg.vip,
             port=msg.port,
-            protocol=_reverse("protocol", _PROTOCOL, msg.protocol),
-            affinity=_reverse("affinity", _AFFINITY, msg.affinity),
+            protocol=_reverse("protocol", _FROM_PROTOCOL, msg.protocol),
+            affinity=_reverse("affinity", _FROM_AFFINITY, msg.affinity),
             affinity_timeout=msg.affinity_timeout,
             table_size=msg.table_size,
             epsilon=msg.epsilon if msg.HasField("epsilon") else None,
@@ -86,11 +90,11 @@ def service_from_pb(msg: pb.Service, path: str) -> snapshot.ServiceState:
             saturated=msg.saturated,
             backends=tuple(backends),
         )
-    except snapshot.SnapshotError as exc:
-        raise snapshot.SnapshotError(f"{label}.{exc}") from None
+    except model.ModelError as exc:
+        raise exc.prefixed(label) from None
 
 
-def engine_to_pb(ref: snapshot.EngineRef) -> pb.EngineRef:
+def engine_to_pb(ref: model.EngineRef) -> pb.EngineRef:
     msg = pb.EngineRef(identity=ref.identity, metrics_url=ref.metrics_url,
                        health_url=ref.health_url)
     if ref.node is not None:
@@ -98,33 +102,33 @@ def engine_to_pb(ref: snapshot.EngineRef) -> pb.EngineRef:
     return msg
 
 
-def engine_from_pb(msg: pb.EngineRef, path: str, i: int) -> snapshot.EngineRef:
+def engine_from_pb(msg: pb.EngineRef, path: str, i: int) -> model.EngineRef:
     try:
-        return snapshot.EngineRef(identity=msg.identity, metrics_url=msg.metrics_url,
+        return model.EngineRef(identity=msg.identity, metrics_url=msg.metrics_url,
                                   health_url=msg.health_url,
                                   node=msg.node if msg.HasField("node") else None)
-    except snapshot.SnapshotError as exc:
+    except model.ModelError as exc:
         label = f"{path}[{msg.identity}]" if msg.identity else f"{path}[{i}]"
-        raise snapshot.SnapshotError(f"{label}.{exc}") from None
+        raise exc.prefixed(label) from None
 
 
-def snapshot_to_pb(snap: snapshot.Snapshot) -> pb.Snapshot:
+def snapshot_to_pb(snap: model.Snapshot) -> pb.Snapshot:
     return pb.Snapshot(version=snap.version, hash=snap.hash,
                        services=[service_to_pb(s) for s in snap.services],
                        engines=[engine_to_pb(e) for e in snap.engines])
 
 
-def snapshot_from_pb(msg: pb.Snapshot) -> snapshot.Snapshot:
+def snapshot_from_pb(msg: pb.Snapshot) -> model.Snapshot:
     services = tuple(service_from_pb(s, "services") for s in msg.services)
     engines = tuple(engine_from_pb(e, "engines", i) for i, e in enumerate(msg.engines))
-    snap = snapshot.Snapshot(msg.version, services, engines)
+    snap = model.Snapshot.of(msg.version, services, engines)
     if snap.hash != msg.hash:
-        raise snapshot.SnapshotError(f"hash: full snapshot {msg.version} hashes to "
+        raise model.ModelError(f"hash: full snapshot {msg.version} hashes to "
                                      f"{snap.hash[:12]}, announced {msg.hash[:12]!r}")
     return snap
 
 
-def delta_to_pb(change: snapshot.Delta) -> pb.Delta:
+def delta_to_pb(change: model.Delta) -> pb.Delta:
     return pb.Delta(from_version=change.from_version, to_version=change.to_version,
                     hash=change.hash, upserted=[service_to_pb(s) for s in change.upserted],
                     removed=list(change.removed),
@@ -132,12 +136,12 @@ def delta_to_pb(change: snapshot.Delta) -> pb.Delta:
                     engines=[engine_to_pb(e) for e in change.engines or ()])
 
 
-def delta_from_pb(msg: pb.Delta) -> snapshot.Delta:
+def delta_from_pb(msg: pb.Delta) -> model.Delta:
     if msg.engines and not msg.engines_replaced:
-        raise snapshot.SnapshotError("engines: listed without engines_replaced")
+        raise model.ModelError("engines: listed without engines_replaced")
     engines = (tuple(engine_from_pb(e, "engines", i) for i, e in enumerate(msg.engines))
                if msg.engines_replaced else None)
-    return snapshot.Delta(
+    return model.Delta(
         from_version=msg.from_version,
         to_version=msg.to_version,
         hash=msg.hash,
@@ -147,11 +151,11 @@ def delta_from_pb(msg: pb.Delta) -> snapshot.Delta:
     )
 
 
-def full_update(snap: snapshot.Snapshot) -> pb.SnapshotUpdate:
+def full_update(snap: model.Snapshot) -> pb.SnapshotUpdate:
     return pb.SnapshotUpdate(full=snapshot_to_pb(snap))
 
 
-def delta_update(change: snapshot.Delta) -> pb.SnapshotUpdate:
+def delta_update(change: model.Delta) -> pb.SnapshotUpdate:
     return pb.SnapshotUpdate(delta=delta_to_pb(change))
 
 
@@ -184,7 +188,7 @@ def _load_from_pb(msg: pb.EngineLoad) -> enginemetrics.EngineLoad:
     )
 
 
-def report_to_pb(report: snapshot.AgentReport) -> pb.AgentReport:
+def report_to_pb(report: reports.AgentReport) -> pb.AgentReport:
     engines = []
     for r in report.engines:
         e = pb.EngineScrape(identity=r.identity, metrics_ok=r.metrics_ok,
@@ -206,7 +210,7 @@ def report_to_pb(report: snapshot.AgentReport) -> pb.AgentReport:
     )
 
 
-def report_from_pb(msg: pb.AgentReport) -> snapshot.AgentReport:
+def report_from_pb(msg: pb.AgentReport) -> reports.AgentReport:
     engines = tuple(
         scraper.ScrapeResult(
             identity=e.identity, metrics_ok=e.metrics_ok, health_ok=e.health_ok,
@@ -219,12 +223,12 @@ def report_from_pb(msg: pb.AgentReport) -> snapshot.AgentReport:
     counters = []
     for i, c in enumerate(msg.counters):
         try:
-            counters.append(snapshot.BackendCounters(
+            counters.append(reports.BackendCounters(
                 identity=c.identity, selected=c.selected, connects=c.connects, failed=c.failed,
                 established=c.established, closed=c.closed, trips=c.trips))
-        except snapshot.SnapshotError as exc:
-            raise snapshot.SnapshotError(f"counters[{i}].{exc}") from None
-    return snapshot.AgentReport(
+        except model.ModelError as exc:
+            raise model.ModelError(f"counters[{i}].{exc}") from None
+    return reports.AgentReport(
         agent_id=msg.agent_id, node=msg.node, applied_version=msg.applied_version,
         applied_hash=msg.applied_hash, apply_seconds=msg.apply_seconds, engines=engines,
         counters=tuple(counters), errors=tuple(msg.errors),

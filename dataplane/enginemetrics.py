@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import parser as prom_parser
 
+from dataplane import model
+
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
@@ -67,6 +69,11 @@ class EngineLoad:
     # Cumulative (upper bound, count) pairs ending with +Inf, so a caller can diff two
     # scrapes and estimate quantiles over the interval (see histogram_quantile).
     ttft_buckets: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def units(self) -> int:
+        """Bounded-load units (:func:`dataplane.model.load_units`)."""
+        return model.load_units(self.running, self.waiting, self.kv_usage)
 
     @property
     def ttft_mean(self) -> float | None:

@@ -1,4 +1,5 @@
-"""Snapshot model: validation, canonical hashing, deltas, protobuf round trips."""
+"""The desired-state model (ex controller.snapshot): validation, canonical hashing, deltas,
+protobuf round trips, agent reports."""
 
 from __future__ import annotations
 
@@ -10,53 +11,57 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import enginemetrics, scraper, snapshot
-from controller.pb import convert
-from controller.pb import kvroute_pb2 as pb
+from dataplane import enginemetrics, model, reports, scraper
+from dataplane.api import convert
+from dataplane.api.pb import kvroute_pb2 as pb
 
-SE = snapshot.SnapshotError
+SE = model.ModelError
 
 
-def be(address: str = "10.0.0.1", port: int = 8000, **kw: Any) -> snapshot.Backend:
+def be(address: str = "10.0.0.1", port: int = 8000, **kw: Any) -> model.Backend:
     fields: dict[str, Any] = {"weight": 100, "state": "active", "load": 0, **kw}
-    return snapshot.Backend(address=address, port=port, **fields)
+    return model.Backend(address=address, port=port, **fields)
 
 
-def svc(name: str = "llm", vip: str = "10.96.0.10", **kw: Any) -> snapshot.ServiceState:
+def svc(name: str = "llm", vip: str = "10.96.0.10", **kw: Any) -> model.Service:
     fields: dict[str, Any] = {
         "port": 80, "protocol": "tcp", "affinity": "session", "affinity_timeout": 600,
         "table_size": 251, "epsilon": 0.25, "probe_share": 0.05,
         "backends": (be("10.0.0.1"), be("10.0.0.2")), **kw,
     }
-    return snapshot.ServiceState(name=name, vip=vip, **fields)
+    return model.Service(name=name, vip=vip, **fields)
 
 
 def service_dict(**kw: Any) -> dict[str, Any]:
     return {**svc().to_dict(), **kw}
 
 
+def from_dict(version: int, data: Any) -> model.Snapshot:
+    return model.Snapshot(version, model.desired_from_dict(data))
+
+
 # -- strategies ---------------------------------------------------------------------------
 
 names = st.from_regex(r"[a-j0-3]([-a-j0-3.]{0,8}[a-j0-3])?", fullmatch=True)
 backends = st.builds(
-    snapshot.Backend,
+    model.Backend,
     address=st.integers(1, 200).map(lambda i: f"10.1.{i // 100}.{i % 100 + 1}"),
     port=st.sampled_from([8000, 8001]),
-    weight=st.integers(0, snapshot.WEIGHT_MAX),
-    state=st.sampled_from(snapshot.BACKEND_STATES),
-    load=st.integers(0, snapshot.LOAD_MAX),
+    weight=st.integers(0, model.WEIGHT_MAX),
+    state=st.sampled_from(list(model.BackendState)),
+    load=st.integers(0, model.LOAD_MAX),
 )
 
 
 @st.composite
-def services(draw: st.DrawFn, name: str) -> snapshot.ServiceState:
+def services(draw: st.DrawFn, name: str) -> model.Service:
     bes = draw(st.lists(backends, max_size=5, unique_by=lambda b: b.key))
-    return snapshot.ServiceState(
+    return model.Service(
         name=name,
         vip=f"10.96.{draw(st.integers(0, 3))}.{draw(st.integers(1, 254))}",
         port=draw(st.integers(1, 65535)),
-        protocol=draw(st.sampled_from(snapshot.PROTOCOLS)),
-        affinity=draw(st.sampled_from(snapshot.AFFINITIES)),
+        protocol=draw(st.sampled_from(list(model.Protocol))),
+        affinity=draw(st.sampled_from(list(model.Affinity))),
         affinity_timeout=draw(st.integers(1, 3600)),
         table_size=draw(st.sampled_from([7, 251, 16381, 65537, 131071])),
         epsilon=draw(st.none() | st.floats(0.0, 10.0)),
@@ -67,9 +72,9 @@ def services(draw: st.DrawFn, name: str) -> snapshot.ServiceState:
 
 
 def _engine_ref(i: int, port: int, proto: str, node: str | None,
-                https: bool) -> snapshot.EngineRef:
+                https: bool) -> model.EngineRef:
     host = f"10.1.{i // 100}.{i % 100 + 1}"
-    return snapshot.EngineRef(
+    return model.EngineRef(
         identity=f"{host}:{port}/{proto}",
         metrics_url=f"{'https' if https else 'http'}://{host}:{port}/metrics",
         health_url=f"http://{host}:{port}/health", node=node)
@@ -77,13 +82,13 @@ def _engine_ref(i: int, port: int, proto: str, node: str | None,
 
 engine_refs = st.builds(
     _engine_ref,
-    st.integers(1, 200), st.sampled_from([8000, 8001]), st.sampled_from(snapshot.PROTOCOLS),
+    st.integers(1, 200), st.sampled_from([8000, 8001]), st.sampled_from(list(model.Protocol)),
     st.none() | st.sampled_from(["node-a", "node-b"]), st.booleans(),
 )
 
 
 @st.composite
-def snapshots(draw: st.DrawFn, version: int | None = None) -> snapshot.Snapshot:
+def snapshots(draw: st.DrawFn, version: int | None = None) -> model.Snapshot:
     engines = draw(st.lists(engine_refs, max_size=4, unique_by=lambda e: e.identity))
     chosen = draw(st.lists(names, max_size=5, unique=True))
     items = []
@@ -93,8 +98,8 @@ def snapshots(draw: st.DrawFn, version: int | None = None) -> snapshot.Snapshot:
         if s.l4 not in used:
             used.add(s.l4)
             items.append(s)
-    v = version if version is not None else draw(st.integers(1, snapshot.VERSION_MAX))
-    return snapshot.Snapshot(v, tuple(items), tuple(engines))
+    v = version if version is not None else draw(st.integers(1, model.VERSION_MAX))
+    return model.Snapshot.of(v, tuple(items), tuple(engines))
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -102,18 +107,18 @@ def snapshots(draw: st.DrawFn, version: int | None = None) -> snapshot.Snapshot:
 
 @settings(max_examples=60, deadline=None)
 @given(snapshots(version=1), snapshots(version=2))
-def test_apply_delta_of_a_and_b_gives_b(a: snapshot.Snapshot, b: snapshot.Snapshot) -> None:
-    d = snapshot.delta(a, b)
-    assert snapshot.apply_delta(a, d) == b
-    assert snapshot.apply_delta(a, d).hash == b.hash
+def test_apply_delta_of_a_and_b_gives_b(a: model.Snapshot, b: model.Snapshot) -> None:
+    d = model.delta(a, b)
+    assert model.apply_delta(a, d) == b
+    assert model.apply_delta(a, d).hash == b.hash
     # The same through the wire format.
     wire = pb.Delta.FromString(convert.delta_to_pb(d).SerializeToString())
-    assert snapshot.apply_delta(a, convert.delta_from_pb(wire)) == b
+    assert model.apply_delta(a, convert.delta_from_pb(wire)) == b
 
 
 @settings(max_examples=60, deadline=None)
 @given(snapshots(), st.randoms(use_true_random=False))
-def test_hash_and_equality_ignore_order(snap: snapshot.Snapshot, rnd: Any) -> None:
+def test_hash_and_equality_ignore_order(snap: model.Snapshot, rnd: Any) -> None:
     shuffled = []
     for s in snap.services:
         bes = list(s.backends)
@@ -122,27 +127,28 @@ def test_hash_and_equality_ignore_order(snap: snapshot.Snapshot, rnd: Any) -> No
     rnd.shuffle(shuffled)
     engines = list(snap.engines)
     rnd.shuffle(engines)
-    other = snapshot.Snapshot(snap.version, tuple(shuffled), tuple(engines))
+    other = model.Snapshot.of(snap.version, tuple(shuffled), tuple(engines))
     assert other == snap
     assert other.hash == snap.hash
     # The version is not content.
-    assert snapshot.Snapshot(1, tuple(shuffled), tuple(engines)).hash == snap.hash
+    assert model.Snapshot.of(1, tuple(shuffled), tuple(engines)).hash == snap.hash
 
 
 @settings(max_examples=100, deadline=None)
 @given(snapshots())
-def test_round_trips_through_protobuf_and_dict(snap: snapshot.Snapshot) -> None:
+def test_round_trips_through_protobuf_and_dict(snap: model.Snapshot) -> None:
     wire = pb.Snapshot.FromString(convert.snapshot_to_pb(snap).SerializeToString())
     assert convert.snapshot_from_pb(wire) == snap
-    assert snapshot.Snapshot.from_dict(snap.version, snap.to_dict(engines=True)) == snap
-    # The agent-config shape leaves the engines out.
-    without = snapshot.Snapshot.from_dict(snap.version, snap.to_dict())
+    assert from_dict(snap.version, snap.desired.to_dict()) == snap
+    assert model.desired_from_dict(snap.desired.to_dict()).hash == snap.hash
+    # engines=False leaves the engines out.
+    without = from_dict(snap.version, snap.desired.to_dict(engines=False))
     assert without.services == snap.services and without.engines == ()
 
 
 @settings(max_examples=60, deadline=None)
 @given(snapshots(version=3), st.data())
-def test_any_single_field_change_changes_the_hash(snap: snapshot.Snapshot,
+def test_any_single_field_change_changes_the_hash(snap: model.Snapshot,
                                                   data: st.DataObject) -> None:
     if not snap.services:
         return
@@ -157,7 +163,7 @@ def test_any_single_field_change_changes_the_hash(snap: snapshot.Snapshot,
     changed = dataclasses.replace(target, **{field: value})
     others = tuple(s for s in snap.services if s.name != target.name)
     try:
-        new = snapshot.Snapshot(3, (*others, changed))
+        new = model.Snapshot.of(3, (*others, changed))
     except SE:  # the change collided with another service's address
         return
     assert new.hash != snap.hash
@@ -171,29 +177,31 @@ garbage = st.one_of(
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(snapshot._SERVICE_KEYS), garbage)
+@given(st.sampled_from(model._SERVICE_FIELDS), garbage)
 def test_garbage_in_a_service_field_is_rejected_naming_it(field: str, value: Any) -> None:
     data = service_dict(**{field: value})
     try:
-        snap = snapshot.Snapshot.from_dict(1, {"services": [data]})
+        snap = from_dict(1, {"services": [data]})
     except SE as exc:
-        assert field in str(exc)
+        assert str(exc).startswith(f"services[0].{field}"), str(exc)
         return
     # Accepted: then the value was a valid one for that field and survives exactly.
     got = snap.services[0].to_dict()[field]
-    if field != "backends":
+    if field == "table_size" and value is None:  # None: the automatic size
+        assert got == model.auto_table_size(snap.services[0].affinity, 2)
+    elif field != "backends":
         assert got == value
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(snapshot._BACKEND_KEYS), garbage)
+@given(st.sampled_from(model._BACKEND_FIELDS), garbage)
 def test_garbage_in_a_backend_field_is_rejected_naming_it(field: str, value: Any) -> None:
     data = service_dict()
     data["backends"] = [{**data["backends"][0], field: value}]
     try:
-        snap = snapshot.Snapshot.from_dict(1, {"services": [data]})
+        snap = from_dict(1, {"services": [data]})
     except SE as exc:
-        assert f"services[llm].backends[0].{field}" in str(exc)
+        assert str(exc).startswith(f"services[0].backends[0].{field}"), str(exc)
         return
     assert snap.services[0].backends[0].to_dict()[field] == value
 
@@ -228,6 +236,7 @@ def test_random_bytes_never_decode_into_an_unchecked_snapshot(blob: bytes) -> No
         ({"vip": "0.0.0.0"}, "vip"),
         ({"vip": "224.0.0.1"}, "vip"),
         ({"vip": "::1"}, "vip"),
+        ({"vip": "10.0.0.1\x00"}, r"vip: '10\.0\.0\.1\\x00' is not an IPv4 address"),
         ({"port": 0}, "port"),
         ({"port": 65536}, "port"),
         ({"port": 80.0}, "port: must be an integer"),
@@ -251,54 +260,62 @@ def test_random_bytes_never_decode_into_an_unchecked_snapshot(blob: bytes) -> No
 )
 def test_bad_service_fields_are_named(change: dict[str, Any], message: str) -> None:
     with pytest.raises(SE, match=message):
-        snapshot.Snapshot.from_dict(1, {"services": [service_dict(**change)]})
+        from_dict(1, {"services": [service_dict(**change)]})
 
 
 def test_error_paths_name_service_and_backend() -> None:
     data = service_dict()
     data["backends"][1]["weight"] = 70000
-    with pytest.raises(SE, match=r"services\[llm\]\.backends\[1\]\.weight: must be in"):
-        snapshot.Snapshot.from_dict(1, {"services": [data]})
-    msg = convert.snapshot_to_pb(snapshot.Snapshot(1, (svc(),)))
+    with pytest.raises(SE, match=r"^services\[0\]\.backends\[1\]\.weight: must be in "
+                                 r"\[0, 65535\], got 70000$"):
+        from_dict(1, {"services": [data]})
+    msg = convert.snapshot_to_pb(model.Snapshot.of(1, (svc(),)))
     msg.services[0].backends[1].weight = 70000
     with pytest.raises(SE, match=r"services\[llm\]\.backends\[10\.0\.0\.2:8000\]\.weight"):
         convert.snapshot_from_pb(msg)
-    msg = convert.snapshot_to_pb(snapshot.Snapshot(1, (svc(),)))
+    msg = convert.snapshot_to_pb(model.Snapshot.of(1, (svc(),)))
     msg.services[0].affinity = pb.AFFINITY_UNSPECIFIED
     with pytest.raises(SE, match=r"services\[llm\]\.affinity: unknown or unspecified"):
         convert.snapshot_from_pb(msg)
 
 
 def test_structure_errors() -> None:
-    with pytest.raises(SE, match="unknown field"):
-        snapshot.Snapshot.from_dict(1, {"services": [service_dict(colour="red")]})
-    with pytest.raises(SE, match=r"services\[llm\]\.vip: missing"):
+    with pytest.raises(SE, match=r"^services\[0\]\.colour: unknown key$"):
+        from_dict(1, {"services": [service_dict(colour="red")]})
+    with pytest.raises(SE, match=r"^services\[0\]\.vip: required$"):
         data = service_dict()
         del data["vip"]
-        snapshot.Snapshot.from_dict(1, {"services": [data]})
+        from_dict(1, {"services": [data]})
     with pytest.raises(SE, match=r"services\[llm\]: name listed twice"):
-        snapshot.Snapshot(1, (svc(), svc(vip="10.96.0.11")))
+        model.Snapshot.of(1, (svc(), svc(vip="10.96.0.11")))
     with pytest.raises(SE, match=r"services\[b\]\.vip: 10\.96\.0\.10:80/tcp is already"):
-        snapshot.Snapshot(1, (svc("a"), svc("b")))
+        model.Snapshot.of(1, (svc("a"), svc("b")))
     with pytest.raises(SE, match=r"backends\[10\.0\.0\.1:8000\]: listed twice"):
         svc(backends=(be(), be(weight=3)))
     with pytest.raises(SE, match="version"):
-        snapshot.Snapshot(0, ())
+        model.Snapshot.of(0, ())
     with pytest.raises(SE, match="services: must be a list"):
-        snapshot.Snapshot.from_dict(1, {"services": "llm"})
+        from_dict(1, {"services": "llm"})
+    with pytest.raises(SE, match=r"^services\[0\]: must be a Service"):
+        model.DesiredState((service_dict(),))  # type: ignore[arg-type]
+    with pytest.raises(SE, match=r"^backends\[0\]: must be a Backend"):
+        svc(backends=(be().to_dict(),))
 
 
 def test_saturated_and_load_default_when_absent_from_a_dict() -> None:
     data = service_dict()
     del data["saturated"]
     del data["backends"][0]["load"]
-    got = snapshot.ServiceState.from_dict(data)
+    got = model.service_from_dict(data)
     assert got.saturated is False
     assert got.backends[0].load == 0
 
 
 def test_to_dict_is_the_agent_config_shape() -> None:
-    d = snapshot.Snapshot(5, (svc(epsilon=None, saturated=True),)).to_dict()
+    desired = model.Snapshot.of(5, (svc(epsilon=None, saturated=True),), (ref(),)).desired
+    assert list(desired.to_dict()) == ["services", "engines"]
+    assert desired.to_dict()["engines"] == [ref().to_dict()]
+    d = desired.to_dict(engines=False)
     assert list(d) == ["services"]
     (s,) = d["services"]
     assert set(s) == {"name", "vip", "port", "protocol", "affinity", "affinity_timeout",
@@ -307,71 +324,63 @@ def test_to_dict_is_the_agent_config_shape() -> None:
     assert set(s["backends"][0]) == {"address", "port", "weight", "state", "load"}
 
 
-def test_config_from_dict_accepts_the_snapshot_dict() -> None:
+def test_the_yaml_loader_reads_the_snapshot_content() -> None:
     from dataplane import config
 
-    snap = snapshot.Snapshot(5, (svc(epsilon=None), svc("b", vip="10.96.0.11", saturated=True),
-                                 svc("c", vip="10.96.0.12", affinity="none", table_size=7)))
-    d = snap.to_dict()
-    if "saturated" not in {f.name for f in dataclasses.fields(config.Service)}:
-        # dataplane.config does not know the flag yet (the lead adds it): check everything
-        # else, and that the flag is the only key it refuses.
-        with pytest.raises(config.ConfigError, match="saturated: unknown key"):
-            config.from_dict(d)
-        for s in d["services"]:
-            del s["saturated"]
-        snap = snapshot.Snapshot(5, tuple(dataclasses.replace(s, saturated=False)
-                                          for s in snap.services))
-    back = config.to_dict(config.from_dict(d))
-    assert snapshot.Snapshot.from_dict(5, back) == snap
+    snap = model.Snapshot.of(5, (svc(epsilon=None), svc("b", vip="10.96.0.11", saturated=True),
+                                 svc("c", vip="10.96.0.12", affinity="none", table_size=7)),
+                             (ref(), ref("10.0.0.2:8000/udp", node="node-b")))
+    loaded = config.parse(config.dump(snap.desired))
+    assert loaded == snap.desired and loaded.hash == snap.hash
+    assert model.Snapshot(5, loaded) == snap
 
 
 # -- deltas, examples ---------------------------------------------------------------------
 
 
 def test_delta_carries_only_changed_services() -> None:
-    a = snapshot.Snapshot(1, (svc("a"), svc("b", vip="10.96.0.11"), svc("c", vip="10.96.0.12")))
-    b = snapshot.Snapshot(2, (svc("a"), svc("b", vip="10.96.0.11", saturated=True),
+    a = model.Snapshot.of(1, (svc("a"), svc("b", vip="10.96.0.11"), svc("c", vip="10.96.0.12")))
+    b = model.Snapshot.of(2, (svc("a"), svc("b", vip="10.96.0.11", saturated=True),
                               svc("d", vip="10.96.0.13")))
-    d = snapshot.delta(a, b)
+    d = model.delta(a, b)
     assert [s.name for s in d.upserted] == ["b", "d"]
     assert d.removed == ("c",)
     assert (d.from_version, d.to_version, d.hash) == (1, 2, b.hash)
-    assert snapshot.delta(b, b).empty
+    assert model.delta(b, b).empty
 
 
 def test_apply_delta_refuses_the_wrong_base_and_a_wrong_hash() -> None:
-    a = snapshot.Snapshot(1, (svc("a"),))
-    b = snapshot.Snapshot(2, (svc("a", saturated=True),))
-    d = snapshot.delta(a, b)
+    a = model.Snapshot.of(1, (svc("a"),))
+    b = model.Snapshot.of(2, (svc("a", saturated=True),))
+    d = model.delta(a, b)
     with pytest.raises(SE, match="from_version"):
-        snapshot.apply_delta(snapshot.Snapshot(7, a.services), d)
+        model.apply_delta(model.Snapshot.of(7, a.services), d)
     # Right version number, different content underneath: the hash catches it.
-    other = snapshot.Snapshot(1, (svc("a", port=81), svc("z", vip="10.96.0.99")))
+    other = model.Snapshot.of(1, (svc("a", port=81), svc("z", vip="10.96.0.99")))
     with pytest.raises(SE, match="hash"):
-        snapshot.apply_delta(other, d)
+        model.apply_delta(other, d)
     corrupt = dataclasses.replace(d, hash="0" * 64)
     with pytest.raises(SE, match="hash"):
-        snapshot.apply_delta(a, corrupt)
+        model.apply_delta(a, corrupt)
     with pytest.raises(SE, match=r"removed\[q\]: no such service"):
-        snapshot.apply_delta(a, snapshot.Delta(1, 2, a.hash, (), ("q",)))
+        model.apply_delta(a, model.Delta(1, 2, a.hash, (), ("q",)))
     # An upsert that collides with another service's address is refused, not applied.
-    clash = snapshot.Delta(1, 2, "0" * 64, (svc("b"),), ())
+    clash = model.Delta(1, 2, "0" * 64, (svc("b"),), ())
     with pytest.raises(SE, match="already service"):
-        snapshot.apply_delta(a, clash)
+        model.apply_delta(a, clash)
 
 
 def test_delta_validation() -> None:
     with pytest.raises(SE, match="hash"):
-        snapshot.Delta(1, 2, "xyz")
+        model.Delta(1, 2, "xyz")
     with pytest.raises(SE, match=r"removed\[a\]: also upserted"):
-        snapshot.Delta(1, 2, "0" * 64, (svc("a"),), ("a",))
+        model.Delta(1, 2, "0" * 64, (svc("a"),), ("a",))
     with pytest.raises(SE, match="removed: a name is listed twice"):
-        snapshot.Delta(1, 2, "0" * 64, (), ("a", "a"))
+        model.Delta(1, 2, "0" * 64, (), ("a", "a"))
 
 
 def test_full_snapshot_with_a_wrong_hash_is_refused() -> None:
-    msg = convert.snapshot_to_pb(snapshot.Snapshot(1, (svc(),)))
+    msg = convert.snapshot_to_pb(model.Snapshot.of(1, (svc(),)))
     msg.services[0].saturated = True  # content changed after hashing
     with pytest.raises(SE, match="hash"):
         convert.snapshot_from_pb(msg)
@@ -389,16 +398,16 @@ def load(**kw: Any) -> enginemetrics.EngineLoad:
     return enginemetrics.EngineLoad(**fields)
 
 
-def report(**kw: Any) -> snapshot.AgentReport:
+def report(**kw: Any) -> reports.AgentReport:
     fields: dict[str, Any] = {
         "agent_id": "node-a", "node": "a", "applied_version": 4, "applied_hash": "a" * 64,
         "apply_seconds": 0.01,
         "engines": (scraper.ScrapeResult("10.0.0.1:8000", True, True, 0.002, load(), None),
                     scraper.ScrapeResult("10.0.0.2:8000", False, True, 0.3, None, "metrics: x")),
-        "counters": (snapshot.BackendCounters("10.0.0.1:8000/tcp", connects=5, failed=1),),
+        "counters": (reports.BackendCounters("10.0.0.1:8000/tcp", connects=5, failed=1),),
         "errors": ("apply: boom",), **kw,
     }
-    return snapshot.AgentReport(**fields)
+    return reports.AgentReport(**fields)
 
 
 def test_report_round_trip() -> None:
@@ -420,7 +429,7 @@ def test_report_round_trip() -> None:
         ({"engines": (scraper.ScrapeResult("e", True, True, 0.0,
                                            load(ttft_buckets=((math.nan, 1.0),)), None),)},
          r"ttft_buckets\[0\]\.le"),
-        ({"counters": (snapshot.BackendCounters("x"), snapshot.BackendCounters("x"))},
+        ({"counters": (reports.BackendCounters("x"), reports.BackendCounters("x"))},
          r"counters\['x'\]: listed twice"),
     ],
 )
@@ -431,24 +440,24 @@ def test_bad_reports_are_rejected(change: dict[str, Any], message: str) -> None:
 
 def test_negative_counter_rejected() -> None:
     with pytest.raises(SE, match="failed"):
-        snapshot.BackendCounters("x", failed=-1)
+        reports.BackendCounters("x", failed=-1)
 
 
 # -- engines ------------------------------------------------------------------------------
 
 
-def ref(identity: str = "10.0.0.1:8000/tcp", **kw: Any) -> snapshot.EngineRef:
+def ref(identity: str = "10.0.0.1:8000/tcp", **kw: Any) -> model.EngineRef:
     address = identity.split(":")[0]
     fields: dict[str, Any] = {"metrics_url": f"http://{address}:8000/metrics",
                               "health_url": f"http://{address}:8000/health", "node": None, **kw}
-    return snapshot.EngineRef(identity=identity, **fields)
+    return model.EngineRef(identity=identity, **fields)
 
 
 def test_engines_are_content_hashed_and_sorted() -> None:
-    a = snapshot.Snapshot(1, (svc(),), (ref("10.0.0.2:8000/tcp"), ref("10.0.0.1:8000/tcp")))
+    a = model.Snapshot.of(1, (svc(),), (ref("10.0.0.2:8000/tcp"), ref("10.0.0.1:8000/tcp")))
     assert [e.identity for e in a.engines] == ["10.0.0.1:8000/tcp", "10.0.0.2:8000/tcp"]
-    assert a.hash != snapshot.Snapshot(1, (svc(),)).hash
-    moved = snapshot.Snapshot(1, (svc(),), (ref("10.0.0.2:8000/tcp"),
+    assert a.hash != model.Snapshot.of(1, (svc(),)).hash
+    moved = model.Snapshot.of(1, (svc(),), (ref("10.0.0.2:8000/tcp"),
                                             ref("10.0.0.1:8000/tcp", node="node-b")))
     assert moved.hash != a.hash
     assert a.engine("10.0.0.2:8000/tcp") == ref("10.0.0.2:8000/tcp")
@@ -456,26 +465,26 @@ def test_engines_are_content_hashed_and_sorted() -> None:
 
 
 def test_delta_replaces_the_engine_list_only_when_it_changed() -> None:
-    a = snapshot.Snapshot(1, (svc(),), (ref(),))
-    b = snapshot.Snapshot(2, (svc(saturated=True),), (ref(),))
-    d = snapshot.delta(a, b)
+    a = model.Snapshot.of(1, (svc(),), (ref(),))
+    b = model.Snapshot.of(2, (svc(saturated=True),), (ref(),))
+    d = model.delta(a, b)
     assert d.engines is None and not d.empty
-    c = snapshot.Snapshot(3, (svc(saturated=True),), (ref(), ref("10.0.0.2:8000/tcp")))
-    d2 = snapshot.delta(b, c)
+    c = model.Snapshot.of(3, (svc(saturated=True),), (ref(), ref("10.0.0.2:8000/tcp")))
+    d2 = model.delta(b, c)
     assert d2.upserted == () and d2.engines == c.engines and not d2.empty
     wire = pb.Delta.FromString(convert.delta_to_pb(d2).SerializeToString())
     assert wire.engines_replaced
-    assert snapshot.apply_delta(b, convert.delta_from_pb(wire)) == c
+    assert model.apply_delta(b, convert.delta_from_pb(wire)) == c
     # Back to no engines at all: an empty list, not "unchanged".
-    e = snapshot.Snapshot(4, (svc(saturated=True),))
+    e = model.Snapshot.of(4, (svc(saturated=True),))
     d3 = convert.delta_from_pb(pb.Delta.FromString(
-        convert.delta_to_pb(snapshot.delta(c, e)).SerializeToString()))
+        convert.delta_to_pb(model.delta(c, e)).SerializeToString()))
     assert d3.engines == ()
-    assert snapshot.apply_delta(c, d3) == e
+    assert model.apply_delta(c, d3) == e
 
 
 def test_a_delta_listing_engines_without_the_flag_is_refused() -> None:
-    msg = convert.delta_to_pb(snapshot.Delta(1, 2, "a" * 64, engines=(ref(),)))
+    msg = convert.delta_to_pb(model.Delta(1, 2, "a" * 64, engines=(ref(),)))
     msg.engines_replaced = False
     with pytest.raises(SE, match="engines_replaced"):
         convert.delta_from_pb(msg)
@@ -502,18 +511,17 @@ def test_a_delta_listing_engines_without_the_flag_is_refused() -> None:
 def test_bad_engine_refs_are_refused_naming_the_field(change: dict[str, Any],
                                                        message: str) -> None:
     with pytest.raises(SE, match=message):
-        ref(**change) if "identity" not in change else snapshot.EngineRef(
+        ref(**change) if "identity" not in change else model.EngineRef(
             **{**ref().to_dict(), **change})
 
 
 def test_duplicate_engines_and_bad_engine_wire_data_are_refused() -> None:
     with pytest.raises(SE, match=r"engines\[10.0.0.1:8000/tcp\]: listed twice"):
-        snapshot.Snapshot(1, (), (ref(), ref(node="x")))
-    snap = snapshot.Snapshot(1, (svc(),), (ref(),))
+        model.Snapshot.of(1, (), (ref(), ref(node="x")))
+    snap = model.Snapshot.of(1, (svc(),), (ref(),))
     msg = convert.snapshot_to_pb(snap)
     msg.engines[0].metrics_url = "gopher://x"
     with pytest.raises(SE, match=r"engines\[10.0.0.1:8000/tcp\].metrics_url"):
         convert.snapshot_from_pb(msg)
-    with pytest.raises(SE, match=r"engines\[0\].colour: unknown field"):
-        snapshot.Snapshot.from_dict(1, {"services": [], "engines": [{**ref().to_dict(),
-                                                                     "colour": "red"}]})
+    with pytest.raises(SE, match=r"engines\[0\].colour: unknown key"):
+        from_dict(1, {"services": [], "engines": [{**ref().to_dict(), "colour": "red"}]})

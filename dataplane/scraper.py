@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import httpx
 
-from controller import enginemetrics
+from dataplane import enginemetrics
 
 log = logging.getLogger(__name__)
 

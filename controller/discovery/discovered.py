@@ -70,7 +70,7 @@ Protocol_ = Literal["tcp", "udp"]
 # kube-proxy's default and ceiling for ClientIP affinity (Service API validation).
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
-# The datapath's limits (controller.snapshot, dataplane.config): a value they would
+# The datapath's limits (dataplane.model, dataplane.config): a value they would
 # refuse is refused here, where the message can name the service and annotation.
 MIN_TABLE_SIZE = 7
 MAX_TABLE_SIZE = 131071  # and prime: Maglev needs it

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dataplane import apply, config, loader
+from dataplane import apply, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
@@ -89,7 +89,7 @@ def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[
                 svcs = _services(n - 1, [str(pod.address)], 1)
                 svcs.append({"name": "measured", "vip": "10.96.0.1", "port": 80,
                              "backends": [{"address": str(pod.address), "port": POD_PORT}]})
-                applier.apply(config.from_dict({"services": svcs}))
+                applier.apply(model.desired_from_dict({"services": svcs}))
                 via, direct = [], []
                 for _ in range(rounds):  # paired and interleaved: drift hits both alike
                     direct.append(client.call(_connect_timer, str(pod.address), POD_PORT,
@@ -104,7 +104,7 @@ def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[
                              "ratio_iqr": [round(q, 3) for q in
                                            statistics.quantiles(ratios, n=4)[::2]],
                              "target_ratio": 1.05})
-            applier.apply(config.from_dict({"services": []}))
+            applier.apply(model.desired_from_dict({"services": []}))
             applier.close()
     return rows
 
@@ -113,7 +113,7 @@ def bench_apply(n_services: int, per_service: int) -> list[dict[str, Any]]:
     rows = []
     with _datapath() as (settings, maps):
         for affinity in ("none", "session"):
-            desired = config.from_dict({"services": _services(
+            desired = model.desired_from_dict({"services": _services(
                 n_services, [], per_service, affinity)})
             applier = apply.Applier(maps, settings.hash_seed)
             started = time.perf_counter()
@@ -135,13 +135,13 @@ def bench_apply(n_services: int, per_service: int) -> list[dict[str, Any]]:
             rows.append({"bench": f"re-apply unchanged ({affinity})",
                          "value_s": round(time.perf_counter() - started, 3),
                          "writes": sum(again.summary().values())})
-            applier.apply(config.from_dict({"services": []}))
+            applier.apply(model.desired_from_dict({"services": []}))
             applier.close()
     return rows
 
 
 def bench_maglev() -> list[dict[str, Any]]:
-    from dataplane import bench_maglev
+    from lab import bench_maglev
     return list(bench_maglev.run())
 
 
