@@ -21,9 +21,11 @@ from typing import Any
 import pyroute2
 import pyroute2.netns
 import pytest
+from click.testing import CliRunner
 
 import lab.netns
 import lab.owner
+from dataplane import cli
 from tests.conftest import sweep_dead_labs
 
 # A lab in its own process: a pod with a process in it, a host process, an extra cgroup and
@@ -148,3 +150,18 @@ def test_two_labs_starting_at_once_get_their_own_subnets(
     subnets = {r.names: r.subnet for r in lab.owner.Store().load_all()}
     assert subnets[first.made["names"]] != subnets[second.made["names"]]
 
+
+def test_lab_clean_removes_dead_labs_and_names_the_live_ones_it_leaves(
+        child_labs: list[ChildLab]) -> None:
+    dead, live = ChildLab(), ChildLab()
+    child_labs += [dead, live]
+    dead.ready(), live.ready()
+    dead.kill()
+    result = CliRunner().invoke(cli.main, ["lab", "clean"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"removed lab {dead.made['names']} (owner pid {dead.proc.pid} gone)" in lines
+    assert f"left alone: live lab {live.made['names']} (owner pid {live.proc.pid}); " \
+        "--all removes it" in lines
+    assert present(dead.made) == NONE
+    assert present(live.made) == ALL
