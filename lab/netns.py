@@ -235,8 +235,9 @@ class Pod:
 class Lab:
     """A host bridge, pods and clients in their own namespaces, and a cgroup for clients.
 
-    Use as ``with Lab("10.77.3.0/24") as lab:`` or call up()/down(). Several labs may exist at
-    once if their subnets differ (up() refuses a subnet already on a host interface).
+    Use as ``with Lab() as lab:`` or call up()/down(). Several labs may exist at once, in
+    one process or many: with no subnet given, up() takes one no host interface and no other
+    lab uses; a subnet given is refused if it is in use.
     """
 
     def __init__(self, subnet: str | None = None, prefix: str | None = None,
