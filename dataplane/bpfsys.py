@@ -14,6 +14,7 @@ import os
 import time
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -156,21 +157,75 @@ def map_fd_by_id(map_id: int) -> int:
 
 
 BPF_F_MMAPABLE = 1 << 10
+BPF_LINK_TYPE_CGROUP = 3  # enum bpf_link_type
+
+
+def _create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+                flags: int) -> int:
+    # The kernel keeps 15 characters of an object's name.
+    return int(_bcc().bcc_create_map(map_type, name.encode()[:15], key_size, value_size,
+                                     max_entries, flags))
+
+
+def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    """A new map, unpinned; the caller owns the fd."""
+    return _check(_create_map(map_type, name, key_size, value_size, max_entries, flags),
+                  f"create map {name}")
 
 
 def create_table_group(slots: int, name: str) -> int:
     """An array of u32 backend ids, compatible with kvr_tbl_tmpl, writable by mmap."""
-    fd = _bcc().bcc_create_map(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, 4, slots,
-                               BPF_F_INNER_MAP | BPF_F_MMAPABLE)
+    fd = _create_map(BPF_MAP_TYPE_ARRAY, name, 4, 4, slots, BPF_F_INNER_MAP | BPF_F_MMAPABLE)
     return _check(fd, f"create table group {name} ({slots} slots)")
 
 
+class MapInfo(ct.Structure):
+    """The head of struct bpf_map_info (uapi/linux/bpf.h): the kernel fills what fits."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16)]
+
+
+class LinkInfo(ct.Structure):
+    """The head of struct bpf_link_info with the cgroup member of its union (8-byte
+    aligned after type, id and prog_id)."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
+                ("pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
+                ("pad2", ct.c_uint32)]
+
+
+InfoT = TypeVar("InfoT", MapInfo, LinkInfo)
+
+
+def _info(fd: int, info_t: type[InfoT], what: str) -> InfoT:
+    info = info_t()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), what)
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    return _info(fd, MapInfo, "map info")
+
+
+def link_info(fd: int) -> LinkInfo:
+    return _info(fd, LinkInfo, "link info")
+
+
 def map_max_entries(fd: int) -> int:
-    """struct bpf_map_info.max_entries (type, id, key_size, value_size, max_entries)."""
-    buf = (ct.c_uint8 * 256)()
-    size = ct.c_uint32(len(buf))
-    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(size)), "map info")
-    return int.from_bytes(bytes(buf[16:20]), "little")
+    return int(map_info(fd).max_entries)
+
+
+def obj_kind(fd: int) -> str:
+    """"map", "link" or "prog" for a BPF object's fd, "" for anything else. The info call
+    cannot tell: it fills whatever struct it is given, so the file's anon inode name does."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    # Links were "bpf_link" before Linux 6.x named them "bpf-link" like the others.
+    return {"anon_inode:bpf-map": "map", "anon_inode:bpf-link": "link",
+            "anon_inode:bpf_link": "link", "anon_inode:bpf-prog": "prog"}.get(target, "")
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
@@ -187,12 +242,8 @@ def link_detach(link_fd: int) -> None:
 
 
 def link_cgroup_id(link_fd: int) -> int:
-    """The cgroup a cgroup link is attached to (struct bpf_link_info.cgroup)."""
-    buf = (ct.c_uint8 * 256)()
-    size = ct.c_uint32(len(buf))
-    _check(_lib().bpf_obj_get_info_by_fd(link_fd, buf, ct.byref(size)), "link info")
-    # type, id, prog_id (u32 each), then the union, 8-byte aligned.
-    return int.from_bytes(bytes(buf[16:24]), "little")
+    """The cgroup a cgroup link is attached to (0 once it is detached)."""
+    return int(link_info(link_fd).cgroup_id)
 
 
 @cache

@@ -23,10 +23,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=max(80, Console().width), highlight=False)
 
 
+def _checked_pin_dir(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    # One check for every command: a file, a folder off bpffs or the bpffs root itself is
+    # refused here, in one line, before a command opens (or removes) anything in it.
+    try:
+        host.check_pin_dir(value)
+    except host.HostError as exc:
+        raise click.ClickException(str(exc)) from None
+    return value
+
+
 def pin_dir_option(f: F) -> F:
     return click.option(
         "--pin-dir", type=click.Path(path_type=Path), default=settings.DEFAULT_PIN_DIR,
-        show_default=True, envvar="KVROUTE_PIN_DIR",
+        show_default=True, envvar="KVROUTE_PIN_DIR", callback=_checked_pin_dir,
         help="bpffs folder holding kvroute's pinned maps and links.")(f)
 
 
@@ -198,15 +208,28 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
 @main.command()
 @pin_dir_option
 def uninstall(pin_dir: Path) -> None:
-    """Detach every kvroute program and remove its pinned maps from this node."""
+    """Detach every kvroute program and remove its pinned maps from this node.
+
+    Only what kvroute pinned goes: anything else in the folder stays, and is named.
+    """
     from dataplane import loader
     if os.geteuid() != 0:
         _fail("uninstall needs root")
     if not pin_dir.exists():
         click.echo(f"nothing to remove: {pin_dir} does not exist")
         return
-    for line in loader.uninstall(pin_dir):
+    try:
+        done = loader.remove_pins(pin_dir)
+    except (loader.NotKvroute, host.HostError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"uninstall stopped half-way: {exc}; run it again to remove the rest")
+    for line in done.removed:
         click.echo(f"removed {line}")
+    for line in done.kept:
+        click.echo(f"left in place: {line}")
+    if not done.removed:
+        click.echo(f"nothing to remove: {pin_dir} is empty")
 
 
 @main.command("check-config")

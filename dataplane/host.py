@@ -5,10 +5,13 @@ Every check raises :class:`HostError` with a message a person can act on.
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
+from functools import cache
 from pathlib import Path
 
 BPFFS_DEFAULT = Path("/sys/fs/bpf")
+BPF_FS_MAGIC = 0xCAFE4A11  # statfs f_type of bpffs (linux/magic.h)
 
 
 class HostError(RuntimeError):
@@ -42,6 +45,48 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
 
 def bpffs_mounted(path: Path = BPFFS_DEFAULT, mountinfo: str = "/proc/self/mountinfo") -> bool:
     return any(mp == str(path) and fstype == "bpf" for mp, fstype in _mounts(mountinfo))
+
+
+@cache
+def _libc() -> ct.CDLL:
+    libc = ct.CDLL(None, use_errno=True)
+    libc.statfs.argtypes = [ct.c_char_p, ct.c_void_p]
+    libc.statfs.restype = ct.c_int
+    return libc
+
+
+def fs_type(path: Path) -> int:
+    """statfs(2) f_type of the filesystem holding ``path`` (os.statvfs lacks it)."""
+    # struct statfs is 120 bytes on 64-bit Linux; f_type, a native long, comes first everywhere.
+    buf = (ct.c_long * 32)()
+    if _libc().statfs(os.fsencode(path), buf) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
+    return int(buf[0]) & 0xFFFFFFFF
+
+
+def check_pin_dir(path: Path) -> None:
+    """``path`` can be kvroute's pin dir: a folder on bpffs (or a name not made yet whose
+    nearest existing parent is on bpffs), and not the root of a bpffs mount, which every BPF
+    tool on the node shares. Changes nothing."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise HostError(f"--pin-dir {path} is a file; give the bpffs folder kvroute pins "
+                            f"into (default {BPFFS_DEFAULT / 'kvroute'})")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        on_bpffs = fs_type(existing) == BPF_FS_MAGIC
+        mount_root = existing == path and os.path.ismount(path)
+    except OSError as exc:
+        raise HostError(f"--pin-dir {path}: {exc.strerror or exc}") from None
+    if not on_bpffs:
+        raise HostError(f"--pin-dir {path} is not on a bpffs mount; give a folder under one "
+                        f"(mount it with: mount -t bpf bpf {BPFFS_DEFAULT})")
+    if mount_root:
+        raise HostError(f"--pin-dir {path} is the root of a bpffs mount, shared by every BPF "
+                        f"tool on the node; give kvroute a folder of its own, e.g. "
+                        f"{path / 'kvroute'}")
 
 
 def require_root() -> None:

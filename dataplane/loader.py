@@ -9,16 +9,16 @@ the C source itself (BPF_TABLE_PINNED), so a new load adopts them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dataplane import abi, bpfsys, host
+from dataplane import abi, bpfsys, host, maps, pins
 from dataplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,7 @@ def preflight(settings: Settings) -> None:
     """Every host requirement, checked before anything is touched."""
     host.require_root()
     host.require_kernel_headers()
-    bpffs = settings.pin_dir
-    while not host.bpffs_mounted(bpffs) and bpffs != bpffs.parent:
-        bpffs = bpffs.parent
-    if not host.bpffs_mounted(bpffs):
-        raise host.HostError(
-            f"{settings.pin_dir} is not on a bpffs mount "
-            "(mount one with: mount -t bpf bpf /sys/fs/bpf, or run deploy/node-setup.sh)")
+    host.check_pin_dir(settings.pin_dir)
     host.cgroup2_root()
 
 
@@ -176,26 +170,90 @@ def _dir_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def uninstall(pin_dir: Path) -> list[str]:
-    """Detach every pinned link and remove every pin: routing by kvroute ends."""
+class NotKvroute(LoadError):
+    """The pin dir holds nothing kvroute made: uninstall refused and changed nothing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Uninstalled:
+    removed: list[str]  # "link NAME", "map NAME"
+    kept: list[str]  # what was left in place, and why
+
+
+def _look(path: Path) -> pins.Entry:
+    """The facts pins.plan judges an entry by; the entry itself is only opened."""
+    if path.is_symlink():
+        return pins.Entry(path.name, "symlink")
+    if path.is_dir():
+        return pins.Entry(path.name, "dir")
+    try:
+        fd = bpfsys.obj_get(path)
+    except OSError as exc:
+        return pins.Entry(path.name, "", problem=f"cannot open it as a BPF object: {exc.strerror}")
+    try:
+        kind = bpfsys.obj_kind(fd)
+        if kind == "map":
+            name = bpfsys.map_info(fd).name.decode(errors="replace")
+            return pins.Entry(path.name, kind, object_name=name)
+        if kind == "link":
+            cgroup = bpfsys.link_info(fd).type == bpfsys.BPF_LINK_TYPE_CGROUP
+            return pins.Entry(path.name, kind, cgroup_link=cgroup)
+        return pins.Entry(path.name, kind)
+    finally:
+        os.close(fd)
+
+
+def _look_in(folder: Path) -> list[pins.Entry]:
+    return [_look(p) for p in sorted(folder.iterdir())]
+
+
+def remove_pins(pin_dir: Path) -> Uninstalled:
+    """Detach kvroute's pinned links and remove kvroute's pins from ``pin_dir``, and the
+    folders once empty; whatever else is there stays (and is named in ``kept``).
+
+    Raises host.HostError for a folder that cannot be a pin dir (not on bpffs, the bpffs root)
+    and NotKvroute for one holding pins of which none is kvroute's; both change nothing.
+    """
+    host.check_pin_dir(pin_dir)
+    if not pin_dir.is_dir():
+        return Uninstalled([], [])
+    top = _look_in(pin_dir)
+    links_dir = pin_dir / pins.LINKS_DIR
+    has_links = any(e.name == pins.LINKS_DIR and e.kind == "dir" for e in top)
+    plan = pins.plan(top, _look_in(links_dir) if has_links else [], maps.PINNED_MAPS,
+                     [p.name for p in PROGRAMS])
+    if not plan.owns_anything:
+        if top:
+            raise NotKvroute(f"{pin_dir} holds none of kvroute's pins ({plan.kept[0]}); "
+                             "nothing removed: give the folder the agent pins into")
+        return Uninstalled([], [])
     removed: list[str] = []
-    links = pin_dir / "links"
-    if links.is_dir():
-        for pin in sorted(links.iterdir()):
-            fd = bpfsys.obj_get(pin)
-            try:
-                bpfsys.link_detach(fd)
-            finally:
-                os.close(fd)
-            pin.unlink()
-            removed.append(f"link {pin.name}")
-        links.rmdir()
-    if pin_dir.is_dir():
-        for pin in sorted(pin_dir.iterdir()):
-            if pin.is_dir():
-                shutil.rmtree(pin)
-            else:
-                pin.unlink()
-            removed.append(f"map {pin.name}")
-        pin_dir.rmdir()
-    return removed
+    for name in plan.links:
+        fd = bpfsys.obj_get(links_dir / name)
+        try:
+            bpfsys.link_detach(fd)
+        finally:
+            os.close(fd)
+        (links_dir / name).unlink()
+        removed.append(f"link {name}")
+    for name in plan.maps:
+        (pin_dir / name).unlink()
+        removed.append(f"map {name}")
+    kept = list(plan.kept)
+    for folder in (links_dir, pin_dir) if has_links else (pin_dir,):
+        try:
+            folder.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+            kept.append(f"{folder} stays: it holds what kvroute did not make")
+    return Uninstalled(removed, kept)
+
+
+def uninstall(pin_dir: Path) -> list[str]:
+    """Detach kvroute's links and remove its pins (see remove_pins): routing by kvroute ends.
+    Returns what was removed; what was left is logged."""
+    done = remove_pins(pin_dir)
+    for line in done.kept:
+        log.warning("left in place: %s", line)
+    return done.removed

@@ -18,6 +18,10 @@ MAP_NAMES = (
     "kvr_be_cnt",
     "kvr_reasons", "kvr_meta",
 )
+# Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds.
+SOCKET_MAPS = ("kvr_sk",)
+# Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
+PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS)
 
 K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
 V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)

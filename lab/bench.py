@@ -76,7 +76,7 @@ def _connect_timer(target: str, port: int, count: int) -> float:
 def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[dict[str, Any]]:
     from lab import netns, podserver
     rows = []
-    with netns.Lab(subnet="10.77.60.0/24") as lab:
+    with netns.Lab() as lab:
         pod = lab.add_pod("gpu0")
         pod.spawn([sys.executable, "-m", "lab.podserver", "--name", "gpu0", "--port",
                    str(POD_PORT)], stdout=subprocess.DEVNULL)

@@ -33,14 +33,19 @@ def lab_demo(pods: int, sessions: int) -> None:
 
 
 @lab.command("clean")
-def lab_clean() -> None:
-    """Remove leftovers of crashed labs (namespaces, links, cgroups named kvr*)."""
-    report = netns.sweep()
-    for bucket in ("namespaces", "links", "cgroups"):
-        for name in getattr(report, bucket):
-            click.echo(f"removed {bucket[:-1]} {name}")
-    for failure in report.failures:
-        click.echo(f"could not remove: {failure}", err=True)
+@click.option("--all", "everything", is_flag=True,
+              help="Also remove labs whose owner still runs, and kvr* namespaces, links and "
+                   "cgroups that no lab recorded (labs of an older kvroute).")
+def lab_clean(everything: bool) -> None:
+    """Remove what labs whose owner process is gone left behind: processes, pins,
+    namespaces, links and cgroups. Live labs and what no lab recorded stay (and are named)."""
+    if os.geteuid() != 0:
+        _fail("cleaning labs needs root (network namespaces, cgroups, bpffs)")
+    report = netns.sweep(include_live=everything, unowned=everything)
+    for line in [*report.lines(), *report.notes()] or ["nothing to remove"]:
+        click.echo(line)
+    if report.failures:
+        sys.exit(1)
 
 
 lab.add_command(traffic.command)

@@ -93,7 +93,7 @@ def _live_view(fl: fleet.Fleet, traffic: Traffic, names: dict[str, str], note: s
 def run(pods: int = 3, sessions: int = 200) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     console.rule("[bold]kvroute demo: in-kernel, load- and breaker-aware session routing")
-    with fleet.Fleet(subnet="10.77.50.0/24", engines=pods, nodes=2) as fl:
+    with fleet.Fleet(engines=pods, nodes=2) as fl:
         names = {fl.engine_id(n): n for n in fl.engines}
         console.print(f"lab: {pods} simulated vLLM engines "
                       f"({', '.join(f'{n}={fl.engine_id(n)}' for n in fl.engines)}), "

@@ -84,7 +84,8 @@ def engines_for(vip: str, port: int, sessions: Sequence[str | None]) -> list[str
 
 
 class Fleet:
-    def __init__(self, subnet: str, engines: int = 3, nodes: int = 1, vip: str = "10.96.0.10",
+    def __init__(self, subnet: str | None = None, engines: int = 3, nodes: int = 1,
+                 vip: str = "10.96.0.10",
                  port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
                  epsilon: float = 0.25) -> None:
@@ -99,11 +100,8 @@ class Fleet:
         self.controller_port = free_port()
         self.controller_http = free_port()
         self.controller: subprocess.Popen[bytes] | None = None
-        self.nodes: list[Node] = [
-            Node(f"node{i}", cgroup.Cgroup.create(f"kvr-fleet-node{i}"),
-                 Path(f"/sys/fs/bpf/kvrfleet-{secrets.token_hex(2)}-{i}"),
-                 self.workdir / f"ready-node{i}")
-            for i in range(nodes)]
+        self.n_nodes = nodes
+        self.nodes: list[Node] = []  # made by up(), owned by the lab
         self.engines: dict[str, netns.Pod] = {}
         self.engine_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.client: netns.Pod | None = None
@@ -112,6 +110,13 @@ class Fleet:
     def up(self) -> Fleet:
         try:
             self.lab.up()
+            for i in range(self.n_nodes):
+                group = cgroup.Cgroup.create(f"kvr-fleet-node{i}")
+                self.lab.own_cgroup(group)
+                pin_dir = Path(f"/sys/fs/bpf/kvrfleet-{secrets.token_hex(2)}-{i}")
+                self.lab.own_pin_dir(pin_dir)
+                self.nodes.append(Node(f"node{i}", group, pin_dir,
+                                       self.workdir / f"ready-node{i}"))
             for i in range(self.n_engines):
                 pod = self.lab.add_pod(f"gpu{i}")
                 self.engines[pod.name] = pod
@@ -140,9 +145,10 @@ class Fleet:
                 from dataplane import loader
                 loader.uninstall(node.pin_dir)
         self.stop_controller()
-        self.lab.down()
+        # Before the lab, which drops its record (naming these) once it is down.
         for node in self.nodes:
             node.cgroup.remove()
+        self.lab.down()
 
     def __enter__(self) -> Fleet:
         return self.up()
@@ -182,6 +188,7 @@ class Fleet:
              "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick),
              "--metrics", f"127.0.0.1:{self.controller_http}"],
             stdout=log, stderr=log)
+        self.lab.own_process(self.controller.pid)
 
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
         if self.controller and self.controller.poll() is None:
@@ -202,6 +209,7 @@ class Fleet:
              str(node.pin_dir), "--ready-file", str(node.ready), "--scrape-interval",
              str(self.scrape_interval), "--fail-k", str(self.fail_k), "--detach-on-exit"],
             stdout=log, stderr=log)
+        self.lab.own_process(node.proc.pid)
         proc = node.proc
         if not wait_for(lambda: node.ready.exists() or proc.poll() is not None, timeout):
             raise RuntimeError(f"agent {node.name} not ready:\n{self.log(f'agent-{node.name}')}")

@@ -1,7 +1,6 @@
 """The one-machine lab: pods and clients as network namespaces on one host bridge.
 
-Layout of a lab with tag ``T`` on subnet ``S`` (all names start with ``kvr`` + tag, so
-:func:`sweep` can find leftovers of a crashed run)::
+Layout of a lab with tag ``T`` on subnet ``S`` (all names start with ``kvr`` + tag)::
 
     host:   bridge kvrTbr (S.1)  ── veth kvrTv0 ──  netns kvrT-gpu0:   eth0 S.10
                                  ── veth kvrTv1 ──  netns kvrT-gpu1:   eth0 S.11
@@ -17,6 +16,11 @@ them; host→pod traffic is local and unaffected.
 Teardown keeps a registry of undo steps, pushed right after each thing is made, run newest
 first; every step tolerates what is already gone. A failure half-way through up() or add_pod()
 therefore removes exactly what had been made.
+
+A process that dies without teardown (SIGKILL, a timeout) cannot run those steps, so each lab
+also keeps an owner record (:mod:`lab.owner`) naming what it made, written before it makes
+it. :func:`sweep`, run by every up() and at the start of a test session, removes the labs
+whose owner is gone, and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import errno
 import fnmatch
 import functools
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -34,6 +39,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -42,10 +48,13 @@ import pyroute2.netlink.exceptions
 import pyroute2.netns
 
 import dataplane.host
+import dataplane.loader
 import lab.cgroup
+import lab.owner
 import lab.run
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 NAME_ROOT = "kvr"
 IFNAMSIZ = 15  # usable characters in an interface name
@@ -121,18 +130,31 @@ def _netlink_unsupported(e: pyroute2.netlink.exceptions.NetlinkError, what: str)
 def _delete_link(ifname: str) -> None:
     with pyroute2.IPRoute() as ipr:
         indexes = ipr.link_lookup(ifname=ifname)
-        if indexes:
-            ipr.link("del", index=indexes[0])
+        if not indexes:
+            raise FileNotFoundError(f"no link {ifname}")
+        ipr.link("del", index=indexes[0])
 
 
-def _kill_netns_processes(names: list[str]) -> None:
-    """SIGKILL whatever still runs in these namespaces (daemons a program left behind)."""
+def _kill_netns_processes(names: list[str]) -> list[int]:
+    """SIGKILL whatever still runs in these namespaces (daemons a program left behind);
+    the pids signalled."""
     wanted = set(names)
+    killed = []
     for ns, pids in pyroute2.netns.ns_pids().items():
         if ns in wanted:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+    return killed
+
+
+def _host_networks() -> list[tuple[ipaddress.IPv4Network, str]]:
+    """Every IPv4 network on a host interface, with the interface's name."""
+    with pyroute2.IPRoute() as ipr:
+        return [(ipaddress.IPv4Network(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}", strict=False),
+                 m.get("IFA_LABEL") or f"index {m['index']}")
+                for m in ipr.get_addr(family=2)]  # AF_INET
 
 
 def _remove_netns(name: str) -> None:
@@ -213,12 +235,20 @@ class Pod:
 class Lab:
     """A host bridge, pods and clients in their own namespaces, and a cgroup for clients.
 
-    Use as ``with Lab("10.77.3.0/24") as lab:`` or call up()/down(). Several labs may exist at
-    once if their subnets differ (up() refuses a subnet already on a host interface).
+    Use as ``with Lab() as lab:`` or call up()/down(). Several labs may exist at once, in
+    one process or many: with no subnet given, up() takes one no host interface and no other
+    lab uses; a subnet given is refused if it is in use.
     """
 
-    def __init__(self, subnet: str = "10.77.0.0/24", prefix: str | None = None) -> None:
-        self.subnet = ipaddress.IPv4Network(subnet)
+    def __init__(self, subnet: str | None = None, prefix: str | None = None,
+                 store: lab.owner.Store | None = None) -> None:
+        # No subnet: up() takes a free one (lab.owner.AUTO_SUBNETS), so labs of two test
+        # runs at once never meet; until then ``subnet`` is only a likely choice.
+        self._auto_subnet = subnet is None
+        if subnet is None:
+            self.subnet = lab.owner.AUTO_SUBNETS[secrets.randbelow(len(lab.owner.AUTO_SUBNETS))]
+        else:
+            self.subnet = ipaddress.IPv4Network(subnet)
         if self.subnet.prefixlen > 24:
             raise ValueError(f"lab subnet {subnet} is smaller than a /24 (clients use .200+)")
         tag = prefix if prefix is not None else new_tag()
@@ -227,7 +257,6 @@ class Lab:
         self.prefix = tag
         self.names = NAME_ROOT + tag  # what every name of this lab starts with
         self.bridge = f"{self.names}br"
-        self.gateway = self.subnet.network_address + 1
         self.pods: dict[str, Pod] = {}
         self.clients: dict[str, Pod] = {}
         self._cgroup: lab.cgroup.Cgroup | None = None
@@ -235,6 +264,12 @@ class Lab:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._links = 0
         self._up = False
+        self._store = store or lab.owner.Store()
+        self._record: lab.owner.Record | None = None
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
 
     @property
     def cgroup(self) -> lab.cgroup.Cgroup:
@@ -255,19 +290,72 @@ class Lab:
         self.down()
 
     def up(self) -> Lab:
-        """Make the bridge (with the gateway address) and the client cgroup."""
+        """Remove labs whose owner died, then record this one and make the bridge (with the
+        gateway address) and the client cgroup."""
         if self._up:
             return self
+        for line in sweep().lines():
+            log.warning("%s", line)
         try:
-            self._check_subnet_free()
+            self._claim()
             self._make_bridge()
             self._cgroup = lab.cgroup.Cgroup.create(f"{self.names}-clients")
+            self.own_cgroup(self._cgroup)
             self._undo.push(f"cgroup {self._cgroup.path}", self._drop_cgroup)
         except BaseException:
             self.down()
             raise
         self._up = True
         return self
+
+    def own_process(self, pid: int) -> None:
+        """A host process that is part of this lab (an agent, a controller): if the lab's
+        owner dies without teardown, a sweep kills it. Pods' processes need no call."""
+        value = lab.owner.process_value(pid)
+        if value is not None:  # else it has ended already: nothing to kill later
+            self._own("process", value)
+
+    def own_pin_dir(self, path: Path) -> None:
+        """A bpffs pin dir made for this lab (call before the programs are loaded into it):
+        a sweep uninstalls it, removing only kvroute's pins."""
+        self._own("pin_dir", str(path))
+
+    def own_cgroup(self, group: lab.cgroup.Cgroup) -> None:
+        """A cgroup made for this lab: a sweep removes it (and kills what is in it)."""
+        self._own("cgroup", str(group.path))
+
+    def _own(self, kind: lab.owner.Kind, value: str) -> None:
+        if self._record is None:
+            raise LabError("the lab is not up; only a lab that is up owns things")
+        self._record.add(kind, value)
+        self._store.save(self._record)
+
+    def _claim(self) -> None:
+        """Pick the subnet (or check the one given) and write the owner record, under the
+        allocation lock: two labs starting at once never share a subnet or a name."""
+        with self._store.allocation():
+            records = self._store.load_all()
+            used = _host_networks() + [
+                (ipaddress.IPv4Network(r.subnet), f"lab {r.names}") for r in records]
+            clash = next((u for u in used if u[0].overlaps(self.subnet)), None)
+            if clash is not None and self._auto_subnet:
+                free = lab.owner.pick_subnet([net for net, _ in used])
+                if free is None:
+                    raise LabError("no free subnet for a lab in 10.77.100.0-10.77.249.0; "
+                                   "run `kvroute lab clean` to remove dead labs")
+                self.subnet, clash = free, None
+            if clash is not None:
+                raise LabError(f"subnet {self.subnet} overlaps {clash[0]} on {clash[1]}; "
+                               "give each lab its own subnet (or run `kvroute lab clean`)")
+            start = lab.owner.process_start(os.getpid())
+            assert start is not None  # this process runs
+            record = lab.owner.Record(names=self.names, subnet=str(self.subnet),
+                                      owner_pid=os.getpid(), owner_start=start)
+            try:
+                self._store.create(record)
+            except lab.owner.RecordError as e:
+                raise LabError(f"{e}; give the lab another prefix") from None
+        self._record = record
 
     def down(self) -> None:
         """Kill what the lab started, remove namespaces, links and cgroup. Idempotent."""
@@ -281,7 +369,11 @@ class Lab:
         self.pods.clear()
         self.clients.clear()
         if failures:
+            # The record stays: once this process is gone, a sweep retries what is left.
             raise LabError("lab teardown left things behind: " + "; ".join(failures))
+        if self._record is not None:
+            self._store.remove(self._record)
+            self._record = None
 
     def add_pod(self, name: str) -> Pod:
         """A pod namespace with the next address from .10 up."""
@@ -309,20 +401,8 @@ class Lab:
             self._cgroup.remove()
             self._cgroup = None
 
-    def _check_subnet_free(self) -> None:
-        with pyroute2.IPRoute() as ipr:
-            for msg in ipr.get_addr(family=2):  # AF_INET
-                net = ipaddress.IPv4Network(
-                    f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False
-                )
-                if net.overlaps(self.subnet):
-                    owner = msg.get("IFA_LABEL") or f"index {msg['index']}"
-                    raise LabError(
-                        f"subnet {self.subnet} overlaps {net} on {owner}; "
-                        "give each lab its own subnet (or run `kvroute lab clean`)"
-                    )
-
     def _make_bridge(self) -> None:
+        self._own("link", self.bridge)
         with pyroute2.IPRoute() as ipr:
             try:
                 # STP off and no forward delay: ports forward the moment they are up.
@@ -362,6 +442,7 @@ class Lab:
     def _build_pod(
         self, undo: _Undo, netns: str, veth: str, address: ipaddress.IPv4Address
     ) -> None:
+        self._own("netns", netns)
         pyroute2.netns.create(netns)
 
         def drop_netns() -> None:
@@ -369,6 +450,7 @@ class Lab:
             _remove_netns(netns)
 
         undo.push(f"netns {netns}", drop_netns)
+        self._own("link", veth)
         with pyroute2.IPRoute() as ipr:
             try:
                 # The peer is born inside the namespace, so its name never clashes on the host.
@@ -395,48 +477,126 @@ class Lab:
 
 @dataclass
 class SweepReport:
-    """What :func:`sweep` removed (and what it could not)."""
+    """What :func:`sweep` removed, what it left alone, and what it could not remove."""
 
-    namespaces: list[str] = field(default_factory=list)
+    labs: list[str] = field(default_factory=list)  # "kvrT (owner pid N gone)"
+    processes: list[str] = field(default_factory=list)
+    pin_dirs: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)  # labs left alone: their owner runs
+    unowned: list[str] = field(default_factory=list)  # kvr* objects no record names
     failures: list[str] = field(default_factory=list)
 
+    def lines(self) -> list[str]:
+        """What was removed (and what could not be), one line each, for people."""
+        removed = [("lab", self.labs), ("process", self.processes), ("pins", self.pin_dirs),
+                   ("link", self.links), ("namespace", self.namespaces),
+                   ("cgroup", self.cgroups)]
+        return [f"removed {what} {name}" for what, names in removed for name in names] + \
+            [f"could not remove: {failure}" for failure in self.failures]
 
-def sweep(prefix_glob: str = NAME_ROOT) -> SweepReport:
-    """Remove lab leftovers whose names match ``prefix_glob + "*"``: processes in and then the
-    namespaces themselves, host links (veths, bridges), and cgroups under the v2 root.
+    def notes(self) -> list[str]:
+        """What was left alone, and how to remove it anyway."""
+        return [f"left alone: live lab {name}; --all removes it" for name in self.live] + \
+            [f"left alone: {name}, named like a lab's but in no lab's record (another "
+             "tool's, or an older kvroute's); --all removes it" for name in self.unowned]
 
-    The default removes every lab on the machine, running ones included; pass a lab's
-    ``names`` to remove one lab only.
+
+def sweep(*, include_live: bool = False, unowned: bool = False, only: str | None = None,
+          store: lab.owner.Store | None = None) -> SweepReport:
+    """Remove what labs whose owner is gone recorded: their host processes, everything in
+    their namespaces, pin dirs (kvroute's pins only), links, namespaces and cgroups.
+
+    ``include_live`` removes labs whose owner still runs too; ``unowned`` also removes
+    ``kvr*`` namespaces, links and cgroups that no record names (labs of an older kvroute);
+    ``only`` restricts the sweep to the lab with those ``names``. By default nothing a live
+    lab or another tool made is touched; such objects are listed in the report.
     """
-    pattern = prefix_glob + "*"
+    store = store or lab.owner.Store()
     report = SweepReport()
-
-    def attempt(bucket: list[str], what: str, step: Callable[[], None]) -> None:
-        try:
-            step()
-            bucket.append(what)
-        except Exception as e:
-            if not _is_gone(e):
-                report.failures.append(f"{what}: {e!r}")
-
-    namespaces = [n for n in pyroute2.netns.listnetns() if fnmatch.fnmatchcase(n, pattern)]
-    if namespaces:
-        _kill_netns_processes(namespaces)
-    with pyroute2.IPRoute() as ipr:
-        links = [
-            str(msg.get("IFLA_IFNAME"))
-            for msg in ipr.get_links()
-            if fnmatch.fnmatchcase(str(msg.get("IFLA_IFNAME")), pattern)
-        ]
-    # veths before bridges, so no veth is briefly enslaved to nothing while we work.
-    for name in sorted(links, key=lambda n: n.endswith("br")):
-        attempt(report.links, name, functools.partial(_delete_link, name))
-    for name in namespaces:
-        attempt(report.namespaces, name, functools.partial(pyroute2.netns.remove, name))
-    root = dataplane.host.cgroup2_root()
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and fnmatch.fnmatchcase(path.name, pattern):
-            attempt(report.cgroups, str(path), lab.cgroup.Cgroup(path).remove)
+    # The objects before the records: a lab records each thing before making it, so an
+    # object seen here is named by a record read afterwards, unless it is really unowned.
+    found = _lab_like_objects()
+    records = store.load_all()
+    for record in records:
+        if only is not None and record.names != only:
+            continue
+        alive = lab.owner.owner_alive(record)
+        if alive and not include_live:
+            report.live.append(f"{record.names} (owner pid {record.owner_pid})")
+            continue
+        with store.claim(record) as mine:
+            if mine:
+                failed = len(report.failures)
+                _sweep_lab(record, found, report, alive)
+                if len(report.failures) == failed:  # else the next sweep tries again
+                    store.remove(record)
+    if only is None:
+        recorded = {v for r in records for kind in lab.owner.KINDS for v in r.items(kind)}
+        stray = {kind: [n for n in names if n not in recorded] for kind, names in found.items()}
+        if unowned:
+            _remove(report, stray)
+        else:
+            report.unowned = [f"{kind} {n}" for kind, names in stray.items() for n in names]
     return report
+
+
+def _lab_like_objects() -> dict[str, list[str]]:
+    """Namespaces, host links and v2 cgroups whose names start like a lab's."""
+    pattern = NAME_ROOT + "*"
+    with pyroute2.IPRoute() as ipr:
+        links = [str(msg.get("IFLA_IFNAME")) for msg in ipr.get_links()]
+    root = dataplane.host.cgroup2_root()
+    return {
+        "netns": [n for n in pyroute2.netns.listnetns() if fnmatch.fnmatchcase(n, pattern)],
+        # veths before bridges, so no veth is briefly enslaved to nothing while we work.
+        "link": sorted((n for n in links if fnmatch.fnmatchcase(n, pattern)),
+                       key=lambda n: n.endswith("br")),
+        "cgroup": [str(p) for p in sorted(root.iterdir())
+                   if p.is_dir() and fnmatch.fnmatchcase(p.name, pattern)],
+    }
+
+
+def _sweep_lab(record: lab.owner.Record, found: dict[str, list[str]], report: SweepReport,
+               alive: bool) -> None:
+    for value in record.items("process"):
+        pid = lab.owner.is_running(value)
+        if pid is not None:
+            _attempt(report, report.processes, str(pid),
+                     functools.partial(os.kill, pid, signal.SIGKILL))
+    for pin_dir in record.items("pin_dir"):
+        if Path(pin_dir).exists():
+            _attempt(report, report.pin_dirs, pin_dir,
+                     functools.partial(dataplane.loader.uninstall, Path(pin_dir)))
+    # Newest first, as the lab's own teardown would: veths before their bridge.
+    _remove(report, {
+        "netns": [n for n in reversed(record.items("netns")) if n in found["netns"]],
+        "link": [n for n in reversed(record.items("link")) if n in found["link"]],
+        "cgroup": [p for p in reversed(record.items("cgroup")) if Path(p).exists()],
+    })
+    state = "still running" if alive else "gone"
+    report.labs.append(f"{record.names} (owner pid {record.owner_pid} {state})")
+
+
+def _remove(report: SweepReport, objects: dict[str, list[str]]) -> None:
+    """Remove namespaces (and what runs in them), links and cgroups, in that order."""
+    if objects["netns"]:
+        report.processes.extend(f"{pid} (in netns)"
+                                for pid in _kill_netns_processes(objects["netns"]))
+    for name in objects["link"]:
+        _attempt(report, report.links, name, functools.partial(_delete_link, name))
+    for name in objects["netns"]:
+        _attempt(report, report.namespaces, name, functools.partial(pyroute2.netns.remove, name))
+    for path in objects["cgroup"]:
+        _attempt(report, report.cgroups, path, lab.cgroup.Cgroup(Path(path)).remove)
+
+
+def _attempt(report: SweepReport, bucket: list[str], what: str, step: Callable[[], Any]) -> None:
+    try:
+        step()
+        bucket.append(what)
+    except Exception as e:
+        if not _is_gone(e):
+            report.failures.append(f"{what}: {e!r}")

@@ -33,7 +33,7 @@ def lab() -> Iterator[Any]:
     _require_root()
     from lab import netns, podserver
     try:
-        lb = netns.Lab(subnet="10.77.91.0/24").up()
+        lb = netns.Lab().up()
     except netns.LabUnsupported as exc:
         pytest.skip(f"this kernel cannot build the lab: {exc}")
     try:
@@ -79,6 +79,7 @@ class Node:
 @pytest.fixture(scope="session")
 def node(lab: Any) -> Iterator[Node]:
     pin_dir = Path(f"/sys/fs/bpf/kvrtest-{secrets.token_hex(3)}")
+    lab.own_pin_dir(pin_dir)  # removed by the next session's sweep if this one is killed
     settings = Settings(pin_dir=pin_dir, fail_k=3)
     try:
         datapath = loader.Datapath(settings)

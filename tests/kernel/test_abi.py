@@ -46,7 +46,7 @@ def test_mirror_matches_bcc(node: Node, name: str) -> None:
 def test_every_pinned_map_is_known(node: Node) -> None:
     from dataplane import maps
     pinned = {p.name for p in node.settings.pin_dir.iterdir() if p.is_file()}
-    assert pinned == set(maps.MAP_NAMES) | {"kvr_sk"}
+    assert pinned == set(maps.PINNED_MAPS)
 
 
 def test_meta_records_the_build_options(node: Node) -> None:

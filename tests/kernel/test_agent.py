@@ -31,7 +31,7 @@ def small_lab() -> Iterator[Any]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     from lab import netns, podserver
-    lb = netns.Lab(subnet="10.77.92.0/24").up()
+    lb = netns.Lab().up()
     try:
         for i in range(2):
             pod = lb.add_pod(f"gpu{i}")
@@ -67,6 +67,7 @@ class AgentProc:
                 [KVROUTE, "agent", "--config", str(self.cfg), "--cgroup", str(self.lab.cgroup.path),
                  "--pin-dir", str(self.pin_dir), "--ready-file", str(ready), *extra],
                 stdout=log, stderr=subprocess.STDOUT)
+        self.lab.own_process(self.proc.pid)
         assert wait_for(lambda: ready.exists() or self.proc.poll() is not None, timeout=60), \
             self.log.read_text()
         assert ready.exists(), self.log.read_text()
@@ -80,6 +81,7 @@ class AgentProc:
 @pytest.fixture
 def agent(small_lab: Any, tmp_path: Path) -> Iterator[AgentProc]:
     pin_dir = Path(f"/sys/fs/bpf/kvrtest-agent-{secrets.token_hex(3)}")
+    small_lab.own_pin_dir(pin_dir)
     cfg = tmp_path / "kvroute.yaml"
     _write_config(cfg, small_lab)
     a = AgentProc(cfg, small_lab, pin_dir, tmp_path)

@@ -3,21 +3,26 @@ reading the pinned maps, tables for people, JSON for machines, clear errors."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from dataplane import client
+from click.testing import CliRunner
+
+from dataplane import bpfsys, cli, client
 from tests.kernel.conftest import Node, connect_names
 from tests.kernel.test_sock_lb import VIP, svc
 
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
+NOBODY = 65534
 
 
-def _run(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KVROUTE, *args], capture_output=True, text=True, timeout=60,
-                          user=user)
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KVROUTE, *args], capture_output=True, text=True, timeout=60)
 
 
 def test_maps_and_explain_read_the_pinned_maps(kv: Node) -> None:
@@ -58,5 +63,36 @@ def test_clear_errors(kv: Node) -> None:
         assert proc.returncode != 0, args
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
-    proc = _run("maps", "services", *pin, user=65534)
-    assert proc.returncode != 0 and "needs root" in proc.stderr
+    seen = kv.client.call(_as_nobody, kv.settings.pin_dir, ["maps", "services", *pin])
+    assert seen["exit_code"] == 1 and "needs root" in seen["stderr"], seen
+    assert seen["exception"] == "SystemExit", seen
+    assert seen["open"] in (errno.EPERM, errno.EACCES), seen
+    assert seen["unlink"] in (errno.EPERM, errno.EACCES), seen
+    assert (kv.settings.pin_dir / "kvr_meta").exists()
+
+
+def _errno_of(step: Any) -> int:
+    try:
+        step()
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def _as_nobody(pin_dir: Path, args: list[str]) -> dict[str, Any]:
+    """The CLI as an unprivileged user, in a forked child (lab.run.call) that drops to nobody
+    only after the interpreter and kvroute are loaded: executing the venv's `kvroute` as
+    nobody fails wherever a folder above the clone is 0700 (/root, mktemp -d), which says
+    nothing about kvroute. Then the kernel itself is asked: the maps stay closed to nobody."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    result = CliRunner().invoke(cli.main, args)
+    meta = pin_dir / "kvr_meta"
+    return {
+        "exit_code": result.exit_code,
+        "stderr": result.stderr,
+        "exception": type(result.exception).__name__,
+        "open": _errno_of(lambda: os.close(bpfsys.obj_get(meta))),
+        "unlink": _errno_of(meta.unlink),
+    }

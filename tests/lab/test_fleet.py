@@ -22,7 +22,7 @@ def fl() -> Iterator[fleet.Fleet]:
     reason = fleet.env_ok()
     if reason:
         pytest.skip(reason)
-    with fleet.Fleet(subnet="10.77.95.0/24", engines=3, nodes=2) as f:
+    with fleet.Fleet(engines=3, nodes=2) as f:
         yield f
 
 

@@ -8,9 +8,7 @@ fails the test.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -25,44 +23,29 @@ import pytest
 import dataplane.host
 import lab.cgroup
 import lab.netns
+import lab.owner
 import lab.podserver
 import lab.run
 
 PORT = 8000
 
 
-def _host_networks() -> list[ipaddress.IPv4Network]:
-    with pyroute2.IPRoute() as ipr:
-        return [
-            ipaddress.IPv4Network(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}", strict=False)
-            for m in ipr.get_addr(family=2)
-        ]
-
-
-def free_subnet() -> str:
-    """A 10.77.n.0/24 no host interface uses right now."""
-    used = _host_networks()
-    for _ in range(50):
-        net = ipaddress.IPv4Network(f"10.77.{100 + secrets.randbelow(150)}.0/24")
-        if not any(net.overlaps(u) for u in used):
-            return str(net)
-    pytest.skip("no free 10.77.x.0/24 subnet for a test lab")
-
-
 def leftovers(names: str) -> dict[str, list[str]]:
-    """Everything on the host whose name starts with a lab's name prefix."""
+    """Everything on the host whose name starts with a lab's name prefix, and its record."""
     with pyroute2.IPRoute() as ipr:
         links = [str(m.get("IFLA_IFNAME")) for m in ipr.get_links()]
     root = dataplane.host.cgroup2_root()
+    record = lab.owner.Store().path(names)
     return {
         "netns": [n for n in pyroute2.netns.listnetns() if n.startswith(names)],
         "links": [n for n in links if n.startswith(names)],
         "cgroups": [p.name for p in root.iterdir() if p.name.startswith(names)],
+        "record": [str(record)] if record.exists() else [],
     }
 
 
 MakeLab = Callable[..., lab.netns.Lab]
-NOTHING: dict[str, list[str]] = {"netns": [], "links": [], "cgroups": []}
+NOTHING: dict[str, list[str]] = {"netns": [], "links": [], "cgroups": [], "record": []}
 
 
 @pytest.fixture
@@ -73,7 +56,7 @@ def make_lab() -> Iterator[MakeLab]:
     made: list[lab.netns.Lab] = []
 
     def make(subnet: str | None = None, prefix: str | None = None) -> lab.netns.Lab:
-        new = lab.netns.Lab(subnet or free_subnet(), prefix=prefix)
+        new = lab.netns.Lab(subnet, prefix=prefix)
         made.append(new)
         try:
             return new.up()
@@ -275,7 +258,7 @@ def test_up_failing_after_the_bridge_removes_the_bridge(
         raise lab.cgroup.CgroupError("injected: cgroup creation refused")
 
     monkeypatch.setattr(lab.cgroup.Cgroup, "create", no_cgroup)
-    broken = lab.netns.Lab(free_subnet())  # make_lab is only asked for its root check here
+    broken = lab.netns.Lab()  # make_lab is only asked for its root check here
     try:
         with pytest.raises(lab.cgroup.CgroupError, match="injected"):
             broken.up()
@@ -311,10 +294,13 @@ def test_sweep_removes_a_lab_that_was_never_torn_down(make_lab: MakeLab) -> None
     crashed = make_lab()
     pod = crashed.add_pod("gpu0")
     start_podservers([pod])
-    report = lab.netns.sweep(crashed.names)
+    assert lab.netns.sweep(only=crashed.names).live  # its owner (this process) runs
+    assert leftovers(crashed.names)["netns"] == [pod.netns]
+    report = lab.netns.sweep(only=crashed.names, include_live=True)
     assert report.failures == []
+    assert report.labs == [f"{crashed.names} (owner pid {os.getpid()} still running)"]
     assert report.namespaces == [pod.netns]
-    assert sorted(report.links) == sorted([crashed.bridge, pod.veth_host])
+    assert report.links == [pod.veth_host, crashed.bridge]
     assert report.cgroups == [str(crashed.cgroup.path)]
     assert leftovers(crashed.names) == NOTHING
     # The lab's own teardown (run by the fixture) then finds everything gone and is fine.
