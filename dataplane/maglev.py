@@ -121,17 +121,19 @@ def _check_size_seed(size: int, seed: int) -> None:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
 
 
-def _hash_pair(identity: str, seed: int) -> tuple[int, int]:
-    digest = hashlib.blake2b(
-        identity.encode(), key=seed.to_bytes(8, "little"), digest_size=16
-    ).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+def _hash_pairs(identities: Sequence[str], seed: int) -> npt.NDArray[np.uint64]:
+    """Rows ``(h1, h2)`` of each identity (module docstring), from one buffer of digests."""
+    key = seed.to_bytes(8, "little")
+    digests = b"".join(
+        [hashlib.blake2b(i.encode(), key=key, digest_size=16).digest() for i in identities]
+    )
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2).astype(np.uint64)
 
 
 def permutation_params(identity: str, size: int, seed: int) -> tuple[int, int]:
     """Return ``(offset, skip)`` of ``identity``'s preference list; skip is in [1, size-1]."""
     _check_size_seed(size, seed)
-    h1, h2 = _hash_pair(identity, seed)
+    h1, h2 = (int(h) for h in _hash_pairs([identity], seed)[0])
     return h1 % size, h2 % (size - 1) + 1
 
 
@@ -215,8 +217,7 @@ def _fill_chunk(
     prio = np.fromiter((p for s in services for p in s[0]), dtype=np.int64, count=len(svc))
     index = np.fromiter((i for s in services for i in s[1]), dtype=np.int32, count=len(svc))
     w = np.fromiter((x for s in services for x in s[2]), dtype=np.int64, count=len(svc))
-    pairs = [_hash_pair(ident, seed) for s in services for ident in s[3]]
-    h = np.array(pairs, dtype=np.uint64).reshape(-1, 2)
+    h = _hash_pairs([ident for s in services for ident in s[3]], seed)
     off = (h[:, 0] % np.uint64(m)).astype(np.int64)
     skip = (h[:, 1] % np.uint64(m - 1)).astype(np.int64) + 1
     seg_start = np.cumsum(counts) - counts
@@ -272,7 +273,10 @@ def _fill_chunk(
             found[sh] += np.bincount(p2, minlength=len(sh))
             end[sh] = stop
         if extended:
-            order = np.lexsort((tpos, tpid))
+            # Back to (participant, position) order: each token's rank among its
+            # participant's finds says where it goes, so no sort is needed.
+            order = np.empty(len(tpid), dtype=np.int64)
+            order[(np.cumsum(found) - found)[tpid] + rank] = np.arange(len(tpid))
             tpid, tpos, tslot, rank = tpid[order], tpos[order], tslot[order], rank[order]
         tq = pa[tpid]
         tsvc = svc[tq]
