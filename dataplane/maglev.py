@@ -92,7 +92,7 @@ _ENDGAME_MIN = 32
 # Sizes up to this fill round by round (_step_rounds) before the end game.
 _STEP_SIZE_MAX = 4093
 # Free slots each participant keeps listed in _step_rounds.
-_STEP_BUFFER = 16
+_STEP_BUFFER = 16  # a power of two
 # Working-set bound for one chunk of build_many (slots across its services).
 _CHUNK_SLOTS = 1 << 20
 _SEED_MAX = (1 << 64) - 1
@@ -386,29 +386,43 @@ def _step_rounds(
     winners move on and a service whose round is settled starts its next one.
     """
     cap = _STEP_BUFFER
-    buf = np.zeros((len(svc), cap), dtype=np.int64)
-    head = np.zeros(len(svc), dtype=np.int64)  # current entry
-    cnt = np.zeros(len(svc), dtype=np.int64)  # entries in buf
+    mask = cap - 1
+    # Ring buffers: participant p's entries are buf[p * cap + k % cap] for
+    # head[p] <= k < tail[p]; head is its current entry.
+    buf = np.zeros(len(svc) * cap, dtype=np.int64)
+    base = np.arange(len(svc), dtype=np.int64) * cap
+    head = np.zeros(len(svc), dtype=np.int64)
+    tail = np.zeros(len(svc), dtype=np.int64)
     resume = np.zeros(len(svc), dtype=np.int64)  # preference position after them
+    never = np.iinfo(np.int32).max
+    claim = np.full(len(table), never, dtype=np.int32)
     while True:
         nxt = _round_of(done, w, wm)
         rnd = np.minimum.reduceat(nxt, seg_start)
         owed = np.flatnonzero((nxt == rnd[svc]) & (free[svc] > endgame))
         if not len(owed):
             return
-        todo = owed
-        while len(todo):
-            if (head[todo] >= cnt[todo]).any():
-                # Someone ran out: top up every buffer that is half empty, so
-                # that scans come in few large batches.
-                low = np.flatnonzero((cnt - head < cap // 2) & (free[svc] > endgame))
-                _refill(table, free, svc, off, skip, gbase, m, low, buf, head, cnt, resume)
-            todo = todo[table[buf[todo, head[todo]]] >= 0]
-            head[todo] += 1
-        pick = buf[owed, head[owed]]
-        # Owed participants are in (service, priority) order, so the first
-        # proposal of each slot is the lowest priority: it wins.
-        _, first = np.unique(pick, return_index=True)
+        at = head[owed]
+        pick = buf[base[owed] + (at & mask)]
+        bad = np.flatnonzero((at >= tail[owed]) | (table[pick] >= 0))
+        while len(bad):
+            # Skip entries filled since they were listed; when a buffer runs
+            # out, top up every buffer that is half empty (few large scans).
+            rows = owed[bad]
+            at = head[rows]
+            at += at < tail[rows]
+            head[rows] = at
+            if (at >= tail[rows]).any():
+                low = np.flatnonzero((tail - head <= cap // 2) & (free[svc] > endgame))
+                _refill(table, free, svc, off, skip, gbase, m, low, buf, base, tail, resume)
+            pick[bad] = buf[base[rows] + (at & mask)]
+            bad = bad[(at >= tail[rows]) | (table[pick[bad]] >= 0)]
+        # Owed participants are in (service, priority) order, so the lowest
+        # proposer number of each slot is the lowest priority: it wins.
+        order = np.arange(len(owed), dtype=np.int32)
+        np.minimum.at(claim, pick, order)
+        first = np.flatnonzero(claim[pick] == order)
+        claim[pick] = never
         win = owed[first]
         table[pick[first]] = index[win]
         done[win] += 1
@@ -426,22 +440,19 @@ def _refill(
     m: int,
     part: _I64,
     buf: _I64,
-    head: _I64,
-    cnt: _I64,
+    base: _I64,
+    tail: _I64,
     resume: _I64,
 ) -> None:
-    """Move ``part``'s unused entries to the front and scan on from ``resume`` for more.
+    """Scan on from ``resume`` for the next free slots of ``part``, into their ring buffers.
 
-    The window is sized to find about half the room; all it finds is kept (up
-    to a full buffer), so no position is scanned twice.
+    ``part`` have at least half their buffer free.  The window is sized to find
+    about that many; all it finds is kept (up to a full buffer), so no position
+    is scanned twice.
     """
-    cap = buf.shape[1]
-    cols = np.minimum(head[part, None] + np.arange(cap), cap - 1)
-    buf[part] = np.take_along_axis(buf[part], cols, axis=1)
-    keep = cnt[part] - head[part]
-    head[part] = 0
-    room = cap - keep
-    look = np.ceil(room / 2 * m / free[svc[part]]).astype(np.int64) + 1
+    cap = len(buf) // len(base)
+    room = np.full(len(part), cap // 2, dtype=np.int64)
+    look = np.ceil(cap / 4 * m / free[svc[part]]).astype(np.int64) + 1
     start = resume[part]
     stop = np.minimum(start + look, m)
     todo = np.arange(len(part))
@@ -450,16 +461,16 @@ def _refill(
         p, pos, slot, rank = _scan(
             table, off, skip, gbase, m, rows, start[todo], stop[todo], room[todo]
         )
-        buf[rows[p], keep[todo[p]] + rank] = slot
+        buf[base[rows[p]] + (tail[rows[p]] + rank) % cap] = slot
         got = np.bincount(p, minlength=len(todo))
-        cnt[rows] = keep[todo] + got
+        tail[rows] += got
         # After a full buffer, go on past its last entry; else past the window.
         after = stop[todo]
         last = rank == room[todo[p]] - 1
         after[p[last]] = pos[last] + 1
         resume[rows] = after
         # Only an empty buffer must look further before the step can go on.
-        todo = todo[(cnt[rows] == 0) & (after < m)]
+        todo = todo[(got == 0) & (after < m)]
         start[todo] = stop[todo]
         stop[todo] = np.minimum(stop[todo] + 2 * look[todo], m)
 
