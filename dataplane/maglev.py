@@ -62,6 +62,8 @@ How it is computed quickly (the result is exactly the one defined above):
   step: every owed participant proposes, the lowest priority wins each slot,
   and a service whose round is settled starts its next one.  With few slots
   per service a step is cheap, and the scans never cover a position twice.
+  Services where few backends take part per round (one weight far above
+  the rest: many rounds, so many steps) are left to the speculation.
 * End game: once few slots are free, scanning for them is the expensive part,
   so each participant's preference position of every free slot is computed
   directly (``(slot - offset) * skip^-1 mod M``) and the remaining rounds run on
@@ -93,6 +95,9 @@ _ENDGAME_MIN = 32
 _STEP_SIZE_MAX = 4093
 # Free slots each participant keeps listed in _step_rounds.
 _STEP_BUFFER = 16  # a power of two
+# Services step only when on average this share of their backends (and 1.5
+# backends) take part in a round.
+_STEP_MIN_SHARE = 0.25
 # Working-set bound for one chunk of build_many (slots across its services).
 _CHUNK_SLOTS = 1 << 20
 _SEED_MAX = (1 << 64) - 1
@@ -248,7 +253,10 @@ def _fill_chunk(
     stamp = np.empty(nsvc * m, dtype=np.int32)
     flag = np.zeros(nsvc * m, dtype=bool)
     if m <= _STEP_SIZE_MAX:
-        step_end = max(_ENDGAME_MIN, int(2 * math.sqrt(m)))
+        # Services where few backends take part per round (one weight far above
+        # the rest) take many steps; speculation does those rounds in bulk.
+        steps = weff >= np.maximum(1.5, _STEP_MIN_SHARE * counts)
+        step_end = np.where(steps, max(_ENDGAME_MIN, int(2 * math.sqrt(m))), m)
         _step_rounds(table, free, done, svc, seg_start, index, off, skip, w, wm, gbase, m, step_end)
 
     while True:
@@ -375,7 +383,7 @@ def _step_rounds(
     wm: _I64,
     gbase: _I64,
     m: int,
-    endgame: int,
+    endgame: _I64,
 ) -> None:
     """Run the fill one step at a time until each service is down to ``endgame`` free slots.
 
@@ -399,7 +407,7 @@ def _step_rounds(
     while True:
         nxt = _round_of(done, w, wm)
         rnd = np.minimum.reduceat(nxt, seg_start)
-        owed = np.flatnonzero((nxt == rnd[svc]) & (free[svc] > endgame))
+        owed = np.flatnonzero((nxt == rnd[svc]) & (free[svc] > endgame[svc]))
         if not len(owed):
             return
         at = head[owed]
@@ -413,7 +421,7 @@ def _step_rounds(
             at += at < tail[rows]
             head[rows] = at
             if (at >= tail[rows]).any():
-                low = np.flatnonzero((tail - head <= cap // 2) & (free[svc] > endgame))
+                low = np.flatnonzero((tail - head <= cap // 2) & (free[svc] > endgame[svc]))
                 _refill(table, free, svc, off, skip, gbase, m, low, buf, base, tail, resume)
             pick[bad] = buf[base[rows] + (at & mask)]
             bad = bad[(at >= tail[rows]) | (table[pick[bad]] >= 0)]
