@@ -54,6 +54,16 @@ How it is computed quickly (the result is exactly the one defined above):
   straight away, one vectorised step per retry, until the round is settled.
   ``K`` is chosen so that about ``1.5 * sqrt(free slots)`` slots are listed,
   about where duplicates start to appear (birthday bound).
+* Small tables (``M <= 4093``) skip the speculation and run the rounds one
+  step at a time, for all services at once: each participant keeps a buffer of
+  its next free slots in preference order (as of the scan that found them;
+  buffers are topped up in batches).  Entries before its current one were
+  filled since, so its proposal is its first buffered entry still free.  A
+  step: every owed participant proposes, the lowest priority wins each slot,
+  and a service whose round is settled starts its next one.  With few slots
+  per service a step is cheap, and the scans never cover a position twice.
+  Services where few backends take part per round (one weight far above
+  the rest: many rounds, so many steps) are left to the speculation.
 * End game: once few slots are free, scanning for them is the expensive part,
   so each participant's preference position of every free slot is computed
   directly (``(slot - offset) * skip^-1 mod M``) and the remaining rounds run on
@@ -81,10 +91,19 @@ _I64 = npt.NDArray[np.int64]
 _ALPHA = 1.5
 # Services with at most this many free slots finish in the matrix end game.
 _ENDGAME_MIN = 32
+# Sizes up to this fill round by round (_step_rounds) before the end game.
+_STEP_SIZE_MAX = 4093
+# Free slots each participant keeps listed in _step_rounds.
+_STEP_BUFFER = 16  # a power of two
+# Services step only when on average this share of their backends (and 1.5
+# backends) take part in a round.
+_STEP_MIN_SHARE = 0.25
 # Working-set bound for one chunk of build_many (slots across its services).
 _CHUNK_SLOTS = 1 << 20
 _SEED_MAX = (1 << 64) - 1
 _NEVER = np.iinfo(np.int64).max
+# Largest size m with (m - 1)^2 below 2^31 (int32 products in the end game).
+_INT32_PRODUCT_MAX = 46341
 # Keeps round arithmetic ((k + 1) * w_max with k <= M) far inside int64.
 _WEIGHT_MAX = (1 << 32) - 1
 
@@ -121,17 +140,19 @@ def _check_size_seed(size: int, seed: int) -> None:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
 
 
-def _hash_pair(identity: str, seed: int) -> tuple[int, int]:
-    digest = hashlib.blake2b(
-        identity.encode(), key=seed.to_bytes(8, "little"), digest_size=16
-    ).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+def _hash_pairs(identities: Sequence[str], seed: int) -> npt.NDArray[np.uint64]:
+    """Rows ``(h1, h2)`` of each identity (module docstring), from one buffer of digests."""
+    key = seed.to_bytes(8, "little")
+    digests = b"".join(
+        [hashlib.blake2b(i.encode(), key=key, digest_size=16).digest() for i in identities]
+    )
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2).astype(np.uint64)
 
 
 def permutation_params(identity: str, size: int, seed: int) -> tuple[int, int]:
     """Return ``(offset, skip)`` of ``identity``'s preference list; skip is in [1, size-1]."""
     _check_size_seed(size, seed)
-    h1, h2 = _hash_pair(identity, seed)
+    h1, h2 = (int(h) for h in _hash_pairs([identity], seed)[0])
     return h1 % size, h2 % (size - 1) + 1
 
 
@@ -215,8 +236,7 @@ def _fill_chunk(
     prio = np.fromiter((p for s in services for p in s[0]), dtype=np.int64, count=len(svc))
     index = np.fromiter((i for s in services for i in s[1]), dtype=np.int32, count=len(svc))
     w = np.fromiter((x for s in services for x in s[2]), dtype=np.int64, count=len(svc))
-    pairs = [_hash_pair(ident, seed) for s in services for ident in s[3]]
-    h = np.array(pairs, dtype=np.uint64).reshape(-1, 2)
+    h = _hash_pairs([ident for s in services for ident in s[3]], seed)
     off = (h[:, 0] % np.uint64(m)).astype(np.int64)
     skip = (h[:, 1] % np.uint64(m - 1)).astype(np.int64) + 1
     seg_start = np.cumsum(counts) - counts
@@ -232,6 +252,12 @@ def _fill_chunk(
     endgame = max(_ENDGAME_MIN, int(4 * math.sqrt(m)))
     stamp = np.empty(nsvc * m, dtype=np.int32)
     flag = np.zeros(nsvc * m, dtype=bool)
+    if m <= _STEP_SIZE_MAX:
+        # Services where few backends take part per round (one weight far above
+        # the rest) take many steps; speculation does those rounds in bulk.
+        steps = weff >= np.maximum(1.5, _STEP_MIN_SHARE * counts)
+        step_end = np.where(steps, max(_ENDGAME_MIN, int(2 * math.sqrt(m))), m)
+        _step_rounds(table, free, done, svc, seg_start, index, off, skip, w, wm, gbase, m, step_end)
 
     while True:
         active = free > endgame
@@ -272,7 +298,10 @@ def _fill_chunk(
             found[sh] += np.bincount(p2, minlength=len(sh))
             end[sh] = stop
         if extended:
-            order = np.lexsort((tpos, tpid))
+            # Back to (participant, position) order: each token's rank among its
+            # participant's finds says where it goes, so no sort is needed.
+            order = np.empty(len(tpid), dtype=np.int64)
+            order[(np.cumsum(found) - found)[tpid] + rank] = np.arange(len(tpid))
             tpid, tpos, tslot, rank = tpid[order], tpos[order], tslot[order], rank[order]
         tq = pa[tpid]
         tsvc = svc[tq]
@@ -339,6 +368,119 @@ def _fill_chunk(
     _endgame(table, free, svc, index, off, skip, w, wm, done, m)
     tables = table.reshape(nsvc, m).astype(np.uint32)
     return list(tables)
+
+
+def _step_rounds(
+    table: npt.NDArray[np.int32],
+    free: _I64,
+    done: _I64,
+    svc: _I64,
+    seg_start: _I64,
+    index: npt.NDArray[np.int32],
+    off: _I64,
+    skip: _I64,
+    w: _I64,
+    wm: _I64,
+    gbase: _I64,
+    m: int,
+    endgame: _I64,
+) -> None:
+    """Run the fill one step at a time until each service is down to ``endgame`` free slots.
+
+    Each participant keeps a buffer of its next free slots in preference order
+    (as of when they were scanned); the entries before its current one were
+    filled since, so its proposal is its first buffered entry still free.  A
+    step: every owed participant proposes, the lowest priority wins each slot,
+    winners move on and a service whose round is settled starts its next one.
+    """
+    cap = _STEP_BUFFER
+    mask = cap - 1
+    # Ring buffers: participant p's entries are buf[p * cap + k % cap] for
+    # head[p] <= k < tail[p]; head is its current entry.
+    buf = np.zeros(len(svc) * cap, dtype=np.int64)
+    base = np.arange(len(svc), dtype=np.int64) * cap
+    head = np.zeros(len(svc), dtype=np.int64)
+    tail = np.zeros(len(svc), dtype=np.int64)
+    resume = np.zeros(len(svc), dtype=np.int64)  # preference position after them
+    never = np.iinfo(np.int32).max
+    claim = np.full(len(table), never, dtype=np.int32)
+    while True:
+        nxt = _round_of(done, w, wm)
+        rnd = np.minimum.reduceat(nxt, seg_start)
+        owed = np.flatnonzero((nxt == rnd[svc]) & (free[svc] > endgame[svc]))
+        if not len(owed):
+            return
+        at = head[owed]
+        pick = buf[base[owed] + (at & mask)]
+        bad = np.flatnonzero((at >= tail[owed]) | (table[pick] >= 0))
+        while len(bad):
+            # Skip entries filled since they were listed; when a buffer runs
+            # out, top up every buffer that is half empty (few large scans).
+            rows = owed[bad]
+            at = head[rows]
+            at += at < tail[rows]
+            head[rows] = at
+            if (at >= tail[rows]).any():
+                low = np.flatnonzero((tail - head <= cap // 2) & (free[svc] > endgame[svc]))
+                _refill(table, free, svc, off, skip, gbase, m, low, buf, base, tail, resume)
+            pick[bad] = buf[base[rows] + (at & mask)]
+            bad = bad[(at >= tail[rows]) | (table[pick[bad]] >= 0)]
+        # Owed participants are in (service, priority) order, so the lowest
+        # proposer number of each slot is the lowest priority: it wins.
+        order = np.arange(len(owed), dtype=np.int32)
+        np.minimum.at(claim, pick, order)
+        first = np.flatnonzero(claim[pick] == order)
+        claim[pick] = never
+        win = owed[first]
+        table[pick[first]] = index[win]
+        done[win] += 1
+        head[win] += 1
+        free -= np.bincount(svc[win], minlength=len(free))
+
+
+def _refill(
+    table: npt.NDArray[np.int32],
+    free: _I64,
+    svc: _I64,
+    off: _I64,
+    skip: _I64,
+    gbase: _I64,
+    m: int,
+    part: _I64,
+    buf: _I64,
+    base: _I64,
+    tail: _I64,
+    resume: _I64,
+) -> None:
+    """Scan on from ``resume`` for the next free slots of ``part``, into their ring buffers.
+
+    ``part`` have at least half their buffer free.  The window is sized to find
+    about that many; all it finds is kept (up to a full buffer), so no position
+    is scanned twice.
+    """
+    cap = len(buf) // len(base)
+    room = np.full(len(part), cap // 2, dtype=np.int64)
+    look = np.ceil(cap / 4 * m / free[svc[part]]).astype(np.int64) + 1
+    start = resume[part]
+    stop = np.minimum(start + look, m)
+    todo = np.arange(len(part))
+    while len(todo):
+        rows = part[todo]
+        p, pos, slot, rank = _scan(
+            table, off, skip, gbase, m, rows, start[todo], stop[todo], room[todo]
+        )
+        buf[base[rows[p]] + (tail[rows[p]] + rank) % cap] = slot
+        got = np.bincount(p, minlength=len(todo))
+        tail[rows] += got
+        # After a full buffer, go on past its last entry; else past the window.
+        after = stop[todo]
+        last = rank == room[todo[p]] - 1
+        after[p[last]] = pos[last] + 1
+        resume[rows] = after
+        # Only an empty buffer must look further before the step can go on.
+        todo = todo[(got == 0) & (after < m)]
+        start[todo] = stop[todo]
+        stop[todo] = np.minimum(stop[todo] + 2 * look[todo], m)
 
 
 def _settle(
@@ -412,25 +554,32 @@ def _scan(
     look = stop - start
     ends = np.cumsum(look)
     starts = ends - look
-    nonempty = look > 0
-    # Preference slots as a running sum: +skip per position, restarted at each
-    # participant's first slot (one cumsum instead of a multiply per position).
+    ne = np.flatnonzero(look > 0)
+    # Preference slots before reduction mod m, first + j * skip, as a running
+    # sum: +skip per position, and at each participant's first position the
+    # jump from the previous participant's last value (one cumsum, no multiply
+    # per position).  The values stay below m * (m - 1), so int32 where it fits.
+    dt = np.int32 if m <= _INT32_PRODUCT_MAX else np.int64
     sk = skip[part]
-    inc = np.repeat(sk, look)
-    inc[starts[nonempty]] = 0
-    run = np.cumsum(inc)
-    base = np.zeros(len(part), dtype=np.int64)
-    base[nonempty] = run[starts[nonempty]] - (off[part] + start * sk)[nonempty] % m
-    slot = (run - np.repeat(base, look)) % m
-    slot += np.repeat(gbase[part], look)
-    isfree = table[slot] < 0
-    # Free slots before each participant's segment: cumsum up to the segment start.
-    csum = np.cumsum(isfree)
-    before = np.zeros(len(part), dtype=np.int64)
-    before[nonempty] = csum[starts[nonempty]] - isfree[starts[nonempty]]
-    ti = np.flatnonzero(isfree & (csum <= np.repeat(before + need, look)))
-    pid = np.searchsorted(ends, ti, side="right")
-    return pid, start[pid] + ti - starts[pid], slot[ti], csum[ti] - before[pid] - 1
+    first = (off[part] + start * sk)[ne] % m
+    last = first + (look[ne] - 1) * sk[ne]
+    jump = first.copy()
+    jump[1:] -= last[:-1]
+    inc = np.repeat(sk.astype(dt), look)
+    inc[starts[ne]] = jump
+    slot = np.cumsum(inc, dtype=dt)
+    q = slot // m  # slot - (slot // m) * m in place: faster than % on numpy
+    np.multiply(q, m, out=q)
+    np.subtract(slot, q, out=slot)
+    np.add(slot, np.repeat(gbase[part].astype(dt), look), out=slot)
+    ti = np.flatnonzero(table[slot] < 0)
+    pid = np.repeat(np.arange(len(part)), look)[ti]
+    # Rank among the participant's free slots; keep the first ``need``.
+    nfree = np.bincount(pid, minlength=len(part))
+    rank = np.arange(len(ti)) - (np.cumsum(nfree) - nfree)[pid]
+    keep = np.flatnonzero(rank < need[pid])
+    ti, pid, rank = ti[keep], pid[keep], rank[keep]
+    return pid, start[pid] + ti - starts[pid], slot[ti].astype(np.int64), rank
 
 
 def _endgame(
@@ -454,7 +603,9 @@ def _endgame(
     fcount = np.bincount(fsvc, minlength=nsvc)
     width = int(fcount.max())
     col = np.arange(len(fs)) - np.repeat(np.cumsum(fcount) - fcount, fcount)
-    slots = np.full((nsvc, width), -1, dtype=np.int64)
+    # int32 arithmetic where (m - 1)^2 fits: it halves the memory traffic.
+    dt = np.int32 if m <= _INT32_PRODUCT_MAX else np.int64
+    slots = np.full((nsvc, width), -1, dtype=dt)
     slots[fsvc, col] = fs % m
     pl = np.flatnonzero(free[svc] > 0)
     ps = svc[pl]
@@ -462,7 +613,7 @@ def _endgame(
     xs = slots[ps]
     big = np.int32(m + 1)
     # Preference position of every free slot, per participant (taken: big).
-    posm = ((xs - off[pl, None]) * inv[:, None] % m).astype(np.int32)
+    posm = ((xs - off[pl, None].astype(dt)) * inv[:, None].astype(dt) % m).astype(np.int32)
     posm[xs < 0] = big
     best = posm.argmin(axis=1)
     taken = np.zeros((nsvc, width), dtype=bool)

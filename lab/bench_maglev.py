@@ -3,7 +3,8 @@
 ``run()`` times, best of ``repeat`` runs each (wall clock, ``time.perf_counter``):
 
 * ``build`` of one service with 1000 backends at M=65537 (target: <= 50 ms);
-* ``build_many`` of 10,000 services x 10 backends at M=1021 (best of ``repeat``)
+* ``build_many`` of 10,000 services x 10 backends at M=1021 (best of ``repeat``;
+  weights all 100, and mixed 50..200)
   and at M=16381 (best of ``large_repeat``: one run takes about a minute).
 
 Run alone with ``python -m dataplane.bench_maglev``.
@@ -48,14 +49,23 @@ def run(repeat: int = 5, services: int = 10_000, large_repeat: int = 1) -> list[
         }
     )
     groups = [([_backend(s, b) for b in range(10)], [100] * 10) for s in range(services)]
-    for size, runs in ((1021, repeat), (16381, large_repeat)):
+    mixed = [
+        (ids, [(50, 100, 150, 200)[(s + b) % 4] for b in range(10)])
+        for s, (ids, _) in enumerate(groups)
+    ]
+    cases = (
+        ("", groups, 1021, repeat),
+        (" mixed weights", mixed, 1021, repeat),
+        ("", groups, 16381, large_repeat),
+    )
+    for label, gs, size, runs in cases:
 
-        def many(size: int = size) -> object:
-            return maglev.build_many(groups, size, 1)
+        def many(gs: list[tuple[list[str], list[int]]] = gs, size: int = size) -> object:
+            return maglev.build_many(gs, size, 1)
 
         rows.append(
             {
-                "name": f"maglev.build_many {services}x10 M={size}",
+                "name": f"maglev.build_many {services}x10 M={size}{label}",
                 "seconds": _best(many, runs),
                 "runs": runs,
                 "services": services,

@@ -215,3 +215,87 @@ def test_property_every_slot_owned_by_positive_weight(
     assert len(table) == m
     assert all(weights[i] > 0 for i in table.tolist())
     assert table.tolist() == _reference(ids, weights, m, seed)
+
+
+# Equivalence of the fast builder with the tables nodes of a fleet build today.
+# The digests below were recorded from the implementation at commit dc441c8 (before
+# the end game, hashing and look-ahead merge were rewritten for speed); a change
+# in any of them means a node running that build would disagree about slots.
+
+
+def _digest(tables: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for t in tables:
+        h.update(len(t).to_bytes(4, "little"))
+        h.update(t.astype("<u4").tobytes())
+    return h.hexdigest()
+
+
+def _random_case(case: int) -> tuple[list[tuple[list[str], list[int]]], int, int]:
+    """Groups of every shape build_many treats differently, a size and a seed."""
+    rng = random.Random(case)
+    m = rng.choice([7, 11, 31, 251, 509, 1021, 1021, 2039, 4093, 16381])
+    seed = rng.getrandbits(64)
+    groups = []
+    for g in range(rng.randint(1, 40)):
+        n = rng.choice([0, 1, 2, 3, 5, 10, 10, 10, 17, 40])
+        style = rng.random()
+        ids = [f"10.{rng.randrange(256)}.{g}.{i}:{rng.choice([80, 8000])}/tcp" for i in range(n)]
+        if style < 0.3:
+            weights = [100] * n
+        elif style < 0.6:
+            weights = [rng.choice([0, 1, 2, 3, 100, 65535]) for _ in ids]
+        else:
+            weights = [
+                rng.randint(0, (1 << 32) - 1) if rng.random() < 0.1 else rng.randint(0, 10)
+                for _ in ids
+            ]
+        groups.append((ids, weights))
+    return groups, m, seed
+
+
+def _fleet(services: int, mixed: bool) -> list[tuple[list[str], list[int]]]:
+    rng = random.Random(services)
+    groups = []
+    for s in range(services):
+        ids = [f"10.200.{s // 250}.{s % 250}{b}:8000/tcp" for b in range(10)]
+        groups.append((ids, [rng.choice([1, 50, 100, 150, 200]) if mixed else 100 for _ in ids]))
+    return groups
+
+
+def test_random_inputs_match_recorded_tables() -> None:
+    digests = []
+    for case in range(150):
+        groups, m, seed = _random_case(case)
+        digests.append(_digest(maglev.build_many(groups, m, seed)))
+    combined = hashlib.sha256("".join(digests).encode()).hexdigest()
+    assert combined == "f167f4f0c49c2959560eb23236dd20c1586851883bc9e4971d43955579294200"
+
+
+_FLEET_DIGESTS = {
+    (2500, False, 1021, 1): "bb9f08036f560a11a7a3669c3919cfcec1270892dacfb8f75c95e95e4a3c97e7",
+    (2500, True, 1021, 2): "0640ea770e8d621486f07ef52b3f6965edbb15b56ecc552168034e807259fb3f",
+    (40, True, 16381, 3): "cb7584e9a5592f1e933eeabefd9376e85d43ea3bc9bedd717a40cc51fdd22350",
+}
+
+
+@pytest.mark.parametrize("shape", list(_FLEET_DIGESTS))
+def test_fleet_matches_recorded_tables(shape: tuple[int, bool, int, int]) -> None:
+    services, mixed, m, seed = shape
+    tables = maglev.build_many(_fleet(services, mixed), m, seed)
+    assert _digest(tables) == _FLEET_DIGESTS[shape]
+
+
+def test_large_table_matches_recorded_table() -> None:
+    ids = [f"10.1.{i // 250}.{i % 250}:8000/tcp" for i in range(1000)]
+    rng = random.Random(4)
+    weights = [rng.choice([0, 1, 100, 250]) for _ in ids]
+    table = maglev.build(ids, weights, 65537, 5)
+    assert _digest([table]) == "9d69b245741df5381b5a0cc04ab1b14fe644b6ab0041de99ff9e4d9ef049b148"
+
+
+@pytest.mark.parametrize("case", [c for c in range(60) if _random_case(c)[1] <= 1021])
+def test_random_inputs_match_reference(case: int) -> None:
+    groups, m, seed = _random_case(case)
+    for (ids, weights), table in zip(groups, maglev.build_many(groups, m, seed), strict=True):
+        assert table.tolist() == _reference(ids, weights, m, seed)
