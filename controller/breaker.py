@@ -124,7 +124,7 @@ def _require_finite(cfg: BreakerConfig, name: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Transition:
-    """One state change, for metrics (``kvroute_breaker_transitions_total``) and logs.
+    """One state change, for metrics (``kvroute_controller_breaker_transitions_total``) and logs.
 
     ``reason`` has bounded cardinality: ``consecutive_failures:<source>``,
     ``failure_ratio:<source>``, ``kernel_trip``, ``cooldown_elapsed``,

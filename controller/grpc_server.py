@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import grpc
 import grpc.aio
@@ -60,6 +60,11 @@ class Publisher:
         self._published_at: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._current: model.Snapshot | None = None
         self._listeners: list[Callable[[], None]] = []
+        # Engine loads travel apart from snapshots. Identity -> (load, sequence number of
+        # its last change), kept in change order so a stream finds what changed since it
+        # last sent in O(changes).
+        self._loads: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._load_seq = 0
 
     @property
     def current(self) -> model.Snapshot | None:
@@ -90,6 +95,47 @@ class Publisher:
         for notify in listeners:
             notify()
         return True
+
+    def publish_loads(self, loads: Mapping[str, int]) -> int:
+        """Record engine loads (identity -> units) of engines in the current snapshot and
+        wake the streams if any moved. Returns how many changed."""
+        current = self._current
+        if current is None:
+            return 0
+        changed = 0
+        with self._lock:
+            for ident, load in loads.items():
+                if current.engine(ident) is None:
+                    continue  # not an engine of this fleet: nobody may set its load
+                old = self._loads.get(ident)
+                if old is not None and old[0] == load:
+                    continue
+                self._load_seq += 1
+                self._loads[ident] = (load, self._load_seq)
+                self._loads.move_to_end(ident)
+                changed += 1
+            # Engines that left the fleet leave the table (bounded by the fleet's size).
+            for ident in [i for i in self._loads if current.engine(i) is None]:
+                del self._loads[ident]
+            listeners = list(self._listeners) if changed else []
+        for notify in listeners:
+            notify()
+        return changed
+
+    @property
+    def load_seq(self) -> int:
+        return self._load_seq
+
+    def loads_since(self, seq: int) -> tuple[dict[str, int], int]:
+        """Loads that changed after ``seq`` (all of them for 0), and the current seq."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for ident in reversed(self._loads):
+                load, at = self._loads[ident]
+                if at <= seq:
+                    break
+                out[ident] = load
+            return out, self._load_seq
 
     def get(self, version: int) -> model.Snapshot | None:
         with self._lock:
@@ -317,6 +363,7 @@ class ControlServer:
         event = asyncio.Event()
         self._wakeups.add(event)
         sent: model.Snapshot | None = None
+        loads_seq = 0
         try:
             while not self._stopping:
                 event.clear()
@@ -330,6 +377,11 @@ class ControlServer:
                     yield update
                     with self._lock:
                         agent.sent_version = current.version
+                    continue
+                if sent is not None and self.publisher.load_seq > loads_seq:
+                    loads, loads_seq = self.publisher.loads_since(loads_seq)
+                    if loads:
+                        yield convert.loads_update(loads)
                     continue
                 await event.wait()
         finally:
@@ -352,6 +404,8 @@ class ControlServer:
                         agent.last_error = str(exc)
                 continue
             agent = self._agent(report.agent_id, report.node, context.peer())
+            self.publisher.publish_loads({r.identity: r.load.units for r in report.engines
+                                          if r.ok and r.load is not None})
             with self._lock:
                 agent.report = report
                 agent.reports += 1

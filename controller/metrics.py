@@ -11,7 +11,7 @@ the registry it is given:
   :meth:`controller.reconcile.Reconciler.engine_view`, per agent applied version and
   convergence lag from :meth:`controller.grpc_server.ControlServer.agents`.
 
-State gauges are one-hot: ``kvroute_backend_state{service,backend,state}`` is 1 for the
+State gauges are one-hot: ``kvroute_controller_backend_state{service,backend,state}`` is 1 for the
 backend's state and 0 for the others, so ``sum by (state)`` counts backends per state.
 Backends are labelled by their identity (``address:port/protocol``), engines too.
 """
@@ -42,13 +42,13 @@ class ControllerMetrics:
     ) -> None:
         self.registry = registry
         self.transitions = prometheus_client.Counter(
-            "kvroute_breaker_transitions",
+            "kvroute_controller_breaker_transitions",
             "Engine circuit-breaker state changes.",
             ["engine", "from", "to", "reason"],
             registry=registry,
         )
         self.snapshots = prometheus_client.Counter(
-            "kvroute_snapshots_published",
+            "kvroute_controller_snapshots_published",
             "Snapshots with new content published to agents.",
             registry=registry,
         )
@@ -69,7 +69,7 @@ class ControllerMetrics:
             registry=registry,
         )
         self.discovery_updates = prometheus_client.Counter(
-            "kvroute_discovery_updates",
+            "kvroute_controller_discovery_updates",
             "Service lists received from discovery.",
             registry=registry,
         )
@@ -97,27 +97,32 @@ class StateCollector(prom_registry.Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._snapshot(self.reconciler.last)
-        yield from self._engines(self.reconciler.engine_view())
+        engines = self.reconciler.engine_view()
+        # Loads are not in snapshots (they travel apart): the reconciler's latest ones.
+        loads = {i: v.load.units for i, v in engines.items() if v.load is not None}
+        yield from self._snapshot(self.reconciler.last, loads)
+        yield from self._engines(engines)
         if self.server is not None:
             yield from self._agents(self.server.agents())
 
     @staticmethod
-    def _snapshot(snap: model.Snapshot | None) -> Iterator[Metric]:
-        version = GaugeMetricFamily("kvroute_snapshot_version",
+    def _snapshot(snap: model.Snapshot | None, loads: Mapping[str, int]) -> Iterator[Metric]:
+        version = GaugeMetricFamily("kvroute_controller_snapshot_version",
                                     "Version of the last snapshot built (0: none yet).")
         version.add_metric([], snap.version if snap is not None else 0)
-        count = GaugeMetricFamily("kvroute_snapshot_services", "Services in the last snapshot.")
+        count = GaugeMetricFamily("kvroute_controller_snapshot_services",
+                                  "Services in the last snapshot.")
         count.add_metric([], len(snap.services) if snap is not None else 0)
-        weight = GaugeMetricFamily("kvroute_backend_weight", "Maglev weight of a backend.",
+        weight = GaugeMetricFamily("kvroute_controller_backend_weight",
+                                   "Maglev weight of a backend.",
                                    labels=["service", "backend"])
-        load = GaugeMetricFamily("kvroute_backend_load",
+        load = GaugeMetricFamily("kvroute_controller_backend_load",
                                  "Bounded-load units of a backend (1000 per request).",
                                  labels=["service", "backend"])
-        state = GaugeMetricFamily("kvroute_backend_state",
+        state = GaugeMetricFamily("kvroute_controller_backend_state",
                                   "1 for the backend's state, 0 for the others.",
                                   labels=["service", "backend", "state"])
-        saturated = GaugeMetricFamily("kvroute_service_saturated",
+        saturated = GaugeMetricFamily("kvroute_controller_service_saturated",
                                       "1 when every engine of the service is full.",
                                       labels=["service"])
         for svc in snap.services if snap is not None else ():
@@ -125,29 +130,29 @@ class StateCollector(prom_registry.Collector):
             for b in svc.backends:
                 ident = reconcile.backend_identity(b.address, b.port, svc.protocol)
                 weight.add_metric([svc.name, ident], b.weight)
-                load.add_metric([svc.name, ident], b.load)
+                load.add_metric([svc.name, ident], loads.get(ident, b.load))
                 for s in model.BackendState:
                     state.add_metric([svc.name, ident, s], 1 if b.state == s else 0)
         yield from (version, count, weight, load, state, saturated)
 
     @staticmethod
     def _engines(view: Mapping[str, reconcile.EngineView]) -> Iterator[Metric]:
-        brk = GaugeMetricFamily("kvroute_engine_breaker_state",
+        brk = GaugeMetricFamily("kvroute_controller_engine_breaker_state",
                                 "1 for the engine breaker's state, 0 for the others.",
                                 labels=["engine", "state"])
-        trips = GaugeMetricFamily("kvroute_engine_breaker_trips",
+        trips = GaugeMetricFamily("kvroute_controller_engine_breaker_trips",
                                   "Breaker trips in a row (the cool-down back-off exponent).",
                                   labels=["engine"])
-        running = GaugeMetricFamily("kvroute_engine_requests_running",
+        running = GaugeMetricFamily("kvroute_controller_engine_requests_running",
                                     "Requests running on the engine (last good scrape).",
                                     labels=["engine"])
-        waiting = GaugeMetricFamily("kvroute_engine_requests_waiting",
+        waiting = GaugeMetricFamily("kvroute_controller_engine_requests_waiting",
                                     "Requests queued on the engine (last good scrape).",
                                     labels=["engine"])
-        kv = GaugeMetricFamily("kvroute_engine_kv_usage_ratio",
+        kv = GaugeMetricFamily("kvroute_controller_engine_kv_usage_ratio",
                                "KV-cache usage of the engine, 0..1 (last good scrape).",
                                labels=["engine"])
-        ok = GaugeMetricFamily("kvroute_engine_scrape_ok",
+        ok = GaugeMetricFamily("kvroute_controller_engine_scrape_ok",
                                "1 if the last reported scrape of the engine succeeded.",
                                labels=["engine"])
         for ident, v in view.items():
@@ -164,23 +169,24 @@ class StateCollector(prom_registry.Collector):
 
     @staticmethod
     def _agents(agents: dict[str, grpc_server.AgentStatus]) -> Iterator[Metric]:
-        applied = GaugeMetricFamily("kvroute_agent_applied_version",
+        applied = GaugeMetricFamily("kvroute_controller_agent_applied_version",
                                     "Snapshot version the agent last reported applied.",
                                     labels=["agent"])
-        converged = GaugeMetricFamily("kvroute_agent_converged",
+        converged = GaugeMetricFamily("kvroute_controller_agent_converged",
                                       "1 when the agent holds the current content.",
                                       labels=["agent"])
-        lag = GaugeMetricFamily("kvroute_agent_convergence_lag_seconds",
+        lag = GaugeMetricFamily("kvroute_controller_agent_convergence_lag_seconds",
                                 "How long the agent has been behind the current snapshot "
                                 "(0 when converged).", labels=["agent"])
-        watching = GaugeMetricFamily("kvroute_agent_watching",
+        watching = GaugeMetricFamily("kvroute_controller_agent_watching",
                                      "1 while the agent has a snapshot stream open.",
                                      labels=["agent"])
-        apply_s = GaugeMetricFamily("kvroute_agent_apply_seconds",
+        apply_s = GaugeMetricFamily("kvroute_controller_agent_apply_seconds",
                                     "Duration of the agent's last apply.", labels=["agent"])
-        reports = CounterMetricFamily("kvroute_agent_reports", "Reports accepted from the agent.",
+        reports = CounterMetricFamily("kvroute_controller_agent_reports",
+                                      "Reports accepted from the agent.",
                                       labels=["agent"])
-        rejected = CounterMetricFamily("kvroute_agent_reports_rejected",
+        rejected = CounterMetricFamily("kvroute_controller_agent_reports_rejected",
                                        "Reports from the agent dropped as invalid.",
                                        labels=["agent"])
         for agent_id, a in sorted(agents.items()):

@@ -453,8 +453,10 @@ class Reconciler:
     def _llm(self, svc: _Service, result: policy.ServicePolicy) -> model.Service:
         by_id = {bp.identity: bp for bp in result.backends}
         backends = tuple(
+            # Loads travel apart (Publisher.publish_loads): a snapshot changes only when
+            # a weight, state or member does, not several times a second.
             model.Backend(be.address, be.port, by_id[be.identity].weight,
-                          by_id[be.identity].state, by_id[be.identity].load)
+                          by_id[be.identity].state)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=result.saturated)

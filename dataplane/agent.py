@@ -126,9 +126,16 @@ class Agent:
 
         watcher = engines.EngineWatcher(self.applier, targets, opts.node, opts.scrape_interval,
                                         on_round=on_round)
+        def on_loads(loads: dict[str, int]) -> None:
+            # Engines on this node are scraped here, more recently than the controller
+            # heard of them: only the others' loads are taken from the stream.
+            mine = {t.identity for t in watcher.mine()}
+            assert self.applier is not None
+            self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
+
         client = stream.SnapshotClient(
             opts.target, opts.agent_id, opts.node, on_snapshot,
-            tls=opts.tls,
+            tls=opts.tls, on_loads=on_loads,
             report_source=watcher.observations, report_interval=opts.report_interval)
         client.start()
         watcher.start()

@@ -24,17 +24,18 @@ class KernelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         svc_counts = CounterMetricFamily(
-            "kvroute_service_connects", "connect() outcomes per service, from the kernel",
+            "kvroute_agent_service_connects", "connect() outcomes per service, from the kernel",
             labels=["service", "outcome"])
         be_counts = CounterMetricFamily(
-            "kvroute_backend_events", "Per-backend kernel events (selected, connects, failed, "
+            "kvroute_agent_backend_events",
+            "Per-backend kernel events (selected, connects, failed, "
             "established, closed, trips)", labels=["backend", "event"])
-        load = GaugeMetricFamily("kvroute_backend_load", "Bounded-load units in the kernel",
+        load = GaugeMetricFamily("kvroute_agent_backend_load", "Bounded-load units in the kernel",
                                  labels=["backend"])
-        state = GaugeMetricFamily("kvroute_backend_state",
+        state = GaugeMetricFamily("kvroute_agent_backend_state",
                                   "1 for the backend's effective state (kernel trips read open)",
                                   labels=["backend", "state"])
-        rtt = GaugeMetricFamily("kvroute_backend_srtt_seconds",
+        rtt = GaugeMetricFamily("kvroute_agent_backend_srtt_seconds",
                                 "Smoothed RTT of established connections", labels=["backend"])
         for s in inspect.services(self.maps):
             name = s["name"] or str(s["id"])
@@ -48,7 +49,7 @@ class KernelCollector(Collector):
             rtt.add_metric([addr], b["srtt_us"] / 1e6)
             for st in _STATES:
                 state.add_metric([addr, st], 1.0 if b["state"] == st else 0.0)
-        reasons = CounterMetricFamily("kvroute_kernel_reasons",
+        reasons = CounterMetricFamily("kvroute_agent_kernel_reasons",
                                       "Fail-open and bookkeeping events", labels=["reason"])
         for reason, value in self.maps.reasons().items():
             reasons.add_metric([reason], value)

@@ -516,6 +516,14 @@ def _canonical(value: object) -> bytes:
                       allow_nan=False).encode()
 
 
+def check_loads(path: str, loads: Mapping[str, int]) -> dict[str, int]:
+    """Engine loads as they travel apart from snapshots: identity -> load units."""
+    if not isinstance(loads, Mapping):
+        raise ModelError(f"{path}: must be a mapping of identity to load, got {loads!r}")
+    return {check_identity(f"{path}[{k!r}]", k): check_int(f"{path}[{k}]", v, 0, LOAD_MAX)
+            for k, v in loads.items()}
+
+
 # -- deltas -------------------------------------------------------------------------------
 
 

@@ -16,7 +16,11 @@ Failure handling:
   client reconnects with exponential backoff and full jitter. On reconnection it says what
   it holds, so an unchanged controller answers with nothing or a small delta.
 
-``on_snapshot`` and ``report_source`` run on the client's thread, one call at a time.
+Engine loads arrive apart from snapshots (``EngineLoads``) and go to ``on_loads``
+(identity -> load units), which writes them into the kernel without a plan.
+
+``on_snapshot``, ``on_loads`` and ``report_source`` run on the client's thread, one call at
+a time.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ log = logging.getLogger("kvroute.agent.stream")
 
 OnSnapshot = Callable[[model.Snapshot], bool]
 ReportSource = Callable[[], reports.Observations]
+OnLoads = Callable[[dict[str, int]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Stats:
     fulls: int = 0
     deltas: int = 0
     applies: int = 0  # successful on_snapshot calls
+    loads: int = 0  # engine-load messages handed to on_loads
     apply_failures: int = 0
     reports: int = 0  # reports handed to gRPC
     last_error: str | None = None
@@ -84,6 +90,7 @@ class SnapshotClient:
         *,
         tls: channel.TLSFiles | None = None,
         report_source: ReportSource | None = None,
+        on_loads: OnLoads | None = None,
         report_interval: float = 1.0,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
@@ -97,6 +104,7 @@ class SnapshotClient:
         self.tls = tls
         self._on_snapshot = on_snapshot
         self._report_source = report_source
+        self._on_loads = on_loads
         self.report_interval = float(report_interval)
         self.backoff = backoff or Backoff()
         self._rng = rng or random.Random()
@@ -255,6 +263,9 @@ class SnapshotClient:
 
     def _handle(self, update: pb.SnapshotUpdate) -> None:
         kind = update.WhichOneof("update")
+        if kind == "loads":
+            self._loads(update.loads)
+            return
         try:
             if kind == "full":
                 snap = convert.snapshot_from_pb(update.full)
@@ -274,6 +285,21 @@ class SnapshotClient:
             raise _Resync(str(exc)) from None
         self._received = snap
         self._apply(snap)
+
+    def _loads(self, msg: pb.EngineLoads) -> None:
+        try:
+            loads = convert.loads_from_pb(msg)
+        except model.ModelError as exc:
+            # Loads are advisory (the next message corrects them): no resync for one.
+            log.warning("%s: engine loads refused: %s", self.agent_id, exc)
+            self.stats.last_error = str(exc)
+            return
+        self.stats.loads += 1
+        if self._on_loads is not None:
+            try:
+                self._on_loads(loads)
+            except Exception:
+                log.exception("%s: on_loads failed", self.agent_id)
 
     def _apply(self, snap: model.Snapshot) -> None:
         applied = self._applied

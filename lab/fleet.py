@@ -245,10 +245,12 @@ class Fleet:
         values: dict[str, dict[str, float]] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in ("kvroute_agent_watching", "kvroute_agent_converged"):
+                if sample.name in ("kvroute_controller_agent_watching",
+                                   "kvroute_controller_agent_converged"):
                     values.setdefault(sample.labels["agent"], {})[sample.name] = sample.value
         return len(values) == len(self.nodes) and all(
-            v.get("kvroute_agent_watching") == 1 and v.get("kvroute_agent_converged") == 1
+            v.get("kvroute_controller_agent_watching") == 1
+            and v.get("kvroute_controller_agent_converged") == 1
             for v in values.values())
 
     def backends(self, node: int) -> dict[str, dict[str, Any]]:

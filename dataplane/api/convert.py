@@ -151,6 +151,20 @@ def delta_from_pb(msg: pb.Delta) -> model.Delta:
     )
 
 
+def loads_update(loads: Mapping[str, int]) -> pb.SnapshotUpdate:
+    return pb.SnapshotUpdate(loads=pb.EngineLoads(loads=[
+        pb.EngineLoadUnits(identity=ident, load=load) for ident, load in loads.items()]))
+
+
+def loads_from_pb(msg: pb.EngineLoads) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    for entry in msg.loads:
+        if entry.identity in seen:
+            raise model.ModelError(f"loads[{entry.identity!r}]: listed twice")
+        seen[entry.identity] = entry.load
+    return model.check_loads("loads", seen)
+
+
 def full_update(snap: model.Snapshot) -> pb.SnapshotUpdate:
     return pb.SnapshotUpdate(full=snapshot_to_pb(snap))
 

@@ -21,16 +21,16 @@ def test_collector_reports_kernel_counters_at_scrape_time(kv: Node) -> None:
     registry = CollectorRegistry()
     registry.register(metrics.KernelCollector(kv.maps))
     before = _samples(registry)
-    assert before[("kvroute_service_connects_total",
+    assert before[("kvroute_agent_service_connects_total",
                    (("outcome", "selected"), ("service", "m")))] == 0
     names = kv.run(connect_names, VIP, 80, 7)
     assert names == ["gpu0"] * 7
     after = _samples(registry)  # no update call: the collector reads the maps now
     gpu0 = f"{kv.pod('gpu0').address}:8000/tcp"
     gpu1 = f"{kv.pod('gpu1').address}:8000/tcp"
-    assert after[("kvroute_service_connects_total",
+    assert after[("kvroute_agent_service_connects_total",
                   (("outcome", "selected"), ("service", "m")))] == 7
-    assert after[("kvroute_backend_events_total", (("backend", gpu0), ("event", "established")))] \
-        == 7
-    assert after[("kvroute_backend_state", (("backend", gpu1), ("state", "draining")))] == 1
-    assert after[("kvroute_backend_state", (("backend", gpu1), ("state", "active")))] == 0
+    assert after[("kvroute_agent_backend_events_total",
+                  (("backend", gpu0), ("event", "established")))] == 7
+    assert after[("kvroute_agent_backend_state", (("backend", gpu1), ("state", "draining")))] == 1
+    assert after[("kvroute_agent_backend_state", (("backend", gpu1), ("state", "active")))] == 0

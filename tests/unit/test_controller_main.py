@@ -256,14 +256,14 @@ def test_controller_end_to_end_breaker_cycle(tmp_path: Path,
             assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
             text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
             families = {f.name: f for f in prom_parser.text_string_to_metric_families(text)}
-            trans = [s for s in families["kvroute_breaker_transitions"].samples
+            trans = [s for s in families["kvroute_controller_breaker_transitions"].samples
                      if s.name.endswith("_total") and s.labels["engine"] == ids[0]]
             assert {(s.labels["from"], s.labels["to"]) for s in trans} >= {
                 ("closed", "open"), ("open", "half_open"), ("half_open", "closed")}
-            lag = [s for s in families["kvroute_agent_convergence_lag_seconds"].samples
+            lag = [s for s in families["kvroute_controller_agent_convergence_lag_seconds"].samples
                    if s.labels["agent"] == "agent-a"]
             assert len(lag) == 1 and lag[0].value >= 0
-            assert families["kvroute_snapshot_version"].samples[0].value >= 1
+            assert families["kvroute_controller_snapshot_version"].samples[0].value >= 1
             view = json.loads(urllib.request.urlopen(f"{base}/engines", timeout=5).read())
             assert {e["identity"] for e in view["engines"]} == set(ids)
             assert view["agents"][0]["agent_id"] == "agent-a"
@@ -379,12 +379,12 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics",
                                               timeout=1).read().decode()
-                if 'kvroute_snapshot_services 1.0' in body:
+                if 'kvroute_controller_snapshot_services 1.0' in body:
                     break
             except OSError:
                 pass
             time.sleep(0.05)
-        assert 'kvroute_snapshot_services 1.0' in body
+        assert 'kvroute_controller_snapshot_services 1.0' in body
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
     finally:
@@ -408,7 +408,7 @@ def test_metrics_live_on_the_given_registry_only() -> None:
     m = metrics.ControllerMetrics(registry, rec, grpc_server.ControlServer(
         grpc_server.Publisher()))
     assert {x.name for x in prometheus_client.REGISTRY.collect()} == before
-    assert registry.get_sample_value("kvroute_snapshot_version") == 0
+    assert registry.get_sample_value("kvroute_controller_snapshot_version") == 0
 
     rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.1)
     rec.observe(tr.report(tr.scrape(tr.E1, ok=False), tr.scrape(
@@ -421,18 +421,20 @@ def test_metrics_live_on_the_given_registry_only() -> None:
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert value("kvroute_snapshot_version") == snap.version
+    assert value("kvroute_controller_snapshot_version") == snap.version
     svc = tr.NAME
-    assert value("kvroute_backend_state", service=svc, backend=tr.E1, state="open") == 1
-    assert value("kvroute_backend_state", service=svc, backend=tr.E1, state="active") == 0
-    assert value("kvroute_backend_state", service=svc, backend=tr.E2, state="draining") == 1
-    assert value("kvroute_backend_weight", service=svc, backend=tr.E1) == 0
-    assert value("kvroute_backend_load", service=svc, backend=tr.E2) == 2500
-    assert value("kvroute_engine_breaker_state", engine=tr.E1, state="open") == 1
-    assert value("kvroute_engine_breaker_state", engine=tr.E2, state="closed") == 1
-    assert value("kvroute_engine_requests_running", engine=tr.E2) == 2
-    assert value("kvroute_engine_kv_usage_ratio", engine=tr.E2) == 0.5
-    assert value("kvroute_engine_scrape_ok", engine=tr.E1) == 0
-    assert value("kvroute_breaker_transitions_total", engine=tr.E1, reason=(
+    assert value("kvroute_controller_backend_state", service=svc, backend=tr.E1, state="open") == 1
+    assert value("kvroute_controller_backend_state", service=svc, backend=tr.E1,
+                 state="active") == 0
+    assert value("kvroute_controller_backend_state", service=svc, backend=tr.E2,
+                 state="draining") == 1
+    assert value("kvroute_controller_backend_weight", service=svc, backend=tr.E1) == 0
+    assert value("kvroute_controller_backend_load", service=svc, backend=tr.E2) == 2500
+    assert value("kvroute_controller_engine_breaker_state", engine=tr.E1, state="open") == 1
+    assert value("kvroute_controller_engine_breaker_state", engine=tr.E2, state="closed") == 1
+    assert value("kvroute_controller_engine_requests_running", engine=tr.E2) == 2
+    assert value("kvroute_controller_engine_kv_usage_ratio", engine=tr.E2) == 0.5
+    assert value("kvroute_controller_engine_scrape_ok", engine=tr.E1) == 0
+    assert value("kvroute_controller_breaker_transitions_total", engine=tr.E1, reason=(
         "consecutive_failures:scrape"), to="open", **{"from": "closed"}) == 1
-    assert value("kvroute_service_saturated", service=svc) == 0
+    assert value("kvroute_controller_service_saturated", service=svc) == 0

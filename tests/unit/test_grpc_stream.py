@@ -459,3 +459,36 @@ def test_bad_requests_and_reports_are_refused(controller: Controller) -> None:
     assert status.reports == 1 and status.rejected_reports == 2
     assert status.applied_version == 1 and status.converged  # the good report stays
     assert "kv_usage" in (status.last_error or "")
+
+
+def test_engine_loads_travel_apart_from_snapshots(controller: Controller,
+                                                  agents: list[Agent]) -> None:
+    """A load one agent reports reaches the others as an EngineLoads message: no new
+    snapshot version, and only loads that moved are sent again."""
+    svc = service("a", 1)
+    ident = svc.identity(svc.backends[0])
+    ref = model.EngineRef(ident, f"http://{svc.backends[0].address}:8000/metrics",
+                          f"http://{svc.backends[0].address}:8000/health", "node-scraper")
+    v1 = model.Snapshot.of(1, (svc,), (ref,))
+    controller.publisher.publish(v1)
+    port = controller.start()
+    running = {"now": 2.0}
+
+    def observe() -> reports.Observations:
+        load = enginemetrics.EngineLoad(running["now"], 0, 0.25, enginemetrics.KV_USAGE, 1)
+        return reports.Observations(
+            engines=(scraper.ScrapeResult(ident, True, True, 0.001, load, None),))
+
+    got: list[dict[str, int]] = []
+    scraping = Agent(port, "scraper", report_source=observe)
+    other = Agent(port, "other", on_loads=got.append)
+    agents += [scraping, other]
+    for a in agents:
+        a.client.start()
+    other.wait(v1)
+    assert wait_until(lambda: {ident: 2250} in got), got
+    running["now"] = 5.0
+    assert wait_until(lambda: {ident: 5250} in got), got
+    assert controller.publisher.current == v1  # no snapshot per load change
+    # A load for an engine the fleet does not have is not relayed.
+    assert controller.publisher.publish_loads({"10.9.9.9:8000/tcp": 7}) == 0

@@ -290,7 +290,7 @@ def test_load_moves_weights_only_past_the_hysteresis() -> None:
     rec.observe(report(scrape(E1, engine_load=load(kv=0.06))), 0.1)
     small = backend(tick(rec, 0.1), "10.0.0.1")
     assert small.weight == first.weight  # 0.06/0.9 of headroom: inside the widened band
-    assert small.load == 60  # the load itself is live
+    assert small.load == 0  # loads travel apart from snapshots (Publisher.publish_loads)
     rec.observe(report(scrape(E1, engine_load=load(kv=0.1))), 0.2)
     moved = backend(tick(rec, 0.2), "10.0.0.1")
     assert moved.weight < first.weight
@@ -303,8 +303,16 @@ def test_a_failed_scrape_keeps_the_last_load() -> None:
     rec = make()
     rec.observe(report(scrape(E1, engine_load=load(running=3))), 0.1)
     rec.observe(report(scrape(E1, ok=False)), 0.2)
-    assert backend(tick(rec, 0.2), "10.0.0.1").load == 3000
+    assert rec.engine_view()[E1].load == load(running=3)
     assert rec.engine_view()[E1].last_ok is False
+
+
+def test_a_load_change_inside_the_band_publishes_no_snapshot() -> None:
+    rec = make()
+    assert rec.tick(0) is not None
+    for i, kv in enumerate((0.01, 0.03, 0.05, 0.02)):
+        rec.observe(report(scrape(E1, engine_load=load(kv=kv))), 0.1 * (i + 1))
+        assert rec.tick(0.1 * (i + 1)) is None
 
 
 def test_terminating_endpoints_drain_and_not_serving_ones_are_left_out() -> None:

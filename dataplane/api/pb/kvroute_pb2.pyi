@@ -137,13 +137,29 @@ class Delta(_message.Message):
     engines: _containers.RepeatedCompositeFieldContainer[EngineRef]
     def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., hash: _Optional[str] = ..., upserted: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., removed: _Optional[_Iterable[str]] = ..., engines_replaced: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineRef, _Mapping]]] = ...) -> None: ...
 
+class EngineLoads(_message.Message):
+    __slots__ = ("loads",)
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    loads: _containers.RepeatedCompositeFieldContainer[EngineLoadUnits]
+    def __init__(self, loads: _Optional[_Iterable[_Union[EngineLoadUnits, _Mapping]]] = ...) -> None: ...
+
+class EngineLoadUnits(_message.Message):
+    __slots__ = ("identity", "load")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    load: int
+    def __init__(self, identity: _Optional[str] = ..., load: _Optional[int] = ...) -> None: ...
+
 class SnapshotUpdate(_message.Message):
-    __slots__ = ("full", "delta")
+    __slots__ = ("full", "delta", "loads")
     FULL_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
     full: Snapshot
     delta: Delta
-    def __init__(self, full: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ...) -> None: ...
+    loads: EngineLoads
+    def __init__(self, full: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., loads: _Optional[_Union[EngineLoads, _Mapping]] = ...) -> None: ...
 
 class HistogramBucket(_message.Message):
     __slots__ = ("le", "count")
