@@ -109,9 +109,12 @@ class Plan:
 def _l4(addr: int, port: int, proto: str) -> L4:
     # abi.ip_to_be32/port_to_be16 inlined (this runs once per backend per apply):
     # network order read as a native little-endian integer is a byte swap.
-    x = addr
-    be32 = ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | (x >> 24)
-    return (be32, socket.htons(port), abi.IPPROTO[proto])
+    return (_NATIVE_U32(addr.to_bytes(4, "big"))[0], _HTONS(port), _PROTO[proto])
+
+
+_NATIVE_U32 = struct.Struct("=I").unpack
+_HTONS = socket.htons
+_PROTO: dict[str, int] = dict(abi.IPPROTO)
 
 
 def _ip(text: str) -> int:
@@ -176,6 +179,9 @@ def _service_key(svc: model.Service) -> L4:
 
 def _merged(users: Mapping[str, tuple[model.BackendState, int]]) -> tuple[model.BackendState,
                                                                           int]:
+    if len(users) == 1:  # the common case: one service lists the endpoint
+        for only in users.values():
+            return only
     state, load = model.BackendState.ACTIVE, 0
     for s, value in users.values():
         if _SEVERITY[s] > _SEVERITY[state]:

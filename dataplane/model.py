@@ -34,6 +34,7 @@ hash to the announced value: the agent then asks for a full snapshot instead of 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import functools
@@ -265,6 +266,11 @@ def _sequence(path: str, value: object, what: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
 # -- the model ----------------------------------------------------------------------------
 
 
@@ -418,7 +424,30 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
     return tuple(sorted(items, key=lambda s: s.name))
 
 
+# Engine lists already checked and hashed, by id (each entry holds its tuple, so the id
+# cannot be reused while cached): a delta that leaves the engines alone rebuilds a state
+# of 100,000 engines without checking or hashing them again.
+_ENGINE_LISTS: collections.OrderedDict[int, tuple[tuple[EngineRef, ...], str]] = (
+    collections.OrderedDict())
+_ENGINE_LISTS_MAX = 8
+
+
+def _engines_digest(engines: tuple[EngineRef, ...]) -> str:
+    known = _ENGINE_LISTS.get(id(engines))
+    if known is not None and known[0] is engines:
+        return known[1]
+    digest = hashlib.sha256(_canonical([_SCHEMA, [e.to_dict() for e in engines]])).hexdigest()
+    _ENGINE_LISTS[id(engines)] = (engines, digest)
+    while len(_ENGINE_LISTS) > _ENGINE_LISTS_MAX:
+        _ENGINE_LISTS.popitem(last=False)
+    return digest
+
+
 def _engines(path: str, value: object) -> tuple[EngineRef, ...]:
+    if type(value) is tuple:
+        known = _ENGINE_LISTS.get(id(value))
+        if known is not None and known[0] is value:
+            return known[0]
     items = _sequence(path, value, "engines")
     seen: set[str] = set()
     for i, ref in enumerate(items):
@@ -427,7 +456,9 @@ def _engines(path: str, value: object) -> tuple[EngineRef, ...]:
         if ref.identity in seen:
             raise ModelError(f"{path}[{ref.identity}]: listed twice")
         seen.add(ref.identity)
-    return tuple(sorted(items, key=lambda e: e.identity))
+    engines = tuple(sorted(items, key=lambda e: e.identity))
+    _engines_digest(engines)
+    return engines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,15 +536,12 @@ def content_hash(services: Iterable[Service], engines: Iterable[EngineRef] = ())
     digests, not whole services, lets a controller that reuses unchanged Service objects
     rehash only what changed."""
     ordered = sorted(services, key=lambda s: s.name)
-    refs = sorted(engines, key=lambda e: e.identity)
+    known = _ENGINE_LISTS.get(id(engines))
+    refs = (known[0] if known is not None and known[0] is engines
+            else tuple(sorted(engines, key=lambda e: e.identity)))
     encoded = _canonical([_SCHEMA, [[s.name, s.digest] for s in ordered],
-                          [e.to_dict() for e in refs]])
+                          _engines_digest(refs)])
     return hashlib.sha256(encoded).hexdigest()
-
-
-def _canonical(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
 
 
 def check_loads(path: str, loads: Mapping[str, int]) -> dict[str, int]:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal, Protocol
 
 from controller import breaker as breakermod
+from dataplane import model
 
 PREFIX = "kvroute.io/"
 ENGINE = PREFIX + "engine"
@@ -67,14 +68,13 @@ Affinity = Literal["none", "client", "session"]
 AFFINITIES: tuple[Affinity, ...] = ("none", "client", "session")
 Protocol_ = Literal["tcp", "udp"]
 
-# kube-proxy's default and ceiling for ClientIP affinity (Service API validation).
-DEFAULT_AFFINITY_TIMEOUT = 10800
-MAX_AFFINITY_TIMEOUT = 86400
-# The datapath's limits (dataplane.model, dataplane.config): a value they would
+# The model's limits (dataplane.model, defined there once): a value the datapath would
 # refuse is refused here, where the message can name the service and annotation.
-MIN_TABLE_SIZE = 7
-MAX_TABLE_SIZE = 131071  # and prime: Maglev needs it
-MAX_EPSILON = 10.0
+DEFAULT_AFFINITY_TIMEOUT = model.DEFAULT_AFFINITY_TIMEOUT  # kube-proxy's ClientIP default
+MAX_AFFINITY_TIMEOUT = model.AFFINITY_TIMEOUT_MAX
+MIN_TABLE_SIZE = model.TABLE_SIZE_MIN
+MAX_TABLE_SIZE = model.TABLE_SIZE_MAX  # and prime: Maglev needs it
+MAX_EPSILON = model.EPSILON_MAX
 DEFAULT_METRICS_PATH = "/metrics"
 _MAX_PATH_LEN = 256
 
@@ -314,6 +314,10 @@ def _plain(service: str, client_ip: bool, timeout: int | None) -> _Plain:
     return _Plain(Options(affinity="client", affinity_timeout=timeout), None)
 
 
+_MODEL_FIELDS = {AFFINITY_TIMEOUT: "affinity_timeout", TABLE_SIZE: "table_size",
+                 EPSILON: "epsilon"}
+
+
 def _parse_one(service: str, key: str, raw: object) -> object:
     def bad(why: str) -> AnnotationError:
         return AnnotationError(f"service {service}: annotation {key}={raw!r}: {why}")
@@ -332,15 +336,21 @@ def _parse_one(service: str, key: str, raw: object) -> object:
         if text not in AFFINITIES:
             raise bad(f"must be one of {', '.join(AFFINITIES)}")
         return text
-    if key == AFFINITY_TIMEOUT:
-        return _int_in(text, 1, MAX_AFFINITY_TIMEOUT, bad)
-    if key == TABLE_SIZE:
-        size = _int_in(text, MIN_TABLE_SIZE, MAX_TABLE_SIZE, bad)
-        if not _is_prime(size):
-            raise bad("Maglev table size must be a prime number (e.g. 16381, 65521)")
-        return size
-    if key == EPSILON:
-        return _float_in(text, bad, low=0.0, high=MAX_EPSILON)
+    if key in _MODEL_FIELDS:
+        # The model judges its own fields: the controller refuses what every agent would,
+        # with the model's words, before anything is published.
+        field = _MODEL_FIELDS[key]
+        value: int | float
+        try:
+            value = float(text) if field == "epsilon" else int(text, 10)
+        except ValueError:
+            raise bad("must be a number" if field == "epsilon" else "must be an integer") from None
+        try:
+            model.Service("check", "10.0.0.1", 1, affinity=model.Affinity.CLIENT,
+                          **{field: value})  # type: ignore[arg-type]
+        except model.ModelError as exc:
+            raise bad(str(exc).removeprefix(f"{field}: ")) from None
+        return value
     if key == PROBE_SHARE:
         value = _float_in(text, bad, low=0.0, high=1.0)
         if not 0.0 < value < 1.0:
@@ -394,17 +404,6 @@ def _float_in(text: str, bad: _Bad, *, low: float, high: float) -> float:
 
 class _Bad(Protocol):
     def __call__(self, why: str) -> AnnotationError: ...
-
-
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
 
 
 def _check_port(what: str, port: object) -> None:

@@ -69,13 +69,13 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
     label = f"{path}[{msg.name}]" if msg.name else path
     try:
         backends = []
+        states = _FROM_STATE
         for i, b in enumerate(msg.backends):
-            where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
             try:
-                backends.append(model.Backend(
-                    address=b.address, port=b.port, weight=b.weight,
-                    state=_reverse("state", _FROM_STATE, b.state), load=b.load))
+                state = states.get(b.state) or _reverse("state", states, b.state)
+                backends.append(model.Backend(b.address, b.port, b.weight, state, b.load))
             except model.ModelError as exc:
+                where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
                 raise exc.prefixed(where) from None
         return model.Service(
             name=msg.name,

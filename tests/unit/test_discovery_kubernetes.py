@@ -575,7 +575,8 @@ def test_bad_annotation_falls_back_to_kube_proxy_behaviour() -> None:
     # Nothing of the annotations half-applies; ClientIP is kept as kube-proxy would.
     assert options == discovered.Options(affinity="client", affinity_timeout=90)
     assert problems == (
-        "service ns/s: annotation kvroute.io/epsilon='-1': must be a finite number >= 0, <= 10",
+        "service ns/s: annotation kvroute.io/epsilon='-1': must be a finite number in [0, 10], "
+        "got -1.0",
     )
     _, problems = discovered.parse_options("ns/s", {"kvroute.io/enigne": "vllm"})
     assert "unknown kvroute annotation" in problems[0] and "kvroute.io/engine" in problems[0]
