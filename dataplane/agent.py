@@ -12,13 +12,13 @@ the tables stay as they are and scraping goes on (static stability).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -52,8 +52,6 @@ class Agent:
         self.ready_file = ready_file
         self.controller = controller
         self.metrics_addr = metrics_addr
-        self.stop_event = threading.Event()
-        self.reload_event = threading.Event()
         self._mtime: float | None = None
         self.maps: MapSet | None = None
         self.datapath: loader.Datapath | None = None
@@ -137,8 +135,6 @@ class Agent:
             opts.target, opts.agent_id, opts.node, on_snapshot,
             tls=opts.tls, on_loads=on_loads,
             report_source=watcher.observations, report_interval=opts.report_interval)
-        client.start()
-        watcher.start()
         self.stream, self.watcher = client, watcher
         log.info("following controller %s as agent %s on node %s", opts.target, opts.agent_id,
                  opts.node)
@@ -163,18 +159,45 @@ class Agent:
             return None
 
     def run(self, poll_interval: float = 1.0) -> None:
-        while not self.stop_event.is_set():
-            self.stop_event.wait(poll_interval)
-            if self.config_path and (self.reload_event.is_set()
-                                     or self._current_mtime() != self._mtime):
-                self.reload_event.clear()
+        """Run until SIGTERM or SIGINT: one asyncio loop with named tasks (the controller
+        stream, this node's engine scrapes, the config file), SIGHUP reloads the file."""
+        asyncio.run(self._main(poll_interval))
+
+    async def _main(self, poll_interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        reload = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        tasks = []
+        if self.stream is not None:
+            tasks.append(asyncio.create_task(self.stream.run(), name="controller-stream"))
+        if self.watcher is not None:
+            tasks.append(asyncio.create_task(self.watcher.run(), name="engine-scrapes"))
+        if self.config_path is not None:
+            tasks.append(asyncio.create_task(self._follow_file(reload, poll_interval),
+                                             name="config-file"))
+        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+        done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopping and task.exception() is not None:
+                log.error("task %s failed: %r", task.get_name(), task.exception())
+        if self.stream is not None:
+            self.stream.close()
+        for task in [stopping, *tasks]:
+            task.cancel()
+        await asyncio.gather(stopping, *tasks, return_exceptions=True)
+
+    async def _follow_file(self, reload: asyncio.Event, poll_interval: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reload.wait(), poll_interval)
+            if reload.is_set() or self._current_mtime() != self._mtime:
+                reload.clear()
                 self.reload()
 
     def close(self, detach: bool) -> None:
-        if self.watcher:
-            self.watcher.stop()
-        if self.stream:
-            self.stream.stop()
         if self.applier:
             self.applier.close()
         if self.maps:
@@ -187,14 +210,3 @@ class Agent:
             log.info("detached: kvroute no longer routes on this node")
         else:
             log.info("exiting; programs stay attached and keep routing from the pinned maps")
-
-    def install_signals(self) -> None:
-        def on_stop(signum: int, frame: FrameType | None) -> None:
-            self.stop_event.set()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            self.reload_event.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)

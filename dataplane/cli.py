@@ -192,7 +192,6 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
             scrape_interval=scrape_interval, tls=tls)
     a = agent_mod.Agent(opts, target, config_path, ready_file, controller=ctrl,
                         metrics_addr=_hostport(metrics_at, "--metrics"))
-    a.install_signals()
     try:
         a.start()
     except model.ModelError as exc:

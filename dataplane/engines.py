@@ -36,8 +36,6 @@ class EngineWatcher:
         self.results: dict[str, scraper.ScrapeResult] = {}
         self._trips: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def mine(self) -> list[scraper.EngineTarget]:
         out = []
@@ -60,18 +58,6 @@ class EngineWatcher:
             engines=results,
             counters=tuple(reports.BackendCounters(ident, *values[:6])
                            for ident, values in sorted(counters.items())))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name="kvroute-engines", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(10)
-
-    def _main(self) -> None:
-        asyncio.run(self._loop())
 
     async def _round(self, client: httpx.AsyncClient) -> tuple[int, bool]:
         """Scrape this node's engines, write their loads; returns (entries written,
@@ -98,11 +84,12 @@ class EngineWatcher:
             self._trips = trips
         return written, news
 
-    async def _loop(self) -> None:
+    async def run(self) -> None:
+        """Scrape every interval until cancelled (a task on the agent's loop)."""
         client = scraper.make_client(self.timeout)
         try:
             next_at = time.monotonic()
-            while not self._stop.is_set():
+            while True:
                 started = time.monotonic()
                 written, news = await self._round(client)
                 if self.on_round:

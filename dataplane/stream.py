@@ -134,6 +134,20 @@ class SnapshotClient:
     def received(self) -> model.Snapshot | None:
         return self._received
 
+    async def run(self) -> None:
+        """Follow the controller on the running loop until :meth:`close` or cancellation
+        (the agent's way: one loop, named tasks). :meth:`start` runs the same in a
+        thread of its own, for callers without a loop."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._report_now = asyncio.Event()
+        await self._run()
+
+    def close(self) -> None:
+        """Ask :meth:`run` to end (from the loop's own thread)."""
+        if self._stop is not None:
+            self._stop.set()
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("client already started")
