@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from dataplane import apply, config, engines, loader, metrics, model, stream
+from dataplane import apply, config, engines, host, loader, metrics, model, stream
 from dataplane.api import channel
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
@@ -65,6 +65,7 @@ class Agent:
         # Validate the desired state before touching the kernel: a bad file at
         # start changes nothing.
         desired = config.load_file(self.config_path) if self.config_path else None
+        host.check_cgroup(self.cgroup)
         started = time.perf_counter()
         self.datapath = loader.Datapath(self.settings)
         log.info("programs compiled and loaded in %.2fs", time.perf_counter() - started)

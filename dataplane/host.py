@@ -89,6 +89,24 @@ def check_pin_dir(path: Path) -> None:
                         f"{path / 'kvroute'}")
 
 
+CGROUP2_MAGIC = 0x63677270  # statfs f_type of cgroup2 (linux/magic.h)
+
+
+def check_cgroup(path: Path) -> None:
+    """``path`` is a cgroup v2 folder the programs can attach to. Checked before anything
+    is loaded or pinned, so a wrong --cgroup changes nothing. Changes nothing."""
+    try:
+        if not path.is_dir():
+            raise HostError(f"--cgroup {path}: not a folder (give a cgroup v2 folder, e.g. "
+                            f"{cgroup2_root()})")
+        kind = fs_type(path)
+    except OSError as exc:
+        raise HostError(f"--cgroup {path}: {exc.strerror or exc}") from None
+    if kind != CGROUP2_MAGIC:
+        raise HostError(f"--cgroup {path} is not on a cgroup v2 mount (found in "
+                        f"/proc/self/mountinfo as type cgroup2)")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise HostError("kvroute needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) for this")

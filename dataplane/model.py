@@ -322,7 +322,7 @@ class Service:
 
     def __post_init__(self) -> None:
         _name("name", self.name)
-        ipv4("vip", self.vip)
+        vip_number = ipv4("vip", self.vip)
         check_int("port", self.port, 1, PORT_MAX)
         set_field(self, "protocol", _enum("protocol", self.protocol, Protocol))
         set_field(self, "affinity", _enum("affinity", self.affinity, Affinity))
@@ -341,6 +341,10 @@ class Service:
             check_int("table_size", self.table_size, TABLE_SIZE_MIN, TABLE_SIZE_MAX)
             if not is_prime(self.table_size):
                 raise ModelError(f"table_size: must be a prime number, got {self.table_size}")
+        for be in backends:
+            if be.key[0] == vip_number:
+                # A connect to the VIP rewritten to the VIP again reaches nothing.
+                raise ModelError(f"backends[{be.label}]: is the service's own VIP")
         if len(backends) > self.size:
             raise ModelError(f"backends: {len(backends)} backends do not fit a table of "
                              f"{self.size} slots")

@@ -96,3 +96,16 @@ def _as_nobody(pin_dir: Path, args: list[str]) -> dict[str, Any]:
         "open": _errno_of(lambda: os.close(bpfsys.obj_get(meta))),
         "unlink": _errno_of(meta.unlink),
     }
+
+
+def test_a_bad_cgroup_is_refused_before_anything_is_pinned(tmp_path: Path) -> None:
+    cfg = tmp_path / "state.yaml"
+    cfg.write_text("services: []\n")
+    pin = Path(f"/sys/fs/bpf/kvr-cgcheck-{os.getpid()}")
+    for cgroup in (tmp_path / "no-such", tmp_path):  # missing; a folder off cgroup2
+        proc = subprocess.run([KVROUTE, "agent", "--config", str(cfg), "--cgroup", str(cgroup),
+                               "--pin-dir", str(pin)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode != 0
+        assert f"--cgroup {cgroup}" in proc.stderr and "Traceback" not in proc.stderr
+        assert not pin.exists()

@@ -578,9 +578,10 @@ def _services(draw: st.DrawFn, name: str) -> model.Service:
         )
         for a, p in addrs
     ]
+    taken = {b.address for b in backends}
     return model.Service(
         name=name,
-        vip=draw(_ipv4),
+        vip=draw(_ipv4.filter(lambda v: v not in taken)),  # a backend may not be the VIP
         port=draw(_port),
         protocol=draw(st.sampled_from(list(model.Protocol))),
         affinity=draw(st.sampled_from(list(model.Affinity))),

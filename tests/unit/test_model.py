@@ -525,3 +525,9 @@ def test_duplicate_engines_and_bad_engine_wire_data_are_refused() -> None:
         convert.snapshot_from_pb(msg)
     with pytest.raises(SE, match=r"engines\[0\].colour: unknown key"):
         from_dict(1, {"services": [], "engines": [{**ref().to_dict(), "colour": "red"}]})
+
+
+def test_a_backend_on_the_services_own_vip_is_refused() -> None:
+    with pytest.raises(model.ModelError, match=r"backends\[10.96.0.1:8000\]: is the service's "
+                                               r"own VIP"):
+        model.Service("loop", "10.96.0.1", 80, backends=(model.Backend("10.96.0.1", 8000),))
