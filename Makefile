@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 bench: setup
-	$(PY) -m dataplane.bench
+	$(PY) -m lab.bench
 
 # A real vLLM CPU engine in its own venv (3.4 GB), for the lab and the
 # conformance tests that compare the simulator with the real thing.
