@@ -62,6 +62,7 @@ class Controller:
         *,
         leading: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        max_removal_share: float = discovered.DEFAULT_MAX_REMOVAL_SHARE,
     ) -> None:
         if not tick_interval > 0:
             raise ValueError(f"tick_interval must be > 0, got {tick_interval!r}")
@@ -74,6 +75,10 @@ class Controller:
         self._clock = clock
         self._leading = leading
         self.metrics.leader.set(1 if leading else 0)
+        self.max_removal_share = max_removal_share
+        # Service ports of the last discovery result applied.
+        self.known_specs: set[tuple[str, int, str]] = set()
+        self.refused: str | None = None  # why the latest discovery result was refused
         self.synced = False  # discovery delivered at least once
         self.last_tick: float | None = None  # clock() of the last tick
         self.ticks = 0
@@ -156,6 +161,14 @@ class Controller:
 
     async def _watch(self) -> None:
         async for specs in self.discovery.watch():
+            ports: set[tuple[str, int, str]] = {(s.name, s.port, s.protocol) for s in specs}
+            self.refused = discovered.removal_refused(self.known_specs, ports,
+                                                      self.max_removal_share)
+            if self.refused is not None:
+                log.error("%s", self.refused)
+                self.metrics.discovery_refused.inc()
+                continue
+            self.known_specs = ports
             self.reconciler.set_specs(specs, self._clock())
             self.metrics.discovery_updates.inc()
             for problem in self.reconciler.problems():
@@ -316,12 +329,16 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 @click.option("--lease-namespace", default=None,
               help="Namespace of the Lease (default: --namespace, else the pod's, else "
                    "'kube-system').")
+@click.option("--max-removal-share", type=click.FloatRange(0.0, 1.0, min_open=True),
+              default=discovered.DEFAULT_MAX_REMOVAL_SHARE, show_default=True,
+              help="Refuse a discovery result that removes every service, or more than this "
+                   "share of them at once (1: allow anything).")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
             namespace: str | None, listen: str, metrics_addr: str | None,
             tls_ca: str | None, tls_cert: str | None, tls_key: str | None, tick: float,
             leader_elect: bool | None, lease_name: str, lease_namespace: str | None,
-            verbose: int) -> None:
+            max_removal_share: float, verbose: int) -> None:
     """Run the kvroute controller: discover services, run breakers and policy on agent
     reports, stream snapshots to agents."""
     if bool(static_file) == kubernetes:
@@ -341,14 +358,15 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
         leader_elect = kubernetes and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     try:
         asyncio.run(_serve(static_file, kubeconfig, namespace, listen, metrics_addr, tls, tick,
-                           leader_elect, lease_name, lease_namespace))
+                           leader_elect, lease_name, lease_namespace, max_removal_share))
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
 async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str | None,
                  listen: str, http: str | None, tls: channel.TLSFiles | None, tick: float,
-                 leader_elect: bool, lease_name: str, lease_namespace: str | None) -> None:
+                 leader_elect: bool, lease_name: str, lease_namespace: str | None,
+                 max_removal_share: float = discovered.DEFAULT_MAX_REMOVAL_SHARE) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -369,7 +387,8 @@ async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str
         discovery = kd
     reconciler = reconcile.Reconciler(first_version=int(time.time() * 1000))
     server = grpc_server.ControlServer(grpc_server.Publisher(), tls=tls)
-    controller = Controller(discovery, reconciler, server, tick, leading=not leader_elect)
+    controller = Controller(discovery, reconciler, server, tick, leading=not leader_elect,
+                            max_removal_share=max_removal_share)
     if leader_elect:
         assert api is not None
         elector = leader.LeaderElector(api, leader.Config(

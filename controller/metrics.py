@@ -73,6 +73,11 @@ class ControllerMetrics:
             "Service lists received from discovery.",
             registry=registry,
         )
+        self.discovery_refused = prometheus_client.Counter(
+            "kvroute_controller_discovery_refused",
+            "Discovery results refused for removing too many services at once.",
+            registry=registry,
+        )
         self.collector = StateCollector(reconciler, server)
         registry.register(self.collector)
 

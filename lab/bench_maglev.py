@@ -7,7 +7,7 @@
   weights all 100, and mixed 50..200)
   and at M=16381 (best of ``large_repeat``: one run takes about a minute).
 
-Run alone with ``python -m dataplane.bench_maglev``.
+Run alone with ``python -m lab.bench_maglev``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import enum
 import ipaddress
 import math
 import types
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Set
 from typing import Any, Literal, Protocol
 
 from controller import breaker as breakermod
@@ -211,6 +211,29 @@ class Discovery(Protocol):
     def snapshot(self) -> list[ServiceSpec]: ...
 
     def watch(self) -> AsyncIterator[list[ServiceSpec]]: ...
+
+
+DEFAULT_MAX_REMOVAL_SHARE = 0.5
+
+
+def removal_refused(before: Set[object], after: Set[object],
+                    max_share: float) -> str | None:
+    """Why a discovery result listing the service ports ``after`` where ``before`` were
+    must not be applied (None: apply it). A truncated static file or an API server answering an
+    empty list would otherwise remove every service from every node's kernel; taking away
+    all of them, or more than ``max_share`` at once, needs the operator's word
+    (``--max-removal-share 1``)."""
+    removed = len(before - after)
+    if not before or not removed or max_share >= 1.0:
+        return None
+    if not after:
+        return (f"discovery lists no service where {len(before)} were: refused, keeping them "
+                f"(a truncated file or an empty answer?); run with --max-removal-share 1 "
+                f"to allow it")
+    if removed > max_share * len(before):
+        return (f"discovery would remove {removed} of {len(before)} service ports at once, more "
+                f"than --max-removal-share {max_share:g}: refused, keeping them")
+    return None
 
 
 class AnnotationError(ValueError):

@@ -438,3 +438,45 @@ def test_metrics_live_on_the_given_registry_only() -> None:
     assert value("kvroute_controller_breaker_transitions_total", engine=tr.E1, reason=(
         "consecutive_failures:scrape"), to="open", **{"from": "closed"}) == 1
     assert value("kvroute_controller_service_saturated", service=svc) == 0
+
+
+@pytest.mark.parametrize("before, after, share, refused", [
+    (range(10), (), 0.5, "no service"), (range(10), range(4), 0.5, "remove 6 of 10"),
+    (range(10), range(5), 0.5, None), (range(10), (), 1.0, None), ((), (), 0.5, None),
+    (range(3), range(7), 0.5, None), (range(4), range(4, 8), 0.5, "remove 4 of 4"),
+])
+def test_removal_guard(before: range, after: range, share: float, refused: str | None) -> None:
+    from controller.discovery import discovered
+    why = discovered.removal_refused(set(before), set(after), share)
+    assert (why is None) if refused is None else (why is not None and refused in why)
+
+
+def test_a_discovery_result_that_removes_every_service_is_refused() -> None:
+    """A truncated static file (services: []) keeps the services the controller has and
+    publishes nothing new; the next good list goes through."""
+    from tests.unit import test_reconcile as tr
+
+    lists = [[tr.spec(), tr.spec("default/other", "10.96.0.11")], [],
+             [tr.spec()], [tr.spec("default/third", "10.96.0.12")],
+             [tr.spec(), tr.spec("default/third", "10.96.0.12")]]
+
+    class Listed:
+        def snapshot(self) -> list[Any]:
+            return lists[0]
+
+        async def watch(self) -> Any:
+            for specs in lists:
+                yield specs
+
+    rec = reconcile.Reconciler()
+    ctl = main.Controller(Listed(), rec, grpc_server.ControlServer(grpc_server.Publisher()))
+    seen: list[int] = []
+    real = rec.set_specs
+    rec.set_specs = lambda specs, now: (seen.append(len(specs)), real(specs, now))  # type: ignore
+    with pytest.raises(RuntimeError, match="discovery watch ended"):
+        asyncio.run(ctl._watch())
+    # [] refused (all gone); [one] is half: allowed at 0.5; swapping the only one for
+    # another removes all of them: refused; adding one beside it goes through.
+    assert seen == [2, 1, 2]
+    assert ctl.metrics.registry.get_sample_value(
+        "kvroute_controller_discovery_refused_total") == 2
