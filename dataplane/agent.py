@@ -65,6 +65,8 @@ class Agent:
         # Validate the desired state before touching the kernel: a bad file at
         # start changes nothing.
         desired = config.load_file(self.config_path) if self.config_path else None
+        if desired is not None:
+            model.check_capacity(desired, self.settings.max_services, self.settings.max_backends)
         host.check_cgroup(self.cgroup)
         started = time.perf_counter()
         self.datapath = loader.Datapath(self.settings)
@@ -72,7 +74,8 @@ class Agent:
         for line in self.datapath.attach(self.cgroup):
             log.info("%s (cgroup %s)", line, self.cgroup)
         self.maps = MapSet(self.settings.pin_dir)
-        self.applier = apply.Applier(self.maps, self.settings.hash_seed)
+        self.applier = apply.Applier(self.maps, self.settings.hash_seed,
+                                     self.settings.max_services, self.settings.max_backends)
         log.info("adopted %d services and %d backends from %s", len(self.applier.view.services),
                  len(self.applier.view.backends), self.settings.pin_dir)
         self.registry.register(metrics.KernelCollector(self.maps))
@@ -146,11 +149,11 @@ class Agent:
         assert self.config_path is not None
         try:
             desired = config.load_file(self.config_path)
-        except model.ModelError as exc:
+            self._apply(desired, str(self.config_path))
+        except model.ModelError as exc:  # bad file, or more than the maps hold
             self._mtime = self._current_mtime()
             log.error("not applied, keeping the current state: %s", exc)
             return False
-        self._apply(desired, str(self.config_path))
         return True
 
     def _current_mtime(self) -> float | None:

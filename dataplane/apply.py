@@ -654,9 +654,11 @@ class Applier:
     # Past this share of services changed, one full plan beats per-service bookkeeping.
     FULL_PLAN_SHARE = 0.25
 
-    def __init__(self, maps: MapSet, seed: int) -> None:
+    def __init__(self, maps: MapSet, seed: int, max_services: int = model.MAX_SERVICES,
+                 max_backends: int = model.MAX_BACKENDS) -> None:
         self.maps = maps
         self.seed = seed
+        self.capacity = (max_services, max_backends)
         self.lock = threading.Lock()
         self.view = read_view(maps)
         self.pool = TablePool(maps)
@@ -677,6 +679,9 @@ class Applier:
         return names
 
     def apply(self, desired: model.DesiredState) -> ApplyResult:
+        """Raises :class:`model.ModelError`, writing nothing, for a state the maps cannot
+        hold."""
+        model.check_capacity(desired, *self.capacity)
         with self.lock:
             names = self.changed(desired)
             if names is None:

@@ -238,6 +238,7 @@ def check_config(path: Path) -> None:
     from dataplane import config
     try:
         state = config.load_file(path)
+        model.check_capacity(state)  # what an agent with the default capacity would refuse
     except model.ModelError as exc:
         _fail(f"not valid:\n{exc}")
     n_be = sum(len(s.backends) for s in state.services)

@@ -50,6 +50,11 @@ from typing import Any, TypeVar
 # -- limits (each defined once; the C side gets the capacity ones as -D flags) ------------
 
 PORT_MAX = 65535
+# Kernel map capacity (the agent's --max-services/--max-backends default to these; the C
+# side gets the values in force as -D flags): kvr_svc_v1 holds one entry per service,
+# kvr_member one per (service, backend) pair.
+MAX_SERVICES = 65536
+MAX_BACKENDS = 262144
 WEIGHT_MAX = 65535  # Maglev weight of one backend
 DEFAULT_WEIGHT = 100
 LOAD_MAX = 2**32 - 1  # bounded-load units fit a u32 in the kernel
@@ -554,6 +559,22 @@ def check_loads(path: str, loads: Mapping[str, int]) -> dict[str, int]:
         raise ModelError(f"{path}: must be a mapping of identity to load, got {loads!r}")
     return {check_identity(f"{path}[{k!r}]", k): check_int(f"{path}[{k}]", v, 0, LOAD_MAX)
             for k, v in loads.items()}
+
+
+def check_capacity(state: DesiredState, max_services: int = MAX_SERVICES,
+                   max_backends: int = MAX_BACKENDS) -> None:
+    """Refuse a state the kernel maps cannot hold, before anything is written (the maps
+    would otherwise fill up with E2BIG part-way through an apply)."""
+    members = sum(len(s.backends) for s in state.services)
+    problems = []
+    if len(state.services) > max_services:
+        problems.append(f"services: {len(state.services)} services, more than the "
+                        f"{max_services} the kernel maps hold")
+    if members > max_backends:
+        problems.append(f"services: {members} (service, backend) pairs, more than the "
+                        f"{max_backends} the kernel maps hold")
+    if problems:
+        raise ModelError(problems)
 
 
 # -- deltas -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dataplane import hashing
+from dataplane import hashing, model
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/kvroute")
 
@@ -18,8 +18,8 @@ class Settings:
     hash_seed: int = hashing.DEFAULT_SEED
     fail_k: int = 3              # consecutive failed connects before the kernel trips a backend
     candidates: int = 4          # usable candidates the bounded-load check compares
-    max_services: int = 65536    # ceilings only: hash maps are not preallocated
-    max_backends: int = 262144
+    max_services: int = model.MAX_SERVICES  # ceilings only: hash maps are not preallocated
+    max_backends: int = model.MAX_BACKENDS
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
     sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
 

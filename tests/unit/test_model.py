@@ -531,3 +531,15 @@ def test_a_backend_on_the_services_own_vip_is_refused() -> None:
     with pytest.raises(model.ModelError, match=r"backends\[10.96.0.1:8000\]: is the service's "
                                                r"own VIP"):
         model.Service("loop", "10.96.0.1", 80, backends=(model.Backend("10.96.0.1", 8000),))
+
+
+def test_capacity_is_checked_before_anything_is_written() -> None:
+    backends = tuple(model.Backend(f"10.1.{i // 250}.{i % 250 + 1}", 8000) for i in range(6))
+    state = model.DesiredState(tuple(
+        model.Service(f"s{i}", f"10.96.0.{i + 1}", 80, backends=backends) for i in range(3)))
+    model.check_capacity(state, max_services=3, max_backends=18)
+    with pytest.raises(model.ModelError, match="18 \\(service, backend\\) pairs, more than "
+                                               "the 17"):
+        model.check_capacity(state, max_services=3, max_backends=17)
+    with pytest.raises(model.ModelError, match="3 services, more than the 2"):
+        model.check_capacity(state, max_services=2, max_backends=100)
