@@ -139,6 +139,7 @@ class Agent:
             opts.target, opts.agent_id, opts.node, on_snapshot,
             tls=opts.tls, on_loads=on_loads,
             report_source=watcher.observations, report_interval=opts.report_interval)
+        self.registry.register(metrics.BadPagesCollector(lambda: dict(watcher.bad_pages)))
         self.stream, self.watcher = client, watcher
         log.info("following controller %s as agent %s on node %s", opts.target, opts.agent_id,
                  opts.node)

@@ -36,6 +36,8 @@ class EngineWatcher:
         self.results: dict[str, scraper.ScrapeResult] = {}
         self._trips: dict[str, int] = {}
         self._lock = threading.Lock()
+        # (engine, "oversized" | "malformed") -> scrapes refused for the page itself
+        self.bad_pages: dict[tuple[str, str], int] = {}
 
     def mine(self) -> list[scraper.EngineTarget]:
         out = []
@@ -69,6 +71,14 @@ class EngineWatcher:
             results = await scraper.scrape(targets, self.timeout, client=client)
             with self._lock:
                 before, self.results = self.results, results
+            for ident, r in results.items():
+                if r.page is None:
+                    continue
+                self.bad_pages[(ident, r.page)] = self.bad_pages.get((ident, r.page), 0) + 1
+                was = before.get(ident)
+                if was is None or was.page != r.page:  # once per episode, not per scrape
+                    log.warning("engine %s serves a %s metrics page (%s); its scrapes fail "
+                                "until it is fixed", ident, r.page, r.error)
             loads = {ident: r.load.units for ident, r in results.items()
                      if r.ok and r.load is not None}
             try:

@@ -4,7 +4,7 @@ Registries are passed in; nothing registers at import."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,6 +14,22 @@ from dataplane import abi, inspect
 from dataplane.maps import MapSet
 
 _STATES = [s.name.lower() for s in abi.BackendState]
+
+
+class BadPagesCollector(Collector):
+    """kvroute_agent_engine_bad_pages_total: scrapes that failed because the engine's own
+    page was oversized or malformed (an engine pod controls its page)."""
+
+    def __init__(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("kvroute_agent_engine_bad_pages",
+                                     "Engine scrapes refused for an oversized or malformed page",
+                                     labels=["engine", "reason"])
+        for (engine, reason), n in sorted(self.counts().items()):
+            family.add_metric([engine, reason], n)
+        yield family
 
 
 class KernelCollector(Collector):

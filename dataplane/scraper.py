@@ -29,8 +29,11 @@ from dataplane import enginemetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 0.25
-# A vLLM page is tens of KiB; anything this big is not a metrics page worth parsing.
-MAX_BODY_BYTES = 4 * 1024 * 1024
+# What one scrape may cost: an engine pod sets its own load through its page, so a page
+# is input from another tenant. vLLM 0.32's page is 53 KB (tests/data); 512 KiB, ten
+# times that, parses in ~80 ms here, while a valid 4 MiB page cost more than a 250 ms
+# scrape interval of CPU (an agent at 97 % of a core). Bigger pages fail the scrape.
+MAX_BODY_BYTES = 512 * 1024
 _HEALTH_MAX_BYTES = 64 * 1024
 
 
@@ -73,6 +76,7 @@ class ScrapeResult:
     latency: float  # seconds from the start of this engine's scrape to its end
     load: enginemetrics.EngineLoad | None  # None unless metrics_ok
     error: str | None  # "metrics: ...; health: ..." for whichever failed
+    page: str | None = None  # "oversized" or "malformed": the engine's page itself is bad
 
     @property
     def ok(self) -> bool:
@@ -84,7 +88,12 @@ class ScrapeResult:
 
 
 class _Failed(Exception):
-    """One endpoint failed; the message is the reason reported."""
+    """One endpoint failed; the message is the reason reported, ``page`` says when the
+    engine's page itself was bad (not the network)."""
+
+    def __init__(self, message: str, page: str | None = None) -> None:
+        super().__init__(message)
+        self.page = page
 
 
 def make_client(timeout: float) -> httpx.AsyncClient:
@@ -147,13 +156,15 @@ async def _scrape_one(
 
     load: enginemetrics.EngineLoad | None = None
     metrics_error: str | None = None
+    page: str | None = None
     if isinstance(metrics, str):
         try:
             load = enginemetrics.parse(metrics)
         except enginemetrics.MetricsError as exc:
-            metrics_error = f"bad metrics: {exc}"
+            metrics_error, page = f"bad metrics: {exc}", "malformed"
     else:
         metrics_error = str(metrics)
+        page = metrics.page
     health_error = None if isinstance(health, str) else str(health)
 
     reasons = [f"metrics: {metrics_error}"] if metrics_error else []
@@ -166,6 +177,7 @@ async def _scrape_one(
         latency=latency,
         load=load,
         error="; ".join(reasons) or None,
+        page=page,
     )
 
 
@@ -196,12 +208,12 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> str:
         async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > max_bytes:
-                raise _Failed(f"body larger than {max_bytes} bytes")
+                raise _Failed(f"body larger than {max_bytes} bytes", "oversized")
             chunks.append(chunk)
     try:
         return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
-        raise _Failed("body is not UTF-8") from None
+        raise _Failed("body is not UTF-8", "malformed") from None
 
 
 Callback = Callable[[Mapping[str, ScrapeResult]], Awaitable[None] | None]

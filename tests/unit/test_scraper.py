@@ -143,20 +143,23 @@ def test_slow_engine_does_not_delay_the_others() -> None:
 
 
 @pytest.mark.parametrize(
-    ("metrics", "health", "metrics_ok", "health_ok", "reason"),
+    ("metrics", "health", "metrics_ok", "health_ok", "reason", "page"),
     [
-        ("500", "ok", False, True, "metrics: HTTP 500"),
-        ("ok", "503", True, False, "health: HTTP 503"),
-        ("garbage", "ok", False, True, "metrics: bad metrics: unparseable metrics text"),
-        ("nan", "ok", False, True, "metrics: bad metrics: vllm:num_requests_running"),
-        ("huge", "ok", False, True, "metrics: body larger than 100000 bytes"),
-        ("latin1", "ok", False, True, "metrics: body is not UTF-8"),
-        ("redirect", "ok", False, True, "metrics: HTTP 302"),
-        ("500", "503", False, False, "metrics: HTTP 500; health: HTTP 503"),
+        ("500", "ok", False, True, "metrics: HTTP 500", None),
+        ("ok", "503", True, False, "health: HTTP 503", None),
+        ("garbage", "ok", False, True, "metrics: bad metrics: unparseable metrics text",
+         "malformed"),
+        ("nan", "ok", False, True, "metrics: bad metrics: vllm:num_requests_running",
+         "malformed"),
+        ("huge", "ok", False, True, "metrics: body larger than 100000 bytes", "oversized"),
+        ("latin1", "ok", False, True, "metrics: body is not UTF-8", "malformed"),
+        ("redirect", "ok", False, True, "metrics: HTTP 302", None),
+        ("500", "503", False, False, "metrics: HTTP 500; health: HTTP 503", None),
     ],
 )
 def test_failures_yield_a_reason(
-    metrics: str, health: str, metrics_ok: bool, health_ok: bool, reason: str
+    metrics: str, health: str, metrics_ok: bool, health_ok: bool, reason: str,
+    page: str | None,
 ) -> None:
     async def main() -> dict[str, scraper.ScrapeResult]:
         async with serve({"bad": Engine(metrics, health), "good": Engine()}) as targets:
@@ -167,9 +170,10 @@ def test_failures_yield_a_reason(
     assert (bad.metrics_ok, bad.health_ok) == (metrics_ok, health_ok)
     assert not bad.ok
     assert bad.error is not None and bad.error.startswith(reason), bad.error
+    assert bad.page == page  # the engine's own page is to blame (counted, logged)
     assert (bad.load is not None) == metrics_ok
     assert bad.outcomes() == [(metrics_ok, "scrape"), (health_ok, "health")]
-    assert results["good"].ok
+    assert results["good"].ok and results["good"].page is None
 
 
 def test_refused_port() -> None:
