@@ -14,6 +14,9 @@
 
 #define SYS_REJECT	0
 #define SYS_PROCEED	1
+/* linux/socket.h values; the UAPI headers kvroute includes do not define them. */
+#define KVR_AF_INET	2
+#define KVR_AF_INET6	10
 
 static __always_inline struct kvr_sk *sock4_storage(struct bpf_sock *sk, bool create)
 {
@@ -132,6 +135,10 @@ int sock4_getpeername(struct bpf_sock_addr *ctx)
  *
  * The tag goes to socket storage; optlen = -1 tells the kernel to skip its
  * own handling (it would reject the unknown level). Everything else passes.
+ * Refused where kvroute cannot route the socket, so a client learns at once
+ * that its tag has no effect: ENOPROTOOPT on a socket that is not IPv4 or
+ * IPv6 (AF_UNIX), EINVAL on one already connected (connect4 has run) and for
+ * tag 0 (the value meaning "no session" in the maps).
  */
 int sock_setsockopt(struct bpf_sockopt *ctx)
 {
@@ -148,6 +155,17 @@ int sock_setsockopt(struct bpf_sockopt *ctx)
 		return SYS_REJECT;
 	}
 	session = *(__u64 *)optval;
+	if (!ctx->sk || (ctx->sk->family != KVR_AF_INET &&
+			    ctx->sk->family != KVR_AF_INET6)) {
+		kvr_reason_inc(KVR_R_BAD_SOCKOPT);
+		bpf_set_retval(-ENOPROTOOPT);
+		return SYS_REJECT;
+	}
+	if (session == 0 || ctx->sk->state != BPF_TCP_CLOSE) {
+		kvr_reason_inc(KVR_R_BAD_SOCKOPT);
+		bpf_set_retval(-EINVAL);
+		return SYS_REJECT;
+	}
 	sks = sock4_storage(ctx->sk, true);
 	if (!sks) {
 		kvr_reason_inc(KVR_R_NO_SK_STORAGE);

@@ -188,7 +188,7 @@ struct kvr_be_cnt_val {
 enum kvr_reason {
 	KVR_R_NO_TABLE = 0,	/* service has no Maglev table yet (fail open) */
 	KVR_R_NO_SK_STORAGE,	/* socket storage or translation record not stored */
-	KVR_R_BAD_SOCKOPT,	/* KVROUTE_SESSION with a length other than 8 */
+	KVR_R_BAD_SOCKOPT,	/* KVROUTE_SESSION refused: length not 8, tag 0, not IPv4/6, connected */
 	KVR_R_TAGGED,		/* sockets tagged with a session */
 	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */
 	KVR_R_MAX,

@@ -206,3 +206,39 @@ def test_saturated_service_fails_fast(kv: Node) -> None:
     assert counters["sat"]["saturated"] == 3 and counters["sat"]["selected"] == 0
     kv.apply([svc("sat", VIP, [kv.backend("gpu0")])])
     assert kv.run(connect_names, VIP, 80, 1) == ["gpu0"]
+
+
+def _refused_tags() -> dict[str, str]:
+    """setsockopt(SOL_KVROUTE, KVROUTE_SESSION) where kvroute cannot route the socket."""
+    import errno
+    import socket
+    import struct
+
+    def attempt(sock: socket.socket, tag: int) -> str:
+        try:
+            sock.setsockopt(abi.SOL_KVROUTE, abi.KVROUTE_SESSION, struct.pack("=Q", tag))
+            return "accepted"
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc))
+        finally:
+            sock.close()
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    connected = socket.create_connection(listener.getsockname())
+    out = {
+        "unix": attempt(socket.socket(socket.AF_UNIX), 7),
+        "zero": attempt(socket.socket(), 0),
+        "connected": attempt(connected, 7),
+        "fresh": attempt(socket.socket(), 7),
+        "udp": attempt(socket.socket(type=socket.SOCK_DGRAM), 7),
+    }
+    listener.close()
+    return out
+
+
+def test_session_tags_kvroute_cannot_route_are_refused(kv: Node) -> None:
+    assert kv.run(_refused_tags) == {"unix": "ENOPROTOOPT", "zero": "EINVAL",
+                                     "connected": "EINVAL", "fresh": "accepted",
+                                     "udp": "accepted"}
