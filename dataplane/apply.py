@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -214,22 +214,22 @@ class _Tables:
         self.tables: dict[L4, np.ndarray] = {}
 
     def service(self, svc: model.Service, key: L4, svc_id: int, eps: Sequence[L4],
-                be_ids: Mapping[L4, int], usable: Mapping[L4, bool],
-                be_load: Mapping[int, int], prev: SvcVal | None
+                be_id_of: Callable[[L4], int], usable_of: Callable[[L4], bool],
+                load_of: Callable[[int], int], prev: SvcVal | None
                 ) -> tuple[SvcVal, dict[tuple[int, int], int], int]:
         consistent = svc.affinity != model.Affinity.NONE
         entries: list[tuple[Any, int, int]] = []
         loads = []
         members = {}
         for be, ep in zip(svc.backends, eps, strict=True):
-            be_id = be_ids[ep]
-            ok = usable[ep]
+            be_id = be_id_of(ep)
+            ok = usable_of(ep)
             # Maglev needs the node-independent name; a proportional table only an order.
             name = svc.identity(be) if consistent else ep
             entries.append((name, be.weight if ok else 0, be_id))
             members[(svc_id, be_id)] = be.weight
             if ok:
-                loads.append(be_load.get(be_id, 0))
+                loads.append(load_of(be_id))
         entries.sort()
         size = svc.size
         revision = _revision(b"maglev" if consistent else b"prop", size, self.seed, entries)
@@ -299,9 +299,9 @@ def plan(desired: model.DesiredState, current: View, seed: int,
     tables = _Tables(seed)
     for svc, key in zip(desired.services, svc_keys, strict=True):
         svc_id = svc_ids[key]
-        value, members, mean = tables.service(svc, key, svc_id, eps_of[svc.name], be_ids,
-                                              usable, target.be_load,
-                                              current.services.get(key))
+        value, members, mean = tables.service(
+            svc, key, svc_id, eps_of[svc.name], be_ids.__getitem__, usable.__getitem__,
+            lambda be_id: target.be_load.get(be_id, 0), current.services.get(key))
         target.services[key] = value
         target.names[svc_id] = svc.name
         target.members.update(members)
@@ -428,8 +428,8 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
             diffs["names"].put[svc_id] = name
         eps = _endpoints(svc_new)
         value, members, mean = tables.service(
-            svc_new, key, svc_id, eps, _Lookup(be_id_of), _Lookup(usable_of),
-            _Lookup(load_of), old_val if key == old_key else None)
+            svc_new, key, svc_id, eps, be_id_of, usable_of, load_of,
+            old_val if key == old_key else None)
         target.services[key] = value
         if current.services.get(key) != value:
             diffs["services"].put[key] = value
@@ -446,25 +446,6 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
     return Plan(target=target, diffs=diffs, tables=tables.tables,
                 gone_services=sorted(gone_services), gone_backends=sorted(gone_backends),
                 trips_clear=trips_clear, build_seconds=build_seconds, refs=touched)
-
-
-class _Lookup(Mapping[Any, Any]):
-    """A function as a read-only mapping (what _Tables.service reads)."""
-
-    def __init__(self, get: Any) -> None:
-        self._get = get
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._get(key)
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._get(key)
-
-    def __iter__(self) -> Any:
-        raise TypeError("not iterable")
-
-    def __len__(self) -> int:
-        raise TypeError("no length")
 
 
 def _diff_into(diff: Diff, before: Mapping[Any, Any], after: Mapping[Any, Any]) -> None:

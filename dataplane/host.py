@@ -43,10 +43,6 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
     return Path(found[0])
 
 
-def bpffs_mounted(path: Path = BPFFS_DEFAULT, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    return any(mp == str(path) and fstype == "bpf" for mp, fstype in _mounts(mountinfo))
-
-
 @cache
 def _libc() -> ct.CDLL:
     libc = ct.CDLL(None, use_errno=True)
@@ -110,14 +106,6 @@ def check_cgroup(path: Path) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise HostError("kvroute needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) for this")
-
-
-def require_bpffs(path: Path = BPFFS_DEFAULT) -> None:
-    if not bpffs_mounted(path):
-        raise HostError(
-            f"bpffs is not mounted at {path}; pinned maps live there "
-            f"(mount it with: mount -t bpf bpf {path}, or run deploy/node-setup.sh)"
-        )
 
 
 def require_kernel_headers() -> None:
