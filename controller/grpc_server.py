@@ -12,6 +12,12 @@ desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
   so a slow agent skips intermediate versions instead of queueing them.
 - ``Report``: a client stream of :class:`controller.agent_reports.AgentReport`; a report with a
   bad field is dropped whole (the agent's previous report stays) and counted.
+- ``ReportBindings``: a client stream of the session bindings an agent's kernel made and
+  used (:class:`dataplane.bindings.Report`), fed to the fleet's
+  :class:`controller.bindings.BindingTable`. Every ``flush`` seconds what the table
+  decided (winning bindings, expiries, session counts) goes to every watch stream as one
+  ``SessionBindings`` message; a stream that just opened gets the whole table after its
+  first snapshot, and so does one that fell behind the log of recent messages.
 
 :meth:`ControlServer.agents` gives per-agent convergence: the version and hash applied,
 whether that is the current content, and for how long the agent has been behind.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -33,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 import grpc
 import grpc.aio
 
+from controller import bindings as fleet_bindings
 from dataplane import model, scraper
 from dataplane import reports as agent_reports
 from dataplane.api import channel, convert
@@ -40,6 +48,15 @@ from dataplane.api.pb import kvroute_pb2 as pb
 from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvroute.controller.grpc")
+
+# How often decided bindings go out. A binding made on one node reaches the others within
+# the agent's batching, this, and one round trip: ~50 ms in all.
+DEFAULT_BINDING_FLUSH = 0.02
+# Fan-out messages kept for streams that are a little behind (~20 s at full rate); a
+# stream further behind gets the whole table again.
+BINDING_LOG = 1024
+# Expiry runs this often: it touches every service with bindings.
+EXPIRE_INTERVAL = 1.0
 
 # -- publisher ----------------------------------------------------------------------------
 
@@ -216,8 +233,22 @@ class ControlServer:
         on_report: Callable[[agent_reports.AgentReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        bindings: fleet_bindings.BindingTable | None = None,
+        flush: float = DEFAULT_BINDING_FLUSH,
     ) -> None:
+        if not flush > 0:
+            raise ValueError(f"flush must be > 0, got {flush!r}")
         self.publisher = publisher
+        # Touched only on the server's loop (handlers and the flusher), so it needs no lock.
+        self.bindings = bindings or fleet_bindings.BindingTable()
+        self.flush = float(flush)
+        self._binding_log: collections.deque[tuple[int, pb.SnapshotUpdate]] = (
+            collections.deque(maxlen=BINDING_LOG))
+        self._binding_seq = 0
+        self._binding_snapshot: model.Snapshot | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.binding_reports = 0
+        self.binding_reports_rejected = 0
         self.tls = tls
         self.on_report = on_report
         self._clock = clock
@@ -249,6 +280,7 @@ class ControlServer:
         self.publisher.subscribe(self._wake_all)
         await server.start()
         self._server = server
+        self._flusher = asyncio.create_task(self._flush_bindings(), name="binding-flush")
         self.port = port
         log.info("control server listening on %s (port %d, %s)", address, port,
                  "mTLS" if self.tls else "plaintext")
@@ -260,6 +292,11 @@ class ControlServer:
         if server is None:
             return
         self._stopping = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         self.publisher.unsubscribe(self._wake_all)
         for event in list(self._wakeups):
             event.set()
@@ -364,6 +401,7 @@ class ControlServer:
         self._wakeups.add(event)
         sent: model.Snapshot | None = None
         loads_seq = 0
+        binding_seq: int | None = None  # None: the whole table is still to send
         try:
             while not self._stopping:
                 event.clear()
@@ -382,6 +420,11 @@ class ControlServer:
                     loads, loads_seq = self.publisher.loads_since(loads_seq)
                     if loads:
                         yield convert.loads_update(loads)
+                    continue
+                if sent is not None and binding_seq != self._binding_seq:
+                    updates, binding_seq = self._bindings_since(binding_seq)
+                    for update in updates:
+                        yield update
                     continue
                 await event.wait()
         finally:
@@ -419,6 +462,68 @@ class ControlServer:
         return pb.ReportAck(reports=accepted)
 
 
+    # -- session bindings (on the server's loop)
+
+    def _bindings_since(self, seq: int | None) -> tuple[list[pb.SnapshotUpdate], int]:
+        """Fan-out messages after ``seq``, or the whole table when ``seq`` is None or
+        older than the log; and the sequence number they bring the stream to."""
+        log_ = self._binding_log
+        if seq is not None and (not log_ or log_[0][0] <= seq + 1):
+            return [u for s, u in log_ if s > seq], self._binding_seq
+        self._sync_snapshot()
+        return ([convert.fanout_update(out) for out in self.bindings.dump()],
+                self._binding_seq)
+
+    def _sync_snapshot(self) -> None:
+        current = self.publisher.current
+        if current is not None and current is not self._binding_snapshot:
+            self.bindings.set_snapshot(current)
+            self._binding_snapshot = current
+
+    def flush_bindings(self, now: float, expire: bool = False) -> bool:
+        """Send what the binding table decided since the last flush; True if anything."""
+        self._sync_snapshot()
+        if expire:
+            self.bindings.expire(now)
+        out = self.bindings.take()
+        if not out:
+            return False
+        self._binding_seq += 1
+        self._binding_log.append((self._binding_seq, convert.fanout_update(out)))
+        for event in list(self._wakeups):
+            event.set()
+        return True
+
+    async def _flush_bindings(self) -> None:
+        next_expiry = self._clock()
+        while True:
+            await asyncio.sleep(self.flush)
+            now = self._clock()
+            expire = now >= next_expiry
+            if expire:
+                next_expiry = now + EXPIRE_INTERVAL
+            try:
+                self.flush_bindings(now, expire)
+            except Exception:  # a bug here must not end binding fan-out for good
+                log.exception("binding flush failed")
+
+    async def _report_bindings(self, requests: AsyncIterator[pb.BindingReport],
+                               context: grpc.aio.ServicerContext) -> pb.ReportAck:
+        accepted = 0
+        async for msg in requests:
+            try:
+                report = convert.binding_report_from_pb(msg)
+            except model.ModelError as exc:
+                self.binding_reports_rejected += 1
+                log.warning("binding report from %r rejected: %s", msg.agent_id[:64], exc)
+                continue
+            self._sync_snapshot()
+            self.bindings.report(report, self._clock())
+            self.binding_reports += 1
+            accepted += 1
+        return pb.ReportAck(reports=accepted)
+
+
 class _Servicer(pb_grpc.ControlServicer):
     """Method names are fixed by the proto. WatchSnapshots must itself be an async
     generator function: grpc.aio treats any other callable as a sync generator."""
@@ -436,3 +541,9 @@ class _Servicer(pb_grpc.ControlServicer):
         self, request_iterator: AsyncIterator[pb.AgentReport], context: grpc.aio.ServicerContext
     ) -> pb.ReportAck:
         return await self._owner._report(request_iterator, context)
+
+    async def ReportBindings(
+        self, request_iterator: AsyncIterator[pb.BindingReport],
+        context: grpc.aio.ServicerContext
+    ) -> pb.ReportAck:
+        return await self._owner._report_bindings(request_iterator, context)

@@ -7,10 +7,10 @@ snapshot whose content does not match its announced hash is refused like a bad d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
-from dataplane import enginemetrics, model, reports, scraper
+from dataplane import bindings, enginemetrics, model, reports, scraper
 from dataplane.api.pb import kvroute_pb2 as pb
 
 _PROTOCOL = {model.Protocol.TCP: pb.PROTOCOL_TCP, model.Protocol.UDP: pb.PROTOCOL_UDP}
@@ -247,3 +247,42 @@ def report_from_pb(msg: pb.AgentReport) -> reports.AgentReport:
         applied_hash=msg.applied_hash, apply_seconds=msg.apply_seconds, engines=engines,
         counters=tuple(counters), errors=tuple(msg.errors),
     )
+
+
+# -- session bindings ---------------------------------------------------------------------
+
+
+def _groups_to_pb(groups: tuple[bindings.Group, ...]) -> list[pb.BindingGroup]:
+    return [pb.BindingGroup(service=g.service, backend=g.backend, prev_backend=g.prev,
+                            keys=g.keys) for g in groups]
+
+
+def _groups_from_pb(msgs: Iterable[pb.BindingGroup]) -> tuple[bindings.Group, ...]:
+    return tuple(bindings.Group(m.service, m.backend, tuple(m.keys), m.prev_backend)
+                 for m in msgs)
+
+
+def binding_report_to_pb(report: bindings.Report) -> pb.BindingReport:
+    return pb.BindingReport(agent_id=report.agent_id, node=report.node,
+                            bound=_groups_to_pb(report.bound),
+                            touched=_groups_to_pb(report.touched))
+
+
+def binding_report_from_pb(msg: pb.BindingReport) -> bindings.Report:
+    return bindings.Report(msg.agent_id, msg.node, _groups_from_pb(msg.bound),
+                           _groups_from_pb(msg.touched))
+
+
+def fanout_update(out: bindings.Fanout) -> pb.SnapshotUpdate:
+    return pb.SnapshotUpdate(bindings=pb.SessionBindings(
+        bound=_groups_to_pb(out.bound), expired=_groups_to_pb(out.expired),
+        sessions=[pb.EngineSessions(identity=i, sessions=n) for i, n in out.sessions.items()]))
+
+
+def fanout_from_pb(msg: pb.SessionBindings) -> bindings.Fanout:
+    sessions: dict[str, int] = {}
+    for entry in msg.sessions:
+        if entry.identity in sessions:
+            raise model.ModelError(f"sessions[{entry.identity!r}]: listed twice")
+        sessions[entry.identity] = entry.sessions
+    return bindings.Fanout(_groups_from_pb(msg.bound), _groups_from_pb(msg.expired), sessions)

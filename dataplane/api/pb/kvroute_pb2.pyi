@@ -151,15 +151,59 @@ class EngineLoadUnits(_message.Message):
     load: int
     def __init__(self, identity: _Optional[str] = ..., load: _Optional[int] = ...) -> None: ...
 
+class BindingGroup(_message.Message):
+    __slots__ = ("service", "backend", "prev_backend", "keys")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PREV_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    backend: str
+    prev_backend: str
+    keys: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, service: _Optional[str] = ..., backend: _Optional[str] = ..., prev_backend: _Optional[str] = ..., keys: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BindingReport(_message.Message):
+    __slots__ = ("agent_id", "node", "bound", "touched")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    node: str
+    bound: _containers.RepeatedCompositeFieldContainer[BindingGroup]
+    touched: _containers.RepeatedCompositeFieldContainer[BindingGroup]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., bound: _Optional[_Iterable[_Union[BindingGroup, _Mapping]]] = ..., touched: _Optional[_Iterable[_Union[BindingGroup, _Mapping]]] = ...) -> None: ...
+
+class EngineSessions(_message.Message):
+    __slots__ = ("identity", "sessions")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    sessions: int
+    def __init__(self, identity: _Optional[str] = ..., sessions: _Optional[int] = ...) -> None: ...
+
+class SessionBindings(_message.Message):
+    __slots__ = ("bound", "expired", "sessions")
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    bound: _containers.RepeatedCompositeFieldContainer[BindingGroup]
+    expired: _containers.RepeatedCompositeFieldContainer[BindingGroup]
+    sessions: _containers.RepeatedCompositeFieldContainer[EngineSessions]
+    def __init__(self, bound: _Optional[_Iterable[_Union[BindingGroup, _Mapping]]] = ..., expired: _Optional[_Iterable[_Union[BindingGroup, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[EngineSessions, _Mapping]]] = ...) -> None: ...
+
 class SnapshotUpdate(_message.Message):
-    __slots__ = ("full", "delta", "loads")
+    __slots__ = ("full", "delta", "loads", "bindings")
     FULL_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
     full: Snapshot
     delta: Delta
     loads: EngineLoads
-    def __init__(self, full: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., loads: _Optional[_Union[EngineLoads, _Mapping]] = ...) -> None: ...
+    bindings: SessionBindings
+    def __init__(self, full: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., loads: _Optional[_Union[EngineLoads, _Mapping]] = ..., bindings: _Optional[_Union[SessionBindings, _Mapping]] = ...) -> None: ...
 
 class HistogramBucket(_message.Message):
     __slots__ = ("le", "count")

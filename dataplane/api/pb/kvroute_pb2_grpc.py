@@ -48,6 +48,11 @@ class ControlStub:
                 request_serializer=kvroute_dot_v1_dot_kvroute__pb2.AgentReport.SerializeToString,
                 response_deserializer=kvroute_dot_v1_dot_kvroute__pb2.ReportAck.FromString,
                 _registered_method=True)
+        self.ReportBindings = channel.stream_unary(
+                '/kvroute.v1.Control/ReportBindings',
+                request_serializer=kvroute_dot_v1_dot_kvroute__pb2.BindingReport.SerializeToString,
+                response_deserializer=kvroute_dot_v1_dot_kvroute__pb2.ReportAck.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -70,6 +75,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportBindings(self, request_iterator, context):
+        """Session bindings one agent's kernel made or used (fleet-wide sessions): the
+        controller decides which binding of a session wins and fans it out to every agent
+        on WatchSnapshots (SessionBindings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_ControlServicer_to_server(servicer, server):
             'Report': grpc.stream_unary_rpc_method_handler(
                     servicer.Report,
                     request_deserializer=kvroute_dot_v1_dot_kvroute__pb2.AgentReport.FromString,
+                    response_serializer=kvroute_dot_v1_dot_kvroute__pb2.ReportAck.SerializeToString,
+            ),
+            'ReportBindings': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportBindings,
+                    request_deserializer=kvroute_dot_v1_dot_kvroute__pb2.BindingReport.FromString,
                     response_serializer=kvroute_dot_v1_dot_kvroute__pb2.ReportAck.SerializeToString,
             ),
     }
@@ -137,6 +156,33 @@ class Control:
             target,
             '/kvroute.v1.Control/Report',
             kvroute_dot_v1_dot_kvroute__pb2.AgentReport.SerializeToString,
+            kvroute_dot_v1_dot_kvroute__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBindings(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvroute.v1.Control/ReportBindings',
+            kvroute_dot_v1_dot_kvroute__pb2.BindingReport.SerializeToString,
             kvroute_dot_v1_dot_kvroute__pb2.ReportAck.FromString,
             options,
             channel_credentials,

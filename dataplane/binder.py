@@ -1,0 +1,129 @@
+"""The agent's half of fleet-wide sessions: kernel binding events up, the fleet's
+decisions down.
+
+Up: connect4 announces every binding it makes (and, now and then, one it used again) on
+the ``kvr_events`` ring (:mod:`dataplane.events`). :class:`Binder` turns the kernel's ids
+into names (service name, backend identity) and queues them for the controller; the
+queue is bounded, so a node cut off from its controller keeps its newest bindings and
+counts what it dropped.
+
+Down: the controller's :class:`dataplane.bindings.Fanout` is written into this node's
+kernel: winning bindings into ``kvr_affinity``, expired ones deleted, session counts into
+``kvr_be_sess`` (new sessions go where fewer sessions already are).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+from dataplane import abi, apply, bindings
+from dataplane.maps import MapSet
+
+log = logging.getLogger("kvroute.binder")
+
+# Rows queued for the controller at most (about 80 bytes each): enough for a controller
+# outage of a minute at 2,000 new sessions/s on this node.
+QUEUE_MAX = 131072
+
+
+class Binder:
+    """Thread-safe: events arrive on the agent's loop, fan-outs too, but the applier
+    may be changing the view from an apply."""
+
+    def __init__(self, applier: apply.Applier, maps: MapSet, queue_max: int = QUEUE_MAX) -> None:
+        self.applier = applier
+        self.maps = maps
+        self._lock = threading.Lock()
+        # (service, backend, prev, key), bound and touched apart.
+        self._bound: collections.deque[tuple[str, str, str, int]] = collections.deque()
+        self._touched: collections.deque[tuple[str, str, str, int]] = collections.deque()
+        self.queue_max = queue_max
+        self.events = 0
+        self.dropped = 0        # queue full: the oldest rows went
+        self.unknown = 0        # events naming ids the view does not hold (a race with apply)
+        self.written = 0        # bindings written from the fleet
+        self.deleted = 0
+        self.unwritable = 0     # fan-out rows naming a service or backend this node lacks
+        self._names: tuple[object, dict[str, int], dict[str, int]] | None = None
+
+    # -- up
+
+    def on_event(self, kind: int, svc_id: int, be_id: int, prev_be_id: int, key: int) -> None:
+        """One kernel event (the ring's callback)."""
+        self.events += 1
+        view = self.applier.view
+        name = view.names.get(svc_id)
+        backend = self._identity(be_id)
+        if name is None or backend is None or key == 0:
+            self.unknown += 1
+            return
+        prev = self._identity(prev_be_id) if prev_be_id != abi.NO_BACKEND else None
+        row = (name, backend, prev or "", key)
+        with self._lock:
+            queue = self._bound if kind == abi.EV_BIND else self._touched
+            queue.append(row)
+            if len(self._bound) + len(self._touched) > self.queue_max:
+                # Touches go first: they only postpone an expiry.
+                (self._touched if self._touched else self._bound).popleft()
+                self.dropped += 1
+
+    def _identity(self, be_id: int) -> str | None:
+        row = self.applier.view.backends.get(be_id)
+        return abi.format_endpoint(*row[:3]) if row is not None else None
+
+    @property
+    def pending(self) -> int:
+        return len(self._bound) + len(self._touched)
+
+    def take_report(self, agent_id: str, node: str,
+                    limit: int = bindings.KEYS_PER_MESSAGE) -> bindings.Report | None:
+        """Up to ``limit`` queued rows as one report (None when nothing is queued)."""
+        with self._lock:
+            bound = [self._bound.popleft() for _ in range(min(limit, len(self._bound)))]
+            room = limit - len(bound)
+            touched = [self._touched.popleft() for _ in range(min(room, len(self._touched)))]
+        if not bound and not touched:
+            return None
+        return bindings.Report(agent_id, node, bindings.group(bound), bindings.group(touched))
+
+    # -- down
+
+    def _ids(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Service name -> id and backend identity -> id, rebuilt when an apply ran."""
+        desired = self.applier.desired
+        cached = self._names
+        if cached is not None and cached[0] is desired:
+            return cached[1], cached[2]
+        view = self.applier.view
+        services = {name: svc_id for svc_id, name in view.names.items()}
+        backends = {abi.format_endpoint(*ep): be_id for ep, be_id in view.be_addr.items()}
+        self._names = (desired, services, backends)
+        return services, backends
+
+    def apply(self, out: bindings.Fanout) -> None:
+        with self.applier.lock:
+            services, backends = self._ids()
+            put: list[tuple[int, int, int]] = []
+            for g in out.bound:
+                svc_id, be_id = services.get(g.service), backends.get(g.backend)
+                if svc_id is None or be_id is None:
+                    self.unwritable += len(g.keys)
+                    continue
+                put.extend((svc_id, key, be_id) for key in g.keys)
+            gone: list[tuple[int, int]] = []
+            for g in out.expired:
+                svc_id = services.get(g.service)
+                if svc_id is None:
+                    continue  # the service left: its entries went with it
+                gone.extend((svc_id, key) for key in g.keys)
+            counts = {backends[i]: n for i, n in out.sessions.items() if i in backends}
+            if put:
+                self.maps.write_bindings(put)
+                self.written += len(put)
+            if gone:
+                self.maps.delete_bindings(gone)
+                self.deleted += len(gone)
+            if counts:
+                self.maps.set_sessions(counts)
