@@ -190,12 +190,17 @@ class BindingTable:
 
     # -- output
 
-    def take(self) -> bindings.Fanout:
-        """What every agent must hear since the last take (empty when nothing moved)."""
-        out = bindings.Fanout(
-            bound=bindings.group(self._out_bound), expired=bindings.group(self._out_expired),
-            sessions={b: self._sessions.get(b, 0) for b in self._dirty})
-        self._out_bound, self._out_expired, self._dirty = [], [], set()
+    def take(self, sessions: bool = True) -> bindings.Fanout:
+        """What every agent must hear since the last take (empty when nothing moved);
+        the session counts that changed only when ``sessions`` (a count is ~25 bytes an
+        engine, and moves with every binding: callers send them less often)."""
+        counts = {}
+        if sessions:
+            counts = {b: self._sessions.get(b, 0) for b in self._dirty}
+            self._dirty = set()
+        out = bindings.Fanout(bound=bindings.group(self._out_bound),
+                              expired=bindings.group(self._out_expired), sessions=counts)
+        self._out_bound, self._out_expired = [], []
         return out
 
     def dump(self, chunk: int = bindings.KEYS_PER_MESSAGE) -> Iterator[bindings.Fanout]:

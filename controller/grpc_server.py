@@ -57,6 +57,10 @@ DEFAULT_BINDING_FLUSH = 0.02
 BINDING_LOG = 1024
 # Expiry runs this often: it touches every service with bindings.
 EXPIRE_INTERVAL = 1.0
+# Session counts go out this often: they steer placement, and a node counts its own new
+# sessions at once, so 100 ms of staleness costs little; sent with every flush they were
+# most of the fan-out's bytes (64 engines: 42 KB/s an agent at 400 new sessions/s).
+SESSIONS_INTERVAL = 0.1
 
 # -- publisher ----------------------------------------------------------------------------
 
@@ -246,6 +250,7 @@ class ControlServer:
             collections.deque(maxlen=BINDING_LOG))
         self._binding_seq = 0
         self._binding_snapshot: model.Snapshot | None = None
+        self._dump: tuple[int, list[pb.SnapshotUpdate]] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.binding_reports = 0
         self.binding_reports_rejected = 0
@@ -466,13 +471,22 @@ class ControlServer:
 
     def _bindings_since(self, seq: int | None) -> tuple[list[pb.SnapshotUpdate], int]:
         """Fan-out messages after ``seq``, or the whole table when ``seq`` is None or
-        older than the log; and the sequence number they bring the stream to."""
+        older than the log; and the sequence number they bring the stream to.
+
+        The whole table is built once and kept with the sequence number it was taken at:
+        a stream that opens later gets it plus the log since then, so a hundred agents
+        coming back together cost one dump, not a hundred."""
         log_ = self._binding_log
         if seq is not None and (not log_ or log_[0][0] <= seq + 1):
             return [u for s, u in log_ if s > seq], self._binding_seq
-        self._sync_snapshot()
-        return ([convert.fanout_update(out) for out in self.bindings.dump()],
-                self._binding_seq)
+        cached = self._dump
+        if cached is None or (log_ and log_[0][0] > cached[0] + 1) or (
+                not log_ and cached[0] != self._binding_seq):
+            self._sync_snapshot()
+            cached = self._dump = (self._binding_seq, [
+                convert.fanout_update(out) for out in self.bindings.dump()])
+        at, dump = cached
+        return [*dump, *(u for s, u in log_ if s > at)], self._binding_seq
 
     def _sync_snapshot(self) -> None:
         current = self.publisher.current
@@ -480,12 +494,12 @@ class ControlServer:
             self.bindings.set_snapshot(current)
             self._binding_snapshot = current
 
-    def flush_bindings(self, now: float, expire: bool = False) -> bool:
+    def flush_bindings(self, now: float, expire: bool = False, sessions: bool = True) -> bool:
         """Send what the binding table decided since the last flush; True if anything."""
         self._sync_snapshot()
         if expire:
             self.bindings.expire(now)
-        out = self.bindings.take()
+        out = self.bindings.take(sessions)
         if not out:
             return False
         self._binding_seq += 1
@@ -495,15 +509,17 @@ class ControlServer:
         return True
 
     async def _flush_bindings(self) -> None:
-        next_expiry = self._clock()
+        next_expiry = next_counts = self._clock()
         while True:
             await asyncio.sleep(self.flush)
             now = self._clock()
-            expire = now >= next_expiry
+            expire, counts = now >= next_expiry, now >= next_counts
             if expire:
                 next_expiry = now + EXPIRE_INTERVAL
+            if counts:
+                next_counts = now + SESSIONS_INTERVAL
             try:
-                self.flush_bindings(now, expire)
+                self.flush_bindings(now, expire, counts)
             except Exception:  # a bug here must not end binding fan-out for good
                 log.exception("binding flush failed")
 
