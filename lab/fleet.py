@@ -190,6 +190,13 @@ class Fleet:
             stdout=log, stderr=log)
         self.lab.own_process(self.controller.pid)
 
+    def controller_listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.controller_port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
         if self.controller and self.controller.poll() is None:
             self.controller.send_signal(sig)
