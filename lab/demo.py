@@ -3,7 +3,9 @@
 A fleet of simulated vLLM engines in pod namespaces, the controller on a
 static discovery file, and two node agents (two cgroups, two pin dirs).
 Tagged multi-turn sessions go through the Service VIP; the demo shows that
-each session keeps its engine (and its KV cache) on both nodes, then kills an
+each session keeps its engine (and its KV cache) on both nodes, that sessions
+started through one node while an engine's weight was cut reach the same
+engine through the other node after the weight moved back, then kills an
 engine midway under live traffic while a live view shows breakers, loads and
 routing react, brings it back, prints the kernel maps and tears down.
 """
@@ -118,6 +120,19 @@ def run(pods: int = 3, sessions: int = 200) -> int:
         console.print(f"the same sessions from node1 (another agent, its own maps): "
                       f"[bold]{same}/{sessions}[/bold] reach the same engine")
 
+        console.rule("load gpu1 (its weight drops), start sessions through node0, "
+                     "then look them up through node1")
+        busy = [f"busy-{i}" for i in range(100)]
+        with fl.loaded("gpu1"):
+            on0 = fl.sessions(0, busy)
+        console.print(_affinity_table("100 new sessions through node0 while gpu1 was loaded",
+                                      collections.Counter(on0), names))
+        on1 = fl.sessions(1, busy)
+        kept = sum(1 for a, b in zip(on0, on1, strict=True) if a == b)
+        console.print(f"after the load ended and weights moved back, through node1: "
+                      f"[bold]{kept}/{len(busy)}[/bold] reach the engine node0 bound them to "
+                      "(bindings are fleet-wide: node1's kernel got them from the controller)")
+
         console.rule("kill gpu1 under live traffic, then bring it back")
         traffic = Traffic(fl, sessions)
         traffic.thread.start()
@@ -161,6 +176,7 @@ def run(pods: int = 3, sessions: int = 200) -> int:
                      ["explain", f"{fl.vip}:{fl.port}", "--session", "user-7"]):
             console.rule("kvroute " + " ".join(args) + " (node0)")
             console.print(fleet.kvroute(*args, "--pin-dir", pin))
-        ok = sticky == sessions and same == sessions and refused <= fl.fail_k
+        ok = (sticky == sessions and same == sessions and kept == len(busy)
+              and refused <= fl.fail_k)
     console.rule("torn down: agents detached, controller stopped, namespaces deleted")
     return 0 if ok else 1

@@ -6,6 +6,7 @@ dir of its own, so two agents route the same clients independently).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -14,8 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +237,44 @@ class Fleet:
         except httpx.HTTPError:
             if not faults.get("crash"):  # a crash may cut the answer short
                 raise
+
+    @contextlib.contextmanager
+    def loaded(self, hot: str) -> Iterator[str]:
+        """Load engine ``hot`` for real (a shrunken KV cache and a queue of long requests
+        sent straight to its pod) until every node's kernel sees its load and the
+        controller has moved its weight; undone on exit, back to load 0 and the weight
+        restored. Yields its engine id."""
+        hot_id = self.engine_id(hot)
+        stop = threading.Event()
+
+        def hammer() -> None:
+            body = {"model": "kvroute/tiny-sim", "prompt": "x " * 200, "max_tokens": 400}
+            with httpx.Client(base_url=f"http://{hot_id}", timeout=30, trust_env=False) as c:
+                while not stop.is_set():
+                    try:
+                        c.post("/v1/completions", json=body)
+                    except httpx.HTTPError:
+                        time.sleep(0.05)
+
+        nodes = range(len(self.nodes))
+        self.fault(hot, kv_blocks=64)
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(12)]
+        for t in threads:
+            t.start()
+        try:
+            if not wait_for(lambda: all(self.backends(n)[hot_id]["load"] > 0 for n in nodes),
+                            10):
+                raise RuntimeError(f"{hot} never showed a load")
+            time.sleep(1.0)  # a few controller ticks: weights follow the load
+            yield hot_id
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+            self.fault(hot, kv_blocks=4096)
+        if not wait_for(lambda: all(self.backends(n)[hot_id]["load"] == 0 for n in nodes), 30):
+            raise RuntimeError(f"{hot} kept a load after its queue ended")
+        time.sleep(1.0)  # weights follow back
 
     def sessions(self, node: int, sessions: Sequence[str | None]) -> list[str]:
         assert self.client is not None
