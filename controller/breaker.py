@@ -18,8 +18,9 @@ The cool-down backs off: the k-th trip in a row waits ``min(base * factor**k, ma
 
 Outcomes come from three sources (:data:`SOURCES`): the controller's scrape of
 ``/metrics``, its ``/health`` probe, and the kernel's connect counters (a delta of failed
-connects is a failure, a delta of successful connects a success). They all count the
-same; the source only ends up in the transition reason, for metrics and logs.
+connects is a failure; the kernel reports no successes, since a completed handshake says
+nothing about whether the server answers). They all count the same; the source only ends
+up in the transition reason, for metrics and logs.
 
 The kernel trips a backend to ``open`` by itself after K failed connects, faster than
 any scrape. :meth:`Breaker.kernel_tripped` brings this breaker to the same state; the

@@ -12,8 +12,10 @@ replica and in tests.
   counts once. The kernel's
   per-backend counters are cumulative per agent, so the previous reading per
   (agent, backend) is kept and only the increase counts: more failed connects are failures
-  (source ``kernel``), more established connections are successes, more kernel trips open
-  the breaker at once. A counter that went down means the agent's counters started over
+  (source ``kernel``), more kernel trips open the breaker at once. More established
+  connections count for nothing: a hung or 5xx engine completes handshakes too, so only
+  the probes (``scrape``, ``health``) bring successes. A counter that went down means
+  the agent's counters started over
   (a restart without pinned maps): the new reading is then the increase. The first
   reading of an (agent, backend) pair is only a baseline, so a restarted controller does
   not replay an agent's whole history into its breakers.
@@ -338,16 +340,16 @@ class Reconciler:
             if previous is None:
                 continue  # a baseline, not news
             cfg = engine.breaker.config
-            # More outcomes than this change nothing the window and the run counter
-            # have not already seen; bounding them keeps a burst cheap.
-            cap = max(cfg.window, cfg.consecutive_failures, cfg.half_open_successes)
-            ok = min(cap, _increase(previous.established, counters.established))
+            # A completed handshake says the engine's kernel accepted a connection, not
+            # that its server answers: a hung or always-503 engine completes every one.
+            # Counting them as successes let client traffic outvote /health (and reset the
+            # consecutive-failure run) forever, so only failed connects are evidence here;
+            # successes come from the scrape and /health probes alone. Bounded: more
+            # failures than this change nothing the breaker has not already seen.
+            cap = max(cfg.window, cfg.consecutive_failures)
             failed = min(cap, _increase(previous.failed, counters.failed))
-            # Successes first: when both grew in one interval, the failures are as likely
-            # to be the newer news, and a breaker should not miss them behind old successes.
-            outcomes = [(True, "kernel")] * ok + [(False, "kernel")] * failed
-            if outcomes:
-                engine.breaker.record_many(outcomes, now)
+            if failed:
+                engine.breaker.record_many([(False, "kernel")] * failed, now)
             if _increase(previous.trips, counters.trips) > 0:
                 engine.breaker.kernel_tripped(now)
         self._collect()

@@ -234,7 +234,7 @@ def test_a_kernel_trip_opens_at_once() -> None:
     assert [e.reason for e in rec.events()] == ["kernel_trip"]
 
 
-def test_kernel_failed_connect_deltas_are_failures_and_established_successes() -> None:
+def test_kernel_failed_connect_deltas_are_failures() -> None:
     rec = make()
     rec.observe(report(counters=(counters(E1, failed=100, established=50),)), 0.0)  # baseline
     rec.observe(report(counters=(counters(E1, failed=104, established=60),)), 0.1)
@@ -242,6 +242,29 @@ def test_kernel_failed_connect_deltas_are_failures_and_established_successes() -
     rec.observe(report(counters=(counters(E1, failed=105, established=60),)), 0.2)
     assert rec.breaker_state(E1, 0.2) is OPEN
     assert rec.events()[0].reason == "consecutive_failures:kernel"
+
+
+def test_established_connects_are_no_successes() -> None:
+    """A hung or always-503 engine completes every handshake: client traffic must not
+    reset the failure run its probes build up (issue 8)."""
+    rec = make()
+    rec.observe(report(counters=(counters(E1, established=0),)), 0.0)  # baseline
+    for i in range(1, 5):
+        rec.observe(report(scrape(E1, ok=False),
+                           counters=(counters(E1, established=1000 * i),)), 0.1 * i)
+    # 4 failed rounds (2 outcomes each) with thousands of handshakes in between: open.
+    assert rec.breaker_state(E1, 0.4) is OPEN
+
+
+def test_established_connects_do_not_close_a_half_open_breaker() -> None:
+    rec = make()
+    rec.observe(report(counters=(counters(E1),)), 0.0)  # baseline
+    for i in range(3):
+        rec.observe(report(scrape(E1, ok=False)), 0.1 + 0.01 * i)
+    assert rec.breaker_state(E1, 0.2) is OPEN
+    assert rec.breaker_state(E1, 1.5) is HALF
+    rec.observe(report(counters=(counters(E1, established=500),)), 1.6)
+    assert rec.breaker_state(E1, 1.6) is HALF
 
 
 def test_the_first_counter_reading_is_only_a_baseline() -> None:
@@ -268,7 +291,7 @@ def test_counter_reset_counts_the_new_reading_as_the_increase() -> None:
     assert rec2.breaker_state(E1, 0.1) is OPEN
 
 
-def test_successes_in_a_counter_interval_do_not_hide_its_failures() -> None:
+def test_handshakes_in_a_counter_interval_do_not_hide_its_failures() -> None:
     rec = make()
     rec.observe(report(counters=(counters(E1),)), 0.0)
     rec.observe(report(counters=(counters(E1, established=1000, failed=5),)), 0.1)
