@@ -7,7 +7,10 @@ replica and in tests.
 
 - :meth:`Reconciler.set_specs`: the services discovery currently sees.
 - :meth:`Reconciler.observe`: one agent report. Engine scrapes feed that engine's breaker
-  (``ScrapeResult.outcomes()``) and replace its load when the page parsed; a result equal
+  (``ScrapeResult.outcomes()``: one outcome per round, a success only when ``/metrics``,
+  ``/health`` and the agent's verdict on the engine's counters, 5xx and stalled
+  generation (:mod:`dataplane.health`), all passed) and replace its load when the page
+  parsed; a result equal
   to the one the same agent reported last for that engine is the same round again and
   counts once. The kernel's
   per-backend counters are cumulative per agent, so the previous reading per
@@ -20,6 +23,8 @@ replica and in tests.
   reading of an (agent, backend) pair is only a baseline, so a restarted controller does
   not replay an agent's whole history into its breakers.
 - :meth:`Reconciler.tick`: let breaker timers run, compute every LLM service's policy
+  (a HALF_OPEN breaker whose engine's last reported scrape failed is published as OPEN:
+  no client is sent to probe an engine whose own probes still fail)
   (:func:`controller.policy.compute`, with the previous result as hysteresis memory) and
   build the next snapshot; it is returned only when its content hash differs from the
   last one, so the version moves only when agents have something to do.
@@ -360,6 +365,7 @@ class Reconciler:
         """Advance breakers, recompute policy, and return the next snapshot if its
         content changed since the last one returned (else None)."""
         states: dict[str, breaker.State] = {}
+        published: dict[str, breaker.State] = {}
         for identity, engine in self._engines.items():
             state = engine.breaker.state(now)  # lets its timers run up to now
             if state is breaker.State.CLOSED and engine.breaker.config != engine.config:
@@ -367,6 +373,11 @@ class Reconciler:
                 # an OPEN breaker would skip its cool-down.
                 engine.breaker = breaker.Breaker(engine.config, now)
             states[identity] = state
+            # Half-open sends clients a probe share; while the engine's own last probe
+            # failed that share would only find a hung or failing server, so the agents
+            # keep it open until a probe passes (that success counts towards closing).
+            published[identity] = (breaker.State.OPEN if state is breaker.State.HALF_OPEN
+                                   and engine.last_ok is False else state)
         self._collect()
 
         services: list[model.Service] = []
@@ -379,13 +390,13 @@ class Reconciler:
                     changed = True
                 services.append(cached)
                 continue
-            key = tuple((self._engines[be.identity].revision, states[be.identity])
+            key = tuple((self._engines[be.identity].revision, published[be.identity])
                         for be in svc.backends)
             previous = self._policies.get(svc.name)
             if cached is None or previous is None or key != self._inputs.get(svc.name):
                 inputs = [
                     policy.BackendInput(be.identity, self._engines[be.identity].load,
-                                        states[be.identity], be.terminating)
+                                        published[be.identity], be.terminating)
                     for be in svc.backends
                 ]
                 result = policy.compute(svc.policy, inputs, previous)
