@@ -290,6 +290,7 @@ class EngineServer:
         self._unhang = asyncio.Event()
         self._unstall = asyncio.Event()
         self._unstall.set()
+        self._pending_aborts: list[str] = []  # client aborts held by a stalled step
         self._loop_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._servers: list[asyncio.Server] = []
@@ -419,7 +420,12 @@ class EngineServer:
                 await self._wake.wait()
                 continue
             try:
-                out = self.engine.step(time.monotonic())
+                batch = self.engine.schedule(time.monotonic())
+                if batch.scheduled and not self._unstall.is_set():
+                    # The stall fault: this step never ends. Its requests stay running,
+                    # their tokens and the step's counters come out when it is cleared.
+                    await self._unstall.wait()
+                out = self.engine.run_batch(batch)
             except Exception:
                 # A bug in the model must not leave every client hanging: fail what is in
                 # flight, start over with an empty cache, keep serving.
@@ -435,10 +441,9 @@ class EngineServer:
                 delay = out.end_time - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            if out.duration > 0:
-                # The stall fault: this step never ends. Its requests stay running, their
-                # tokens and the step's counters come out only when it is cleared.
-                await self._unstall.wait()
+            for rid in self._pending_aborts:  # after the step that held them
+                self.engine.abort(rid)
+            self._pending_aborts.clear()
             self.metrics.record_step(out)
             for ev in out.events:
                 q = self._streams.get(ev.request_id)
@@ -467,7 +472,12 @@ class EngineServer:
                         return
             finally:
                 self._streams.pop(rid, None)
-                self.engine.abort(rid)  # no-op when it finished
+                if self._unstall.is_set():
+                    self.engine.abort(rid)  # no-op when it finished
+                else:
+                    # A wedged step holds its batch: like vLLM's engine core, which
+                    # handles aborts between steps, the request stays running until then.
+                    self._pending_aborts.append(rid)
 
         return rid, req, events()
 

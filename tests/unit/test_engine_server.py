@@ -427,10 +427,10 @@ def test_engine_step_failure_aborts_in_flight_and_recovers(
         sim: tuple[str, server.EngineServer]) -> None:
     url, srv = sim
 
-    def broken(now: float) -> model.StepOutput:
+    def broken(now: float) -> model.Batch:
         raise RuntimeError("model bug")
 
-    srv.engine.step = broken  # type: ignore[method-assign]
+    srv.engine.schedule = broken  # type: ignore[method-assign]
     r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
     assert r.json()["choices"][0]["finish_reason"] == "abort"
     r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
