@@ -88,7 +88,7 @@ class Fleet:
                  vip: str = "10.96.0.10",
                  port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
-                 epsilon: float = 0.25, stall_window: float = 1.0) -> None:
+                 epsilon: float = 0.25, stall_window: float = 0.75) -> None:
         self.lab = netns.Lab(subnet=subnet)
         self.n_engines = engines
         self.vip, self.port = vip, port
