@@ -352,10 +352,10 @@ class Reconciler:
             # successes come from the scrape and /health probes alone. Bounded: more
             # failures than this change nothing the breaker has not already seen.
             cap = max(cfg.window, cfg.consecutive_failures)
-            failed = min(cap, _increase(previous.failed, counters.failed))
+            failed = min(cap, model.counter_increase(previous.failed, counters.failed))
             if failed:
                 engine.breaker.record_many([(False, "kernel")] * failed, now)
-            if _increase(previous.trips, counters.trips) > 0:
+            if model.counter_increase(previous.trips, counters.trips) > 0:
                 engine.breaker.kernel_tripped(now)
         self._collect()
 
@@ -515,9 +515,3 @@ class Reconciler:
     def _drain(self, identity: str, engine: _Engine) -> None:
         for t in engine.breaker.drain_events():
             self._events.append(BreakerEvent(identity, t.from_state, t.to_state, t.reason, t.at))
-
-
-def _increase(previous: int, current: int) -> int:
-    """How much a cumulative counter grew; a counter that went down started over."""
-    return current - previous if current >= previous else current
-

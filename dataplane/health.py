@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dataplane import enginemetrics
+from dataplane import enginemetrics, model
 
 FIVE_XX = "5xx"
 STALLED = "stalled"
@@ -56,11 +56,6 @@ class Reading:
     moving_since: float  # last reading at which tokens advanced or nothing was running
 
 
-def increase(previous: float, current: float) -> float:
-    """How much a cumulative counter grew; a counter that went down started over."""
-    return current - previous if current >= previous else current
-
-
 def judge(previous: Reading | None, current: enginemetrics.Progress, now: float,
           config: JudgeConfig = JudgeConfig()) -> tuple[str | None, Reading]:
     """Verdict on the interval since ``previous`` and the reading to keep."""
@@ -84,8 +79,8 @@ def _errors(old: enginemetrics.Progress, new: enginemetrics.Progress, share: flo
         return False
     # Exporters create a labelled series on its first request, so a family absent from
     # the previous page counted nothing then: everything on this page is new.
-    bad = increase(old.http_5xx or 0.0, new.http_5xx)
+    bad = model.counter_increase(old.http_5xx or 0.0, new.http_5xx)
     if bad <= 0:
         return False
-    good = increase(old.http_2xx or 0.0, new.http_2xx)
+    good = model.counter_increase(old.http_2xx or 0.0, new.http_2xx)
     return good <= 0 or bad >= share * (bad + good)
