@@ -130,8 +130,11 @@ class EngineWatcher:
             if r.progress is None:
                 out[ident] = r
                 continue
-            failure, self._readings[ident] = health.judge(
-                self._readings.get(ident), r.progress, now, self.judge)
+            failure, reading = health.judge(self._readings.get(ident), r.progress, now,
+                                            self.judge)
+            self._readings[ident] = reading
+            if failure is None and health.unproven(reading):
+                r = dataclasses.replace(r, unproven=True)
             if failure is not None:
                 why = f"engine: {failure}"
                 r = dataclasses.replace(r, failure=failure,

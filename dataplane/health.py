@@ -10,10 +10,13 @@ answers. The engine's own counters do (:class:`dataplane.enginemetrics.Progress`
 
 :func:`judge` takes the previous :class:`Reading` of the engine (None for the first scrape,
 which only sets a baseline) and the current counters, and returns the verdict (None: fine,
-else one of :data:`FAILURES`) and the reading to keep for the next call. The caller (the
-agent's :class:`dataplane.engines.EngineWatcher`) keeps one reading per engine; time comes
-in as ``now`` (seconds, any monotonic scale). A counter that went down means the engine
-restarted: the new value is then the increase (as for the kernel's counters).
+else one of :data:`FAILURES`) and the reading to keep for the next call. After a ``5xx``
+verdict the reading stays :func:`unproven` until an interval brings 2xx answers: an engine
+the breaker took clients from answers nothing, which is no evidence that it recovered.
+The caller (the agent's :class:`dataplane.engines.EngineWatcher`) keeps one reading per
+engine; time comes in as ``now`` (seconds, any monotonic scale). A counter that went
+down means the engine restarted: the new value is then the increase
+(:func:`dataplane.model.counter_increase`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class Reading:
     progress: enginemetrics.Progress
     at: float  # when it was read
     moving_since: float  # last reading at which tokens advanced or nothing was running
+    # The last interval with inference answers failed on 5xx, and none has succeeded
+    # since: a quiet interval then proves nothing (the breaker stopped sending clients),
+    # so it is "unproven" rather than a success.
+    suspect: bool = False
 
 
 def judge(previous: Reading | None, current: enginemetrics.Progress, now: float,
@@ -66,21 +73,28 @@ def judge(previous: Reading | None, current: enginemetrics.Progress, now: float,
     tokens, before = current.generation_tokens, old.generation_tokens
     if current.running <= 0 or tokens is None or before is None or tokens != before:
         moving_since = now  # idle, unknown, advanced or restarted: not stalled
-    reading = Reading(current, now, moving_since)
-    if _errors(old, current, config.error_share):
+    errors, served = _answers(old, current, config.error_share)
+    suspect = errors or (previous.suspect and not served)
+    reading = Reading(current, now, moving_since, suspect)
+    if errors:
         return FIVE_XX, reading
     if now - moving_since > config.stall_window:
         return STALLED, reading
     return None, reading
 
 
-def _errors(old: enginemetrics.Progress, new: enginemetrics.Progress, share: float) -> bool:
+def unproven(reading: Reading) -> bool:
+    """The engine last failed on 5xx and has answered no inference request well since."""
+    return reading.suspect
+
+
+def _answers(old: enginemetrics.Progress, new: enginemetrics.Progress,
+             share: float) -> tuple[bool, bool]:
+    """(too many 5xx, some 2xx) on the inference handlers over the interval."""
     if new.http_5xx is None or new.http_2xx is None:
-        return False
+        return False, False
     # Exporters create a labelled series on its first request, so a family absent from
     # the previous page counted nothing then: everything on this page is new.
     bad = model.counter_increase(old.http_5xx or 0.0, new.http_5xx)
-    if bad <= 0:
-        return False
     good = model.counter_increase(old.http_2xx or 0.0, new.http_2xx)
-    return good <= 0 or bad >= share * (bad + good)
+    return bad > 0 and (good <= 0 or bad >= share * (bad + good)), good > 0

@@ -96,6 +96,7 @@ def _check_scrape(path: str, result: scraper.ScrapeResult) -> None:
     model.check_text(f"{path}.identity", result.identity, model.IDENTITY_MAX, empty=False)
     model.check_bool(f"{path}.metrics_ok", result.metrics_ok)
     model.check_bool(f"{path}.health_ok", result.health_ok)
+    model.check_bool(f"{path}.unproven", result.unproven)
     model.check_float(f"{path}.latency", result.latency, 0.0, 1e6)
     if result.error is not None:
         model.check_text(f"{path}.error", result.error, TEXT_MAX)

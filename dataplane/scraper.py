@@ -81,6 +81,9 @@ class ScrapeResult:
     # ("5xx", "stalled"), None when they look fine or could not be judged. Set by the
     # watcher, which keeps the previous reading; travels to the controller.
     failure: str | None = None
+    # Set by the watcher: the engine last failed on 5xx and has answered no inference
+    # request well since (dataplane.health.unproven). Its round passes, but is no success.
+    unproven: bool = False
     # The counters the verdict is made from; local to the agent (not on the wire, not
     # part of equality).
     progress: enginemetrics.Progress | None = dataclasses.field(
@@ -94,14 +97,18 @@ class ScrapeResult:
     def outcomes(self) -> list[tuple[bool, str]]:
         """Breaker inputs, for ``Breaker.record_many(result.outcomes(), now)``: one per
         round, a success only when everything passed, else the first failure (health,
-        scrape, then the verdict) as its source. One per round keeps "N consecutive
-        failures" meaning N rounds, whatever failed in them."""
+        scrape, then the verdict) as its source; none for an unproven round. One per
+        round keeps "N consecutive failures" meaning N rounds, whatever failed in them."""
         if not self.health_ok:
             return [(False, "health")]
         if not self.metrics_ok:
             return [(False, "scrape")]
         if self.failure is not None:
             return [(False, self.failure)]
+        if self.unproven:
+            # Probes pass but nothing shows clients are served again: neither outcome, or
+            # a half-open breaker would close on rounds that sent the engine no request.
+            return []
         return [(True, "scrape")]
 
 

@@ -488,7 +488,8 @@ class EngineServer:
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
         try:
-            if not request.path.startswith("/admin/") and request.path != "/metrics":
+            if not (request.path.startswith("/admin/") or request.path == "/metrics"
+                    or (request.path == "/health" and self.faults.spare_health)):
                 await self._apply_faults()
             resp = await handler(request)
         except ApiError as e:

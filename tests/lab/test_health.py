@@ -7,11 +7,13 @@ connect 3 s after the fault. Timings are printed (-s); the asserts are on counts
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from lab import fleet
@@ -23,6 +25,7 @@ FAULT_AT = 1.0
 NEW_BY = 2.0  # no new session on the faulty engine from this long after the fault
 PINNED_BY = 3.0  # pinned sessions reconnect this long after the fault
 MIN_RATE = 500.0  # connects per second through the VIP
+PROBE_SHARE = 0.05  # controller.policy.PolicyConfig.probe_share, the lab's default
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +42,22 @@ def _recover(f: fleet.Fleet) -> None:
         if proc.poll() is not None:
             f.start_engine(name)
         else:
-            f.fault(name, latency_ms=0, error_rate=0, hang=False, stall=False, refuse=False)
+            f.fault(name, latency_ms=0, error_rate=0, hang=False, stall=False,
+                    spare_health=False, refuse=False)
 
     def all_active(n: int) -> bool:
         view = f.backends(n)
-        return len(view) == len(f.engines) and all(b["state"] == "active"
-                                                   for b in view.values())
+        if len(view) == len(f.engines) and all(b["state"] == "active"
+                                               for b in view.values()):
+            return True
+        # An engine that failed on 5xx closes only on a served request (a quiet probe
+        # proves nothing): serve one straight from its pod, as a client would.
+        for name in f.engines:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"http://{f.engine_id(name)}/v1/completions", timeout=2,
+                           json={"prompt": "recover", "max_tokens": 1}, trust_env=False)
+        time.sleep(0.1)
+        return False
     for n in range(len(f.nodes)):
         assert fleet.wait_for(lambda n=n: all_active(n), 30), f.backends(n)
     assert fleet.wait_for(f.converged, 30), f.log("controller")
@@ -107,7 +120,10 @@ def _client_loop(vip: str, port: int, prefix: str, seconds: float,
     return out
 
 
-def _ejected_under_traffic(f: fleet.Fleet, kind: str, **faults: Any) -> None:
+def _ejected_under_traffic(f: fleet.Fleet, kind: str, probe_share: float = 0.0,
+                           **faults: Any) -> None:
+    """``probe_share``: the share of new sessions that may reach the engine from 2 s after
+    the fault, as half-open probes (0 unless its own probes pass, see the 5xx test)."""
     _recover(f)
     assert f.client is not None
     pinned = [f"{kind}-pin-{i}" for i in range(120)]
@@ -174,8 +190,9 @@ def _ejected_under_traffic(f: fleet.Fleet, kind: str, **faults: Any) -> None:
     assert rate >= MIN_RATE, f"client loop too slow to show anything: {rate:.0f}/s"
     assert early_on_victim > 0  # the loop did reach the victim while it was healthy
     assert on_victim
-    assert late and not late_on_victim, collections.Counter(late_on_victim)
-    assert kernel_new == 0
+    assert late
+    assert len(late_on_victim) <= probe_share * len(late), collections.Counter(late_on_victim)
+    assert kernel_new <= probe_share * len(late)
     assert still == {0: [], 1: []}, moved
 
 
@@ -189,6 +206,20 @@ def test_hung_engine_is_ejected_under_traffic(fl: fleet.Fleet) -> None:
 def test_always_503_engine_is_ejected_under_traffic(fl: fleet.Fleet) -> None:
     try:
         _ejected_under_traffic(fl, "e503", error_rate=1.0, error_code=503)
+    finally:
+        _recover(fl)
+
+
+def test_503_engine_with_a_passing_health_check_is_ejected_under_traffic(
+        fl: fleet.Fleet) -> None:
+    """/health answers 200 throughout: only the engine's own 5xx counter shows it. Once
+    ejected, it answers nothing, so a quiet interval proves nothing; but nothing shows it
+    is still broken either, and only a real request can tell: after each cool-down it
+    gets the half-open probe share of new sessions, which find it broken and re-open it.
+    Those probes are the only new sessions it may get (at most the probe share)."""
+    try:
+        _ejected_under_traffic(fl, "e503ok", PROBE_SHARE, error_rate=1.0, error_code=503,
+                               spare_health=True)
     finally:
         _recover(fl)
 

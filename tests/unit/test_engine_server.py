@@ -470,3 +470,12 @@ def test_fault_stall_holds_running_requests_without_tokens(url: str) -> None:
     assert result == [200]
     after = _value(_metrics(url), "vllm:generation_tokens", "vllm:generation_tokens_total")
     assert after == before + 4
+
+
+def test_fault_spare_health_fails_clients_but_not_the_health_check(url: str) -> None:
+    _set_faults(url, error_rate=1.0, error_code=503, spare_health=True)
+    assert H.get(f"{url}/health").status_code == 200
+    assert H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}
+                  ).status_code == 503
+    _set_faults(url, spare_health=False)
+    assert H.get(f"{url}/health").status_code == 503

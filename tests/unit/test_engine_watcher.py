@@ -117,3 +117,22 @@ def test_urgent_reports_stop_after_a_bounded_run(sim: str) -> None:
                  between=lambda: httpx.post(f"{sim}/v1/completions", json=BODY))
     assert [n for n, _ in got] == [True] * engines.URGENT_ROUNDS + [False] * 3
     fault(sim, error_rate=0.0)
+
+
+def test_5xx_with_a_passing_health_check_fail_on_the_verdict_alone(sim: str) -> None:
+    w = watcher(sim)
+    rounds(w, 1)
+    fault(sim, error_rate=1.0, error_code=503, spare_health=True)
+    got = rounds(w, 2, between=lambda: httpx.post(f"{sim}/v1/completions", json=BODY))
+    assert [f for _, f in got] == ["5xx", "5xx"]
+    (r,) = w.results.values()
+    assert r.health_ok and r.metrics_ok and r.outcomes() == [(False, "5xx")]
+    # Clients gone (the breaker took them): quiet rounds prove nothing, no outcome...
+    got = rounds(w, 2)
+    (r,) = w.results.values()
+    assert [f for _, f in got] == [None, None] and r.unproven and r.outcomes() == []
+    # ...until a request is served again.
+    fault(sim, error_rate=0.0, spare_health=False)
+    rounds(w, 1, between=lambda: httpx.post(f"{sim}/v1/completions", json=BODY))
+    (r,) = w.results.values()
+    assert not r.unproven and r.outcomes() == [(True, "scrape")]

@@ -67,6 +67,24 @@ def test_a_family_that_appears_counts_from_zero() -> None:
     assert run([(0.0, prog(ok=None, bad=None)), (0.25, prog(ok=9, bad=1))]) == [None, None]
 
 
+def test_after_5xx_quiet_intervals_are_unproven_until_a_2xx() -> None:
+    previous: health.Reading | None = None
+    seen = []
+    for now, p in [(0.0, prog(ok=5, bad=0)), (0.25, prog(ok=5, bad=3)),  # 5xx
+                   (0.5, prog(ok=5, bad=3)), (0.75, prog(ok=5, bad=3)),  # quiet
+                   (1.0, prog(ok=6, bad=3)), (1.25, prog(ok=6, bad=3))]:  # a 2xx, quiet
+        verdict, previous = health.judge(previous, p, now, CFG)
+        seen.append((verdict, health.unproven(previous)))
+    assert seen == [(None, False), ("5xx", True), (None, True), (None, True),
+                    (None, False), (None, False)]
+
+
+def test_quiet_intervals_of_a_healthy_engine_are_proven() -> None:
+    previous = health.judge(None, prog(ok=5), 0.0, CFG)[1]
+    verdict, reading = health.judge(previous, prog(ok=5), 0.25, CFG)
+    assert verdict is None and not health.unproven(reading)
+
+
 # -- stalled ----------------------------------------------------------------------------------
 
 

@@ -405,7 +405,9 @@ def report(**kw: Any) -> reports.AgentReport:
         "engines": (scraper.ScrapeResult("10.0.0.1:8000", True, True, 0.002, load(), None),
                     scraper.ScrapeResult("10.0.0.2:8000", False, True, 0.3, None, "metrics: x"),
                     scraper.ScrapeResult("10.0.0.3:8000", True, True, 0.01, load(),
-                                         "engine: stalled", failure="stalled")),
+                                         "engine: stalled", failure="stalled"),
+                    scraper.ScrapeResult("10.0.0.4:8000", True, True, 0.01, load(), None,
+                                         unproven=True)),
         "counters": (reports.BackendCounters("10.0.0.1:8000/tcp", connects=5, failed=1),),
         "errors": ("apply: boom",), **kw,
     }

@@ -235,6 +235,22 @@ def test_a_half_open_engine_whose_probes_fail_stays_published_open() -> None:
     assert backend(tick(rec, 1.6), "10.0.0.1").state == "open"
 
 
+def test_unproven_rounds_neither_close_a_half_open_breaker_nor_hide_it() -> None:
+    """An engine that failed on 5xx and got no request since: published probing (its
+    probes pass, so clients may test it), but only a served request closes it."""
+    rec = make()
+    for i in range(3):
+        rec.observe(report(scrape(E1, ok=False)), 0.1 * i)
+    assert rec.breaker_state(E1, 1.3) is HALF
+    for i in range(5):
+        rec.observe(report(dataclasses.replace(scrape(E1), unproven=True)), 1.3 + 0.1 * i)
+    assert rec.breaker_state(E1, 1.8) is HALF
+    assert backend(tick(rec, 1.8), "10.0.0.1").state == "probing"
+    for i in range(3):
+        rec.observe(report(scrape(E1)), 2.0 + 0.1 * i)
+    assert rec.breaker_state(E1, 2.3) is CLOSED
+
+
 def test_a_round_reported_twice_counts_once() -> None:
     rec = make()
     failed = scrape(E1, ok=False)

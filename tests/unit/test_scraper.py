@@ -329,3 +329,11 @@ def test_a_verdict_fails_a_round_whose_probes_passed(failure: str) -> None:
     assert not r.ok and r.outcomes() == [(False, failure)]
     assert scraper.ScrapeResult("e", True, True, 0.01, None, None).outcomes() == [
         (True, "scrape")]
+
+
+def test_an_unproven_round_is_no_outcome_but_counts_as_answering() -> None:
+    r = scraper.ScrapeResult("e", True, True, 0.01, None, None, unproven=True)
+    assert r.ok and r.outcomes() == []
+    # A probe that fails still fails.
+    bad = scraper.ScrapeResult("e", True, False, 0.01, None, "health: x", unproven=True)
+    assert bad.outcomes() == [(False, "health")]
