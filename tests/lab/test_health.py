@@ -64,7 +64,7 @@ def _recover(f: fleet.Fleet) -> None:
 
 
 def _client_loop(vip: str, port: int, prefix: str, seconds: float,
-                 workers: int = 48) -> list[tuple[float, str]]:
+                 workers: int = 24) -> list[tuple[float, str]]:
     """Runs in the client namespace: ``workers`` concurrent connections at a time, each a
     new tagged session sending one small completion request; (connect time, engine id or
     'timeout'/'error:...') per connection. Bounded in time and to the lab's VIP."""
