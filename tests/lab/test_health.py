@@ -178,7 +178,7 @@ def _ejected_under_traffic(f: fleet.Fleet, kind: str, probe_share: float = 0.0,
     still = {n: [e for e in got if e == victim_id or e.startswith("error")]
              for n, got in moved.items()}
 
-    print(f"\n{kind}: breaker open {opened[0] * 1000:.0f} ms (node0, scrapes it) / "
+    print(f"\n{kind}: {victim} breaker open {opened[0] * 1000:.0f} ms (node0) / "
           f"{opened[1] * 1000:.0f} ms (node1) after the fault; client loop "
           f"{rate:.0f} connects/s ({len(records)} in {LOOP_SECONDS:.0f} s, "
           f"{early_on_victim} on the victim before the fault); new sessions on the victim "
