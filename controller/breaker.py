@@ -16,10 +16,16 @@ The cool-down backs off: the k-th trip in a row waits ``min(base * factor**k, ma
 (k from 0). The trip count returns to zero once the breaker has stayed CLOSED for
 ``stable_reset`` seconds, so an engine that flapped yesterday is not punished today.
 
-Outcomes come from three sources (:data:`SOURCES`): the controller's scrape of
-``/metrics``, its ``/health`` probe, and the kernel's connect counters (a delta of failed
-connects is a failure, a delta of successful connects a success). They all count the
-same; the source only ends up in the transition reason, for metrics and logs.
+Outcomes come from the agents' probes of each engine and from the kernel
+(:data:`SOURCES`). Every scrape round of an engine is one outcome: a success only when
+``/metrics`` parsed, ``/health`` answered in time and the engine's own counters show it
+serves clients (no burst of 5xx on the inference handlers, generation not stalled while
+requests run: :mod:`dataplane.health`); otherwise one failure whose source is what failed
+first (``health``, ``scrape``, ``5xx``, ``stalled``). The kernel's connect counters add a
+failure per failed connect (source ``kernel``) and no successes: a completed handshake
+says nothing about whether the server answers, and a hung or always-503 engine completes
+every one. All sources count the same; the source only ends up in the transition reason,
+for metrics and logs.
 
 The kernel trips a backend to ``open`` by itself after K failed connects, faster than
 any scrape. :meth:`Breaker.kernel_tripped` brings this breaker to the same state; the
@@ -37,7 +43,9 @@ import enum
 import math
 from collections.abc import Iterable
 
-SOURCES = frozenset({"scrape", "health", "kernel"})
+from dataplane import health
+
+SOURCES = frozenset({"scrape", "health", "kernel", *health.FAILURES})
 
 # Bounded so a breaker whose events nobody drains cannot grow without limit.
 _EVENT_LOG_MAX = 256
@@ -51,11 +59,11 @@ class State(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class BreakerConfig:
-    """Thresholds of one breaker. Defaults suit a 250 ms scrape interval, where a dead
-    engine yields two failures per round (scrape and health): 5 consecutive failures
-    open it within three rounds."""
+    """Thresholds of one breaker. Defaults suit a 250 ms scrape interval, where each
+    round of an engine is one outcome: 3 failed rounds in a row (about 0.75 s) open it,
+    one slow or lost round does not."""
 
-    consecutive_failures: int = 5  # N
+    consecutive_failures: int = 3  # N
     failure_ratio: float = 0.5  # r, in (0, 1]
     window: int = 20  # W, outcomes remembered for the ratio
     min_samples: int = 10  # the ratio is not judged on fewer outcomes than this

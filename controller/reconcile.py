@@ -7,17 +7,24 @@ replica and in tests.
 
 - :meth:`Reconciler.set_specs`: the services discovery currently sees.
 - :meth:`Reconciler.observe`: one agent report. Engine scrapes feed that engine's breaker
-  (``ScrapeResult.outcomes()``) and replace its load when the page parsed; a result equal
+  (``ScrapeResult.outcomes()``: one outcome per round, a success only when ``/metrics``,
+  ``/health`` and the agent's verdict on the engine's counters, 5xx and stalled
+  generation (:mod:`dataplane.health`), all passed) and replace its load when the page
+  parsed; a result equal
   to the one the same agent reported last for that engine is the same round again and
   counts once. The kernel's
   per-backend counters are cumulative per agent, so the previous reading per
   (agent, backend) is kept and only the increase counts: more failed connects are failures
-  (source ``kernel``), more established connections are successes, more kernel trips open
-  the breaker at once. A counter that went down means the agent's counters started over
+  (source ``kernel``), more kernel trips open the breaker at once. More established
+  connections count for nothing: a hung or 5xx engine completes handshakes too, so only
+  the probes (``scrape``, ``health``) bring successes. A counter that went down means
+  the agent's counters started over
   (a restart without pinned maps): the new reading is then the increase. The first
   reading of an (agent, backend) pair is only a baseline, so a restarted controller does
   not replay an agent's whole history into its breakers.
 - :meth:`Reconciler.tick`: let breaker timers run, compute every LLM service's policy
+  (a HALF_OPEN breaker whose engine's last reported scrape failed is published as OPEN:
+  no client is sent to probe an engine whose own probes still fail)
   (:func:`controller.policy.compute`, with the previous result as hysteresis memory) and
   build the next snapshot; it is returned only when its content hash differs from the
   last one, so the version moves only when agents have something to do.
@@ -338,17 +345,17 @@ class Reconciler:
             if previous is None:
                 continue  # a baseline, not news
             cfg = engine.breaker.config
-            # More outcomes than this change nothing the window and the run counter
-            # have not already seen; bounding them keeps a burst cheap.
-            cap = max(cfg.window, cfg.consecutive_failures, cfg.half_open_successes)
-            ok = min(cap, _increase(previous.established, counters.established))
-            failed = min(cap, _increase(previous.failed, counters.failed))
-            # Successes first: when both grew in one interval, the failures are as likely
-            # to be the newer news, and a breaker should not miss them behind old successes.
-            outcomes = [(True, "kernel")] * ok + [(False, "kernel")] * failed
-            if outcomes:
-                engine.breaker.record_many(outcomes, now)
-            if _increase(previous.trips, counters.trips) > 0:
+            # A completed handshake says the engine's kernel accepted a connection, not
+            # that its server answers: a hung or always-503 engine completes every one.
+            # Counting them as successes let client traffic outvote /health (and reset the
+            # consecutive-failure run) forever, so only failed connects are evidence here;
+            # successes come from the scrape and /health probes alone. Bounded: more
+            # failures than this change nothing the breaker has not already seen.
+            cap = max(cfg.window, cfg.consecutive_failures)
+            failed = min(cap, model.counter_increase(previous.failed, counters.failed))
+            if failed:
+                engine.breaker.record_many([(False, "kernel")] * failed, now)
+            if model.counter_increase(previous.trips, counters.trips) > 0:
                 engine.breaker.kernel_tripped(now)
         self._collect()
 
@@ -358,6 +365,7 @@ class Reconciler:
         """Advance breakers, recompute policy, and return the next snapshot if its
         content changed since the last one returned (else None)."""
         states: dict[str, breaker.State] = {}
+        published: dict[str, breaker.State] = {}
         for identity, engine in self._engines.items():
             state = engine.breaker.state(now)  # lets its timers run up to now
             if state is breaker.State.CLOSED and engine.breaker.config != engine.config:
@@ -365,6 +373,11 @@ class Reconciler:
                 # an OPEN breaker would skip its cool-down.
                 engine.breaker = breaker.Breaker(engine.config, now)
             states[identity] = state
+            # Half-open sends clients a probe share; while the engine's own last probe
+            # failed that share would only find a hung or failing server, so the agents
+            # keep it open until a probe passes (that success counts towards closing).
+            published[identity] = (breaker.State.OPEN if state is breaker.State.HALF_OPEN
+                                   and engine.last_ok is False else state)
         self._collect()
 
         services: list[model.Service] = []
@@ -377,13 +390,13 @@ class Reconciler:
                     changed = True
                 services.append(cached)
                 continue
-            key = tuple((self._engines[be.identity].revision, states[be.identity])
+            key = tuple((self._engines[be.identity].revision, published[be.identity])
                         for be in svc.backends)
             previous = self._policies.get(svc.name)
             if cached is None or previous is None or key != self._inputs.get(svc.name):
                 inputs = [
                     policy.BackendInput(be.identity, self._engines[be.identity].load,
-                                        states[be.identity], be.terminating)
+                                        published[be.identity], be.terminating)
                     for be in svc.backends
                 ]
                 result = policy.compute(svc.policy, inputs, previous)
@@ -502,9 +515,3 @@ class Reconciler:
     def _drain(self, identity: str, engine: _Engine) -> None:
         for t in engine.breaker.drain_events():
             self._events.append(BreakerEvent(identity, t.from_state, t.to_state, t.reason, t.at))
-
-
-def _increase(previous: int, current: int) -> int:
-    """How much a cumulative counter grew; a counter that went down started over."""
-    return current - previous if current >= previous else current
-

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from dataplane import apply, config, engines, host, loader, metrics, model, stream
+from dataplane import apply, config, engines, health, host, loader, metrics, model, stream
 from dataplane.api import channel
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
@@ -37,6 +37,7 @@ class ControllerOptions:
     agent_id: str
     scrape_interval: float = 0.25
     report_interval: float = 1.0
+    stall_window: float = health.DEFAULT_STALL_WINDOW  # dataplane.health.JudgeConfig
     tls: channel.TLSFiles | None = None
 
 
@@ -127,7 +128,8 @@ class Agent:
                 client.report_now()
 
         watcher = engines.EngineWatcher(self.applier, targets, opts.node, opts.scrape_interval,
-                                        on_round=on_round)
+                                        on_round=on_round,
+                                        judge=health.JudgeConfig(stall_window=opts.stall_window))
         def on_loads(loads: dict[str, int]) -> None:
             # Engines on this node are scraped here, more recently than the controller
             # heard of them: only the others' loads are taken from the stream.

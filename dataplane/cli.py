@@ -141,6 +141,9 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
               "[default: NODE-PIN_DIR_NAME].")
 @click.option("--scrape-interval", type=click.FloatRange(0.01, 60), default=0.25,
               show_default=True, help="Seconds between scrapes of this node's engines.")
+@click.option("--stall-window", type=click.FloatRange(0.05, 3600), default=2.0,
+              show_default=True, help="Seconds an engine may hold running requests without "
+              "generating a token before its scrapes count as failures.")
 @click.option("--tls-ca", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False))
@@ -158,7 +161,8 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
 @click.option("--ready-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Written once the first desired state is applied.")
 def agent(config_path: Path | None, controller_target: str | None, node: str | None,
-          agent_id: str | None, scrape_interval: float, tls_ca: Path | None,
+          agent_id: str | None, scrape_interval: float, stall_window: float,
+          tls_ca: Path | None,
           tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
           hash_seed: int | None, fail_k: int, metrics_at: str | None, detach_on_exit: bool,
           ready_file: Path | None) -> None:
@@ -189,7 +193,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
             tls = channel.TLSFiles(ca=tls_ca, cert=tls_cert, key=tls_key)
         ctrl = agent_mod.ControllerOptions(
             target=controller_target, node=node, agent_id=agent_id or f"{node}-{pin_dir.name}",
-            scrape_interval=scrape_interval, tls=tls)
+            scrape_interval=scrape_interval, stall_window=stall_window, tls=tls)
     a = agent_mod.Agent(opts, target, config_path, ready_file, controller=ctrl,
                         metrics_addr=_hostport(metrics_at, "--metrics"))
     try:

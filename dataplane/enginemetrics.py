@@ -10,6 +10,15 @@ Only these families are read; everything else on the page is ignored:
   summed; p50/p90 estimated from the buckets the way PromQL's ``histogram_quantile``
   does).
 
+:func:`parse_page` also returns the engine's :class:`Progress`, the cumulative counters
+that say whether it serves its clients (judged between two scrapes by
+:mod:`dataplane.health`):
+
+- ``vllm:generation_tokens_total`` (counter, optional),
+- ``http_requests_total{handler,method,status}`` (counter, optional; exported by
+  prometheus-fastapi-instrumentator on vLLM's API server, statuses grouped as ``2xx``,
+  ``4xx``, ``5xx``), summed over the inference handlers (:data:`INFERENCE_HANDLERS`).
+
 vLLM labels every series with ``model_name`` and ``engine`` (one value per data-parallel
 engine of the server); series are summed over all label sets, so one server with four
 engines reports as one backend.
@@ -37,6 +46,14 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 TTFT = "vllm:time_to_first_token_seconds"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+HTTP_REQUESTS = "http_requests_total"
+# The handlers clients' inference requests reach; /health, /metrics and /v1/models say
+# nothing about whether generation works (and vLLM's instrumentator excludes the first two).
+INFERENCE_HANDLERS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/generate", "/inference/v1/generate",
+})
 
 # Upper bounds of believable values. A real engine runs hundreds of requests, not
 # millions; a counter stays well below 2**53 so float arithmetic on it is exact.
@@ -82,14 +99,35 @@ class EngineLoad:
         return self.ttft_sum / self.ttft_count
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Cumulative counters of one engine that show whether it serves clients. None where
+    the page lacks the family (an older engine, a simulator): that judgement is skipped."""
+
+    running: float  # vllm:num_requests_running, summed (as EngineLoad.running)
+    generation_tokens: float | None  # vllm:generation_tokens_total, summed
+    http_2xx: float | None  # http_requests_total{status="2xx"} on inference handlers
+    http_5xx: float | None  # http_requests_total{status="5xx"} on inference handlers
+
+
 def parse(text: str) -> EngineLoad:
     """Parse one ``/metrics`` page. Raises :class:`MetricsError` and nothing else."""
+    return parse_page(text)[0]
+
+
+def parse_page(text: str) -> tuple[EngineLoad, Progress]:
+    """Parse one ``/metrics`` page into its load and its progress counters, in one pass.
+    Raises :class:`MetricsError` and nothing else."""
     if not isinstance(text, str):
         raise MetricsError(f"metrics text must be str, got {type(text).__name__}")
     if len(text) > MAX_TEXT_CHARS:
         raise MetricsError(f"metrics text too large ({len(text)} chars > {MAX_TEXT_CHARS})")
     samples = _collect(text)
+    load = _load(samples)
+    return load, _progress(samples, load.running)
 
+
+def _load(samples: _Samples) -> EngineLoad:
     running = _sum_gauge(samples, RUNNING, MAX_REQUESTS)
     waiting = _sum_gauge(samples, WAITING, MAX_REQUESTS)
     kv_family = KV_USAGE if samples.get(KV_USAGE) else KV_USAGE_OLD
@@ -158,6 +196,26 @@ def subtract_buckets(
 
 # -- internals ---------------------------------------------------------------------------
 
+
+def _progress(samples: _Samples, running: float) -> Progress:
+    tokens = _gauge_values(samples, GENERATION_TOKENS, MAX_COUNT)
+    http = samples.get(HTTP_REQUESTS)
+    by_status: dict[str, float] | None = None
+    if http:
+        _unique(HTTP_REQUESTS, http)
+        by_status = {"2xx": 0.0, "5xx": 0.0}
+        for labels, value in http:
+            value = _check_value(HTTP_REQUESTS, labels, value, MAX_COUNT)
+            status = labels.get("status", "")
+            if labels.get("handler") in INFERENCE_HANDLERS and status in by_status:
+                by_status[status] += value
+    return Progress(
+        running=running,
+        generation_tokens=math.fsum(tokens) if tokens else None,
+        http_2xx=by_status["2xx"] if by_status is not None else None,
+        http_5xx=by_status["5xx"] if by_status is not None else None,
+    )
+
 _LabelKey = tuple[tuple[str, str], ...]
 _Samples = dict[str, list[tuple[Mapping[str, str], float]]]
 
@@ -170,6 +228,8 @@ _WANTED = frozenset(
         TTFT + "_bucket",
         TTFT + "_count",
         TTFT + "_sum",
+        GENERATION_TOKENS,
+        HTTP_REQUESTS,
     }
 )
 

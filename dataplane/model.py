@@ -130,6 +130,16 @@ def load_units(running: float, waiting: float, kv_usage: float) -> int:
     return max(0, min(LOAD_MAX, value))
 
 
+_N = TypeVar("_N", int, float)
+
+
+def counter_increase(previous: _N, current: _N) -> _N:
+    """How much a cumulative counter grew between two readings; a counter that went down
+    started over (a restart), so the new reading is the increase. For the kernel's
+    per-backend counters and for an engine's own (dataplane.health)."""
+    return current - previous if current >= previous else current
+
+
 def backend_identity(address: str, port: int, protocol: str) -> str:
     """The string a backend is hashed by in Maglev and named by on the wire, the same on
     every node: ``"10.244.1.5:8000/tcp"``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dataplane import enginemetrics, model, scraper
+from dataplane import enginemetrics, health, model, scraper
 
 TEXT_MAX = 4096  # error strings in reports
 U32_MAX = 2**32 - 1
@@ -96,9 +96,13 @@ def _check_scrape(path: str, result: scraper.ScrapeResult) -> None:
     model.check_text(f"{path}.identity", result.identity, model.IDENTITY_MAX, empty=False)
     model.check_bool(f"{path}.metrics_ok", result.metrics_ok)
     model.check_bool(f"{path}.health_ok", result.health_ok)
+    model.check_bool(f"{path}.unproven", result.unproven)
     model.check_float(f"{path}.latency", result.latency, 0.0, 1e6)
     if result.error is not None:
         model.check_text(f"{path}.error", result.error, TEXT_MAX)
+    if result.failure is not None and result.failure not in health.FAILURES:
+        raise model.ModelError(f"{path}.failure: must be one of {health.FAILURES} or None, "
+                               f"got {result.failure!r}")
     load = result.load
     if load is None:
         return

@@ -72,19 +72,44 @@ class EngineTarget:
 class ScrapeResult:
     identity: str
     metrics_ok: bool  # /metrics answered 200 with a page that parsed
-    health_ok: bool  # /health answered 200
+    health_ok: bool  # /health answered 200 within the timeout
     latency: float  # seconds from the start of this engine's scrape to its end
     load: enginemetrics.EngineLoad | None  # None unless metrics_ok
     error: str | None  # "metrics: ...; health: ..." for whichever failed
     page: str | None = None  # "oversized" or "malformed": the engine's page itself is bad
+    # dataplane.health's verdict on the engine's counters since its previous scrape
+    # ("5xx", "stalled"), None when they look fine or could not be judged. Set by the
+    # watcher, which keeps the previous reading; travels to the controller.
+    failure: str | None = None
+    # Set by the watcher: the engine last failed on 5xx and has answered no inference
+    # request well since (dataplane.health.unproven). Its round passes, but is no success.
+    unproven: bool = False
+    # The counters the verdict is made from; local to the agent (not on the wire, not
+    # part of equality).
+    progress: enginemetrics.Progress | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
-        return self.metrics_ok and self.health_ok
+        """What a client would see: /metrics, /health and the verdict all pass."""
+        return self.metrics_ok and self.health_ok and self.failure is None
 
     def outcomes(self) -> list[tuple[bool, str]]:
-        """Breaker inputs, for ``Breaker.record_many(result.outcomes(), now)``."""
-        return [(self.metrics_ok, "scrape"), (self.health_ok, "health")]
+        """Breaker inputs, for ``Breaker.record_many(result.outcomes(), now)``: one per
+        round, a success only when everything passed, else the first failure (health,
+        scrape, then the verdict) as its source; none for an unproven round. One per
+        round keeps "N consecutive failures" meaning N rounds, whatever failed in them."""
+        if not self.health_ok:
+            return [(False, "health")]
+        if not self.metrics_ok:
+            return [(False, "scrape")]
+        if self.failure is not None:
+            return [(False, self.failure)]
+        if self.unproven:
+            # Probes pass but nothing shows clients are served again: neither outcome, or
+            # a half-open breaker would close on rounds that sent the engine no request.
+            return []
+        return [(True, "scrape")]
 
 
 class _Failed(Exception):
@@ -155,11 +180,12 @@ async def _scrape_one(
     latency = time.monotonic() - start
 
     load: enginemetrics.EngineLoad | None = None
+    progress: enginemetrics.Progress | None = None
     metrics_error: str | None = None
     page: str | None = None
     if isinstance(metrics, str):
         try:
-            load = enginemetrics.parse(metrics)
+            load, progress = enginemetrics.parse_page(metrics)
         except enginemetrics.MetricsError as exc:
             metrics_error, page = f"bad metrics: {exc}", "malformed"
     else:
@@ -178,6 +204,7 @@ async def _scrape_one(
         load=load,
         error="; ".join(reasons) or None,
         page=page,
+        progress=progress,
     )
 
 

@@ -90,12 +90,15 @@ class Fleet:
                  vip: str = "10.96.0.10",
                  port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
-                 epsilon: float = 0.25) -> None:
+                 epsilon: float = 0.25, stall_window: float = 0.75) -> None:
         self.lab = netns.Lab(subnet=subnet)
         self.n_engines = engines
         self.vip, self.port = vip, port
         self.scrape_interval, self.tick, self.fail_k = scrape_interval, tick, fail_k
-        self.breaker = breaker or {"consecutive-failures": 4, "cooldown": 1}
+        # One outcome per scrape round: 3 failed rounds in a row (150 ms at the lab's
+        # 50 ms scrapes, 750 ms with a hung engine's 250 ms timeouts) open a breaker.
+        self.breaker = breaker or {"consecutive-failures": 3, "cooldown": 1}
+        self.stall_window = stall_window
         self.epsilon = epsilon
         self.workdir = Path(tempfile.mkdtemp(prefix="kvroute-fleet-"))
         self.static = self.workdir / "services.yaml"
@@ -216,7 +219,8 @@ class Fleet:
             [KVROUTE, "agent", "--controller", f"127.0.0.1:{self.controller_port}",
              "--node", node.name, "--cgroup", str(node.cgroup.path), "--pin-dir",
              str(node.pin_dir), "--ready-file", str(node.ready), "--scrape-interval",
-             str(self.scrape_interval), "--fail-k", str(self.fail_k), "--detach-on-exit"],
+             str(self.scrape_interval), "--stall-window", str(self.stall_window),
+             "--fail-k", str(self.fail_k), "--detach-on-exit"],
             stdout=log, stderr=log)
         self.lab.own_process(node.proc.pid)
         proc = node.proc

@@ -207,7 +207,8 @@ def report_to_pb(report: reports.AgentReport) -> pb.AgentReport:
     for r in report.engines:
         e = pb.EngineScrape(identity=r.identity, metrics_ok=r.metrics_ok,
                             health_ok=r.health_ok, latency_seconds=r.latency,
-                            error=r.error or "")
+                            error=r.error or "", failure=r.failure or "",
+                            unproven=r.unproven)
         if r.load is not None:
             e.load.CopyFrom(_load_to_pb(r.load))
         engines.append(e)
@@ -230,7 +231,7 @@ def report_from_pb(msg: pb.AgentReport) -> reports.AgentReport:
             identity=e.identity, metrics_ok=e.metrics_ok, health_ok=e.health_ok,
             latency=e.latency_seconds,
             load=_load_from_pb(e.load) if e.HasField("load") else None,
-            error=e.error or None,
+            error=e.error or None, failure=e.failure or None, unproven=e.unproven,
         )
         for e in msg.engines
     )

@@ -50,7 +50,8 @@ def command(host: str, port: int, model_name: str, engine_id: str | None, seed: 
     """Run a simulated vLLM engine (OpenAI API, vLLM metrics, faults).
 
     Faults change at run time with POST /admin/faults (JSON: latency_ms, error_rate,
-    error_code, hang, crash, refuse, refuse_s, kv_blocks), GET /admin/state shows them;
+    error_code, hang, stall, spare_health, crash, refuse, refuse_s,
+    kv_blocks), GET /admin/state shows them;
     SIGUSR1 toggles hang and SIGUSR2 toggles refuse.
     """
     defaults = model.EngineConfig()

@@ -22,6 +22,12 @@ class FaultState:
     error_rate: float = 0.0  # share of API requests answered with error_code
     error_code: int = 503
     hang: bool = False  # accept, never answer (until cleared)
+    # generation stops: requests are admitted and held (running > 0), no token comes out
+    # and vllm:generation_tokens stands still until cleared (a wedged GPU step)
+    stall: bool = False
+    # faults spare /health: an API server that fails clients while its health check still
+    # answers 200 (only the engine's own counters show it)
+    spare_health: bool = False
     crash: bool = False  # the process exits (os._exit) right after this is set
     refuse: bool = False  # close the listening socket: new connects are refused
     refuse_s: float | None = None  # if set with refuse, listen again after this many seconds
@@ -41,7 +47,7 @@ class FaultError(ValueError):
     """An invalid fault update (the admin endpoint answers 400)."""
 
 
-_BOOL_FIELDS = ("hang", "crash", "refuse")
+_BOOL_FIELDS = ("hang", "stall", "spare_health", "crash", "refuse")
 
 
 def apply_update(state: FaultState, update: Mapping[str, Any]) -> FaultState:

@@ -218,6 +218,14 @@ class StepOutput:
         return self.start_time + self.duration
 
 
+@dataclasses.dataclass
+class Batch:
+    """A scheduled step not run yet (:meth:`Engine.schedule`)."""
+
+    out: StepOutput
+    scheduled: dict[str, int]  # request id -> tokens it computes in this step
+
+
 class BlockPool:
     """Fixed set of KV blocks with an LRU free queue and a hash -> block map of cached blocks."""
 
@@ -427,6 +435,12 @@ class Engine:
 
     def step(self, now: float) -> StepOutput:
         """Schedule and run one engine step starting at ``now``."""
+        return self.run_batch(self.schedule(now))
+
+    def schedule(self, now: float) -> Batch:
+        """The first half of a step: choose the batch (its requests are running from
+        here on). :meth:`run_batch` completes it; a wedged GPU step (the simulator's stall
+        fault) is the time between the two."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         scheduled: dict[str, int] = {}
@@ -495,6 +509,13 @@ class Engine:
             scheduled[req.request_id] = n
             budget -= n
 
+        return Batch(out, scheduled)
+
+    def run_batch(self, batch: Batch) -> StepOutput:
+        """The second half of a step: its timing and the tokens of the batch."""
+        cfg = self.config
+        out, scheduled = batch.out, batch.scheduled
+        now = out.start_time
         # 3. Timing of the step from its shape.
         context = 0
         for rid, n in scheduled.items():

@@ -45,6 +45,7 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                             40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 _ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_UNCOUNTED_PATHS = frozenset({"/metrics", "/health"})
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 _PREEMPTION_BUCKETS = [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0]
 
@@ -181,6 +182,11 @@ class EngineMetrics:
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Histogram of time spent in DECODE phase for request.",
                                      _REQUEST_LATENCY_BUCKETS).labels(*values)
+        # prometheus-fastapi-instrumentator on vLLM's API server: status grouped by its
+        # first digit, handler the route template; vLLM excludes /metrics and /health.
+        self.http_requests = prometheus_client.Counter(
+            "http_requests", "Total number of requests by method, status and handler.",
+            ["handler", "method", "status"], registry=r)
         info = prometheus_client.Gauge(
             "vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
             ["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"], registry=r)
@@ -282,6 +288,9 @@ class EngineServer:
         self._streams: dict[str, asyncio.Queue[model.TokenEvent]] = {}
         self._wake = asyncio.Event()
         self._unhang = asyncio.Event()
+        self._unstall = asyncio.Event()
+        self._unstall.set()
+        self._pending_aborts: list[str] = []  # client aborts held by a stalled step
         self._loop_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._servers: list[asyncio.Server] = []
@@ -367,6 +376,10 @@ class EngineServer:
             self._unhang.clear()
         else:
             self._unhang.set()
+        if new.stall:
+            self._unstall.clear()
+        else:
+            self._unstall.set()
         if new.crash:
             # Let the admin answer leave first; a crash that eats its own reply is confusing.
             asyncio.get_running_loop().call_later(0.05, self._exit_fn, 1)
@@ -407,7 +420,12 @@ class EngineServer:
                 await self._wake.wait()
                 continue
             try:
-                out = self.engine.step(time.monotonic())
+                batch = self.engine.schedule(time.monotonic())
+                if batch.scheduled and not self._unstall.is_set():
+                    # The stall fault: this step never ends. Its requests stay running,
+                    # their tokens and the step's counters come out when it is cleared.
+                    await self._unstall.wait()
+                out = self.engine.run_batch(batch)
             except Exception:
                 # A bug in the model must not leave every client hanging: fail what is in
                 # flight, start over with an empty cache, keep serving.
@@ -423,6 +441,9 @@ class EngineServer:
                 delay = out.end_time - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            for rid in self._pending_aborts:  # after the step that held them
+                self.engine.abort(rid)
+            self._pending_aborts.clear()
             self.metrics.record_step(out)
             for ev in out.events:
                 q = self._streams.get(ev.request_id)
@@ -451,7 +472,12 @@ class EngineServer:
                         return
             finally:
                 self._streams.pop(rid, None)
-                self.engine.abort(rid)  # no-op when it finished
+                if self._unstall.is_set():
+                    self.engine.abort(rid)  # no-op when it finished
+                else:
+                    # A wedged step holds its batch: like vLLM's engine core, which
+                    # handles aborts between steps, the request stays running until then.
+                    self._pending_aborts.append(rid)
 
         return rid, req, events()
 
@@ -462,7 +488,8 @@ class EngineServer:
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
         try:
-            if not request.path.startswith("/admin/") and request.path != "/metrics":
+            if not (request.path.startswith("/admin/") or request.path == "/metrics"
+                    or (request.path == "/health" and self.faults.spare_health)):
                 await self._apply_faults()
             resp = await handler(request)
         except ApiError as e:
@@ -475,7 +502,17 @@ class EngineServer:
                 status=status)
         if not resp.prepared:
             resp.headers[ENGINE_HEADER] = self.config.engine_id
+        self._count_request(request, resp.status)
         return resp
+
+    def _count_request(self, request: web.Request, status: int) -> None:
+        """http_requests_total as vLLM's instrumentator counts: once the handler returned
+        (a hung request never counts), by route template ("none" when no route matched)."""
+        if request.path in _UNCOUNTED_PATHS or request.path.startswith("/admin/"):
+            return
+        resource = request.match_info.route.resource
+        handler = resource.canonical if resource is not None else "none"
+        self.metrics.http_requests.labels(handler, request.method, f"{status // 100}xx").inc()
 
     async def _apply_faults(self) -> None:
         f = self.faults

@@ -37,7 +37,8 @@ def _recover(f: fleet.Fleet) -> None:
         if proc.poll() is not None:
             f.start_engine(name)
         else:
-            f.fault(name, latency_ms=0, error_rate=0, hang=False, refuse=False)
+            f.fault(name, latency_ms=0, error_rate=0, hang=False, stall=False,
+                    spare_health=False, refuse=False)
     for n in range(len(f.nodes)):
         assert fleet.wait_for(lambda n=n: _all_active(f, n), 30), f.backends(n)
     assert fleet.wait_for(f.converged, 30), f.log("controller")

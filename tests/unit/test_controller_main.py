@@ -413,7 +413,7 @@ def test_metrics_live_on_the_given_registry_only() -> None:
     rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.1)
     rec.observe(tr.report(tr.scrape(tr.E1, ok=False), tr.scrape(
         tr.E2, engine_load=tr.load(running=2, kv=0.5))), 0.2)
-    rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.3)
+    rec.observe(tr.report(tr.scrape(tr.E1, ok=False)), 0.3)  # the third failed round
     snap = rec.tick(0.3)
     assert snap is not None
     m.record_transitions(rec.events())
@@ -436,7 +436,7 @@ def test_metrics_live_on_the_given_registry_only() -> None:
     assert value("kvroute_controller_engine_kv_usage_ratio", engine=tr.E2) == 0.5
     assert value("kvroute_controller_engine_scrape_ok", engine=tr.E1) == 0
     assert value("kvroute_controller_breaker_transitions_total", engine=tr.E1, reason=(
-        "consecutive_failures:scrape"), to="open", **{"from": "closed"}) == 1
+        "consecutive_failures:health"), to="open", **{"from": "closed"}) == 1
     assert value("kvroute_controller_service_saturated", service=svc) == 0
 
 

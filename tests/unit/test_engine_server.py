@@ -427,11 +427,55 @@ def test_engine_step_failure_aborts_in_flight_and_recovers(
         sim: tuple[str, server.EngineServer]) -> None:
     url, srv = sim
 
-    def broken(now: float) -> model.StepOutput:
+    def broken(now: float) -> model.Batch:
         raise RuntimeError("model bug")
 
-    srv.engine.step = broken  # type: ignore[method-assign]
+    srv.engine.schedule = broken  # type: ignore[method-assign]
     r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
     assert r.json()["choices"][0]["finish_reason"] == "abort"
     r = H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=5)
     assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_http_requests_counted_like_vllms_instrumentator(url: str) -> None:
+    body = {"model": MODEL, "prompt": "count me", "max_tokens": 2}
+    assert H.post(f"{url}/v1/completions", json=body).status_code == 200
+    _set_faults(url, error_rate=1.0, error_code=503)
+    assert H.post(f"{url}/v1/completions", json=body).status_code == 503
+    _set_faults(url, error_rate=0.0)
+    H.get(f"{url}/health")
+    samples = {(s.labels["handler"], s.labels["method"], s.labels["status"]): s.value
+               for s in _metrics(url)["http_requests"].samples
+               if s.name == "http_requests_total"}
+    assert samples == {("/v1/completions", "POST", "2xx"): 1.0,
+                       ("/v1/completions", "POST", "5xx"): 1.0}  # /health, /metrics: not counted
+
+
+def test_fault_stall_holds_running_requests_without_tokens(url: str) -> None:
+    before = _value(_metrics(url), "vllm:generation_tokens", "vllm:generation_tokens_total")
+    _set_faults(url, stall=True)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(H.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": "stuck", "max_tokens": 4}
+    ).status_code))
+    t.start()
+    time.sleep(0.3)
+    fams = _metrics(url)
+    assert not result  # held
+    assert _value(fams, "vllm:num_requests_running", "vllm:num_requests_running") == 1
+    assert _value(fams, "vllm:generation_tokens", "vllm:generation_tokens_total") == before
+    assert H.get(f"{url}/health").status_code == 200  # the server itself still answers
+    _set_faults(url, stall=False)
+    t.join(5)
+    assert result == [200]
+    after = _value(_metrics(url), "vllm:generation_tokens", "vllm:generation_tokens_total")
+    assert after == before + 4
+
+
+def test_fault_spare_health_fails_clients_but_not_the_health_check(url: str) -> None:
+    _set_faults(url, error_rate=1.0, error_code=503, spare_health=True)
+    assert H.get(f"{url}/health").status_code == 200
+    assert H.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}
+                  ).status_code == 503
+    _set_faults(url, spare_health=False)
+    assert H.get(f"{url}/health").status_code == 503

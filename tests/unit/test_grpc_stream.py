@@ -185,8 +185,7 @@ def test_reports_reach_agents_with_the_applied_version(controller: Controller,
     assert ok.converged and ok.lag_seconds == 0.0 and ok.watching
     assert ok.applied_hash == v1.hash and ok.node == "node-good"
     assert ok.counters[0].connects == 7 and ok.counters[0].failed == 2
-    assert ok.engines[0].load == load and ok.engines[0].outcomes() == [(True, "scrape"),
-                                                                       (True, "health")]
+    assert ok.engines[0].load == load and ok.engines[0].outcomes() == [(True, "scrape")]
     assert ok.last_report_at is not None and abs(ok.last_report_at - time.time()) < WAIT
     bad = status["broken"]
     assert bad.applied_version == 0 and not bad.converged and bad.lag_seconds > 0.0

@@ -16,8 +16,9 @@ from controller import breaker, policy, reconcile
 from controller.discovery import discovered
 from dataplane import enginemetrics, model, reports, scraper
 
-# Small, fast breaker: 5 failures in a row open it, 1 s cool-down, 3 successes close it.
-BRK = breaker.BreakerConfig(consecutive_failures=5, cooldown_base=1.0, half_open_successes=3)
+# Small, fast breaker: 3 failures in a row (a scrape round is one outcome) open it, 1 s
+# cool-down, 3 successes close it.
+BRK = breaker.BreakerConfig(consecutive_failures=3, cooldown_base=1.0, half_open_successes=3)
 OPEN, HALF, CLOSED = breaker.State.OPEN, breaker.State.HALF_OPEN, breaker.State.CLOSED
 
 
@@ -178,7 +179,7 @@ def test_metrics_port_and_path_make_the_engine_urls() -> None:
 def test_failing_scrapes_open_then_cooldown_probes_then_successes_close() -> None:
     rec = make()
     tick(rec, 0.0)
-    # Each failed scrape is two failures (metrics, then health): the 5th is round 3's metrics.
+    # A failed round is one failure (health first, as it failed first): the 3rd opens it.
     for i in range(2):
         rec.observe(report(scrape(E1, ok=False), scrape(E2)), 0.1 * (i + 1))
     assert backend(tick(rec, 0.2), "10.0.0.1").state == "active"
@@ -189,19 +190,22 @@ def test_failing_scrapes_open_then_cooldown_probes_then_successes_close() -> Non
     assert backend(snap, "10.0.0.2").state == "active"
     events = rec.events()
     assert [(e.engine, e.from_state, e.to_state, e.reason) for e in events] == [
-        (E1, CLOSED, OPEN, "consecutive_failures:scrape")]
+        (E1, CLOSED, OPEN, "consecutive_failures:health")]
     assert rec.events() == []  # drained
 
     # Failures while open change nothing; the cool-down alone decides.
     rec.observe(report(scrape(E1, ok=False)), 0.9)
     assert backend(tick(rec, 1.29), "10.0.0.1").state == "open"
-    snap = tick(rec, 1.3)
-    b1 = backend(snap, "10.0.0.1")
+    # Half-open, but the engine's last probe failed: no client is sent to probe it.
+    assert backend(tick(rec, 1.3), "10.0.0.1").state == "open"
+    assert rec.breaker_state(E1, 1.3) is HALF
+    assert [(e.to_state, e.reason, e.at) for e in rec.events()] == [
+        (HALF, "cooldown_elapsed", 1.3)]
+    rec.observe(report(scrape(E1)), 1.35)  # its own probe passes: clients may probe too
+    b1 = backend(tick(rec, 1.35), "10.0.0.1")
     assert b1.state == "probing"
     # probe_share 0.05 next to one active backend of weight 65535.
     assert b1.weight == round(0.05 * policy.WEIGHT_MAX / 0.95)
-    assert [(e.to_state, e.reason, e.at) for e in rec.events()] == [
-        (HALF, "cooldown_elapsed", 1.3)]
 
     rec.observe(report(scrape(E1)), 1.4)  # 2 successes: not yet
     assert backend(tick(rec, 1.4), "10.0.0.1").state == "probing"
@@ -210,15 +214,53 @@ def test_failing_scrapes_open_then_cooldown_probes_then_successes_close() -> Non
     assert [e.reason for e in rec.events()] == ["probes_succeeded"]
 
 
+def test_half_open_after_a_kernel_trip_probes_without_a_reported_scrape() -> None:
+    """Nothing says the engine's probes fail (no scrape reported yet): probe at once."""
+    rec = make()
+    rec.observe(report(counters=(counters(E1),)), 0.0)
+    rec.observe(report(counters=(counters(E1, failed=1, trips=1),)), 0.1)
+    assert backend(tick(rec, 0.1), "10.0.0.1").state == "open"
+    assert backend(tick(rec, 1.2), "10.0.0.1").state == "probing"
+
+
+def test_a_half_open_engine_whose_probes_fail_stays_published_open() -> None:
+    rec = make()
+    for i in range(3):
+        rec.observe(report(scrape(E1, ok=False)), 0.1 * i)
+    assert backend(tick(rec, 0.3), "10.0.0.1").state == "open"
+    # After the cool-down the breaker is half-open; the next failed probe re-trips it.
+    assert backend(tick(rec, 1.5), "10.0.0.1").state == "open"
+    rec.observe(report(scrape(E1, ok=False)), 1.6)
+    assert rec.breaker_state(E1, 1.6) is OPEN
+    assert backend(tick(rec, 1.6), "10.0.0.1").state == "open"
+
+
+def test_unproven_rounds_neither_close_a_half_open_breaker_nor_hide_it() -> None:
+    """An engine that failed on 5xx and got no request since: published probing (its
+    probes pass, so clients may test it), but only a served request closes it."""
+    rec = make()
+    for i in range(3):
+        rec.observe(report(scrape(E1, ok=False)), 0.1 * i)
+    assert rec.breaker_state(E1, 1.3) is HALF
+    for i in range(5):
+        rec.observe(report(dataclasses.replace(scrape(E1), unproven=True)), 1.3 + 0.1 * i)
+    assert rec.breaker_state(E1, 1.8) is HALF
+    assert backend(tick(rec, 1.8), "10.0.0.1").state == "probing"
+    for i in range(3):
+        rec.observe(report(scrape(E1)), 2.0 + 0.1 * i)
+    assert rec.breaker_state(E1, 2.3) is CLOSED
+
+
 def test_a_round_reported_twice_counts_once() -> None:
     rec = make()
     failed = scrape(E1, ok=False)
-    for i in range(5):  # 5 reports of one failed round: 2 failures, not 10
+    for i in range(5):  # 5 reports of one failed round: 1 failure, not 5
         rec.observe(report(failed), 0.1 * i)
     assert rec.breaker_state(E1, 0.5) is CLOSED
     assert rec.repeated_scrape_reports == 4
     # Another agent's identical-looking result is its own round.
     rec.observe(report(failed, agent="agent-b"), 0.6)
+    assert rec.breaker_state(E1, 0.6) is CLOSED
     # A new round of the same agent differs (at least in latency) and counts.
     rec.observe(report(scrape(E1, ok=False)), 0.7)
     assert rec.breaker_state(E1, 0.7) is OPEN
@@ -234,14 +276,37 @@ def test_a_kernel_trip_opens_at_once() -> None:
     assert [e.reason for e in rec.events()] == ["kernel_trip"]
 
 
-def test_kernel_failed_connect_deltas_are_failures_and_established_successes() -> None:
+def test_kernel_failed_connect_deltas_are_failures() -> None:
     rec = make()
     rec.observe(report(counters=(counters(E1, failed=100, established=50),)), 0.0)  # baseline
-    rec.observe(report(counters=(counters(E1, failed=104, established=60),)), 0.1)
-    assert rec.breaker_state(E1, 0.1) is CLOSED  # 4 failures < 5
-    rec.observe(report(counters=(counters(E1, failed=105, established=60),)), 0.2)
+    rec.observe(report(counters=(counters(E1, failed=102, established=60),)), 0.1)
+    assert rec.breaker_state(E1, 0.1) is CLOSED  # 2 failures < 3
+    rec.observe(report(counters=(counters(E1, failed=103, established=60),)), 0.2)
     assert rec.breaker_state(E1, 0.2) is OPEN
     assert rec.events()[0].reason == "consecutive_failures:kernel"
+
+
+def test_established_connects_are_no_successes() -> None:
+    """A hung or always-503 engine completes every handshake: client traffic must not
+    reset the failure run its probes build up (issue 8)."""
+    rec = make()
+    rec.observe(report(counters=(counters(E1, established=0),)), 0.0)  # baseline
+    for i in range(1, 5):
+        rec.observe(report(scrape(E1, ok=False),
+                           counters=(counters(E1, established=1000 * i),)), 0.1 * i)
+    # Failed rounds with thousands of handshakes in between: open.
+    assert rec.breaker_state(E1, 0.4) is OPEN
+
+
+def test_established_connects_do_not_close_a_half_open_breaker() -> None:
+    rec = make()
+    rec.observe(report(counters=(counters(E1),)), 0.0)  # baseline
+    for i in range(3):
+        rec.observe(report(scrape(E1, ok=False)), 0.1 + 0.01 * i)
+    assert rec.breaker_state(E1, 0.2) is OPEN
+    assert rec.breaker_state(E1, 1.5) is HALF
+    rec.observe(report(counters=(counters(E1, established=500),)), 1.6)
+    assert rec.breaker_state(E1, 1.6) is HALF
 
 
 def test_the_first_counter_reading_is_only_a_baseline() -> None:
@@ -256,10 +321,10 @@ def test_the_first_counter_reading_is_only_a_baseline() -> None:
 def test_counter_reset_counts_the_new_reading_as_the_increase() -> None:
     rec = make()
     rec.observe(report(counters=(counters(E1, failed=100),)), 0.0)
-    # The agent restarted: 3 < 100, so 3 new failures (not -97, not 0).
-    rec.observe(report(counters=(counters(E1, failed=3),)), 0.1)
+    # The agent restarted: 2 < 100, so 2 new failures (not -98, not 0).
+    rec.observe(report(counters=(counters(E1, failed=2),)), 0.1)
     assert rec.breaker_state(E1, 0.1) is CLOSED
-    rec.observe(report(counters=(counters(E1, failed=5),)), 0.2)  # +2: 5 in a row
+    rec.observe(report(counters=(counters(E1, failed=3),)), 0.2)  # +1: 3 in a row
     assert rec.breaker_state(E1, 0.2) is OPEN
     # A reset trips counter: 1 after 0 is a trip whatever came before.
     rec2 = make()
@@ -268,7 +333,7 @@ def test_counter_reset_counts_the_new_reading_as_the_increase() -> None:
     assert rec2.breaker_state(E1, 0.1) is OPEN
 
 
-def test_successes_in_a_counter_interval_do_not_hide_its_failures() -> None:
+def test_handshakes_in_a_counter_interval_do_not_hide_its_failures() -> None:
     rec = make()
     rec.observe(report(counters=(counters(E1),)), 0.0)
     rec.observe(report(counters=(counters(E1, established=1000, failed=5),)), 0.1)
@@ -278,7 +343,9 @@ def test_successes_in_a_counter_interval_do_not_hide_its_failures() -> None:
 def test_service_breaker_annotations_apply_to_its_engines() -> None:
     rec = make(spec(breaker={"consecutive_failures": 2}))
     rec.observe(report(scrape(E1, ok=False)), 0.1)
-    assert rec.breaker_state(E1, 0.1) is OPEN
+    assert rec.breaker_state(E1, 0.1) is CLOSED
+    rec.observe(report(scrape(E1, ok=False)), 0.2)
+    assert rec.breaker_state(E1, 0.2) is OPEN
 
 
 # -- policy -------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def test_healthy_engines_report_load() -> None:
         assert r.ok and r.error is None
         assert r.load is not None and (r.load.running, r.load.waiting) == (3.0, 1.0)
         assert 0 < r.latency < 2.0
-        assert r.outcomes() == [(True, "scrape"), (True, "health")]
+        assert r.outcomes() == [(True, "scrape")]  # one success per round
+        assert r.failure is None and r.progress is not None
 
 
 def test_slow_engine_does_not_delay_the_others() -> None:
@@ -172,7 +173,8 @@ def test_failures_yield_a_reason(
     assert bad.error is not None and bad.error.startswith(reason), bad.error
     assert bad.page == page  # the engine's own page is to blame (counted, logged)
     assert (bad.load is not None) == metrics_ok
-    assert bad.outcomes() == [(metrics_ok, "scrape"), (health_ok, "health")]
+    # One failure per round, its source what failed first.
+    assert bad.outcomes() == [(False, "scrape" if health_ok else "health")]
     assert results["good"].ok and results["good"].page is None
 
 
@@ -319,3 +321,19 @@ def test_stop_cancels_a_round_stuck_past_grace() -> None:
             await s.stop()  # a second stop is harmless
 
     run(main())
+
+
+@pytest.mark.parametrize("failure", ["5xx", "stalled"])
+def test_a_verdict_fails_a_round_whose_probes_passed(failure: str) -> None:
+    r = scraper.ScrapeResult("e", True, True, 0.01, None, None, failure=failure)
+    assert not r.ok and r.outcomes() == [(False, failure)]
+    assert scraper.ScrapeResult("e", True, True, 0.01, None, None).outcomes() == [
+        (True, "scrape")]
+
+
+def test_an_unproven_round_is_no_outcome_but_counts_as_answering() -> None:
+    r = scraper.ScrapeResult("e", True, True, 0.01, None, None, unproven=True)
+    assert r.ok and r.outcomes() == []
+    # A probe that fails still fails.
+    bad = scraper.ScrapeResult("e", True, False, 0.01, None, "health: x", unproven=True)
+    assert bad.outcomes() == [(False, "health")]

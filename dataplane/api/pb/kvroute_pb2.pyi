@@ -238,20 +238,24 @@ class EngineLoad(_message.Message):
     def __init__(self, running: _Optional[float] = ..., waiting: _Optional[float] = ..., kv_usage: _Optional[float] = ..., kv_family: _Optional[str] = ..., engines: _Optional[int] = ..., ttft_count: _Optional[float] = ..., ttft_sum: _Optional[float] = ..., ttft_p50: _Optional[float] = ..., ttft_p90: _Optional[float] = ..., ttft_buckets: _Optional[_Iterable[_Union[HistogramBucket, _Mapping]]] = ...) -> None: ...
 
 class EngineScrape(_message.Message):
-    __slots__ = ("identity", "metrics_ok", "health_ok", "latency_seconds", "load", "error")
+    __slots__ = ("identity", "metrics_ok", "health_ok", "latency_seconds", "load", "error", "failure", "unproven")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     METRICS_OK_FIELD_NUMBER: _ClassVar[int]
     HEALTH_OK_FIELD_NUMBER: _ClassVar[int]
     LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    UNPROVEN_FIELD_NUMBER: _ClassVar[int]
     identity: str
     metrics_ok: bool
     health_ok: bool
     latency_seconds: float
     load: EngineLoad
     error: str
-    def __init__(self, identity: _Optional[str] = ..., metrics_ok: _Optional[bool] = ..., health_ok: _Optional[bool] = ..., latency_seconds: _Optional[float] = ..., load: _Optional[_Union[EngineLoad, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    failure: str
+    unproven: bool
+    def __init__(self, identity: _Optional[str] = ..., metrics_ok: _Optional[bool] = ..., health_ok: _Optional[bool] = ..., latency_seconds: _Optional[float] = ..., load: _Optional[_Union[EngineLoad, _Mapping]] = ..., error: _Optional[str] = ..., failure: _Optional[str] = ..., unproven: _Optional[bool] = ...) -> None: ...
 
 class BackendCounters(_message.Message):
     __slots__ = ("identity", "selected", "connects", "failed", "established", "closed", "trips")
