@@ -23,6 +23,8 @@ MAP_TYPES: dict[str, tuple[Any, Any]] = {
     "kvr_svc_cnt": (ct.c_uint32, abi.SvcCounters),
     "kvr_be_cnt": (ct.c_uint32, abi.BeCounters),
     "kvr_meta": (ct.c_uint32, abi.Meta),
+    "kvr_be_sess": (ct.c_uint32, ct.c_uint32),
+    "kvr_scratch": (ct.c_uint32, abi.Scratch),
 }
 
 
