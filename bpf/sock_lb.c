@@ -132,6 +132,7 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 		kvr_reason_inc(KVR_R_NO_PICK);
 		return SYS_PROCEED;
 	}
+	hand->cookie = bpf_get_socket_cookie(ctx);
 	hand->key = key;
 	hand->now = now;
 	hand->prev = prev;
@@ -154,11 +155,12 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 int sock4_pick(struct bpf_sock_addr *ctx)
 {
 	struct kvr_l4_key skey = {};
+	__u32 zero = 0, prev, avoid;
 	struct kvr_scratch *hand;
+	bool bind, untagged = false;
 	struct kvr_pick pick;
 	struct kvr_svc *svc;
-	__u32 zero = 0;
-	bool bind;
+	__u64 key, now;
 
 	svc = sock4_service(ctx, &skey);
 	hand = kvr_scratch.lookup(&zero);
@@ -166,15 +168,29 @@ int sock4_pick(struct bpf_sock_addr *ctx)
 		kvr_reason_inc(KVR_R_NO_PICK);
 		return SYS_PROCEED;
 	}
+	if (hand->cookie == bpf_get_socket_cookie(ctx)) {
+		key = hand->key;
+		now = hand->now;
+		prev = hand->prev;
+		avoid = hand->avoid;
+	} else {
+		/* Another connect on this CPU overwrote the hand-over while this
+		 * one was preempted: derive the key again, pick as for a new
+		 * session. */
+		kvr_reason_inc(KVR_R_HANDOVER);
+		key = sock4_session_key(ctx, svc, svc->affinity == KVR_AFF_SESSION ?
+					sock4_storage(ctx->sk, false) : NULL, &untagged);
+		now = bpf_ktime_get_ns();
+		prev = avoid = KVR_NO_BACKEND;
+	}
 	/* A saturated session's move never lands on the backend it leaves... */
-	pick = lb_maglev_pick(svc, hand->key, kvr_svc_ident(&skey), hand->avoid);
+	pick = lb_maglev_pick(svc, key, kvr_svc_ident(&skey), avoid);
 	if (pick.spilled)
 		kvr_svc_inc(svc->id, KVR_SC_SPILLED);
 	bind = pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE;
 	if (pick.be_id == KVR_NO_BACKEND)
-		pick.be_id = hand->avoid;	/* ...and stays where nothing else is usable. */
-	return sock4_xlate_to(ctx, svc, &skey, hand->key, pick.be_id, bind, hand->prev,
-			      hand->now);
+		pick.be_id = avoid;	/* ...and stays where nothing else is usable. */
+	return sock4_xlate_to(ctx, svc, &skey, key, pick.be_id, bind, prev, now);
 }
 
 /* Applications keep seeing the VIP they connected to. */

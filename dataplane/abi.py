@@ -80,6 +80,7 @@ class Reason(enum.IntEnum):
     REVERSED = 4
     EV_LOST = 5
     NO_PICK = 6
+    HANDOVER = 7
 
 
 class EventKind(enum.IntEnum):
@@ -171,8 +172,8 @@ class Event(ct.Structure):
 class Scratch(ct.Structure):
     """struct kvr_scratch (programs only; mirrored for the layout test)"""
 
-    _fields_ = [("key", ct.c_uint64), ("now", ct.c_uint64), ("prev", ct.c_uint32),
-                ("avoid", ct.c_uint32)]
+    _fields_ = [("cookie", ct.c_uint64), ("key", ct.c_uint64), ("now", ct.c_uint64),
+                ("prev", ct.c_uint32), ("avoid", ct.c_uint32)]
 
 
 class SvcCounters(ct.Structure):

@@ -596,6 +596,7 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
     if p.gone_backends:
         _delete_present(maps, "kvr_health", p.gone_backends)
         _delete_present(maps, "kvr_be_cnt", p.gone_backends)
+        _delete_present(maps, "kvr_be_sess", p.gone_backends)
     pool.collect()
     return ApplyResult(p.summary(), p.build_seconds, time.perf_counter() - started)
 

@@ -199,17 +199,20 @@ enum kvr_reason {
 	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */
 	KVR_R_EV_LOST,		/* kvr_events full: a binding event was dropped */
 	KVR_R_NO_PICK,		/* the tail call to sock4_pick failed: socket left alone */
+	KVR_R_HANDOVER,		/* sock4_pick found another socket's hand-over (connect4
+				 * preempted in between): picked as a new session */
 	KVR_R_MAX,
 };
 
 /* Value of kvr_scratch (programs only): what connect4 hands sock4_pick. */
 struct kvr_scratch {
+	__u64	cookie;		/* the socket's cookie: whose hand-over this is */
 	__u64	key;		/* the session key */
 	__u64	now;		/* bpf_ktime_get_ns() of this connect */
 	__u32	prev;		/* backend of the binding being replaced, or KVR_NO_BACKEND */
 	__u32	avoid;		/* backend the pick must not take, or KVR_NO_BACKEND */
 };
-_Static_assert(sizeof(struct kvr_scratch) == 24, "kvr_scratch size");
+_Static_assert(sizeof(struct kvr_scratch) == 32, "kvr_scratch size");
 
 /* Slots of kvr_progs. */
 #define KVR_PROG_PICK		0

@@ -22,12 +22,6 @@
  * still finds a live one. */
 #define KVR_WALK 32
 
-/* Hashed slots a fleet service's residency placement looks at: 16 see each
- * of 4 equal backends with probability 1 - (3/4)^16 = 99%. */
-#ifndef KVR_RES_SLOTS
-#define KVR_RES_SLOTS 16
-#endif
-
 #define KVR_NS_PER_SEC 1000000000ULL
 
 /* What a pick produced, beyond the backend id. */
@@ -133,39 +127,46 @@ static __always_inline __u32 lb_weight(__u32 svc_id, __u32 be_id)
 
 /*
  * lb_residency_pick() - where a fleet service's new session goes: of the
- * usable backends under the load bound in the key's first KVR_RES_SLOTS
- * hashed slots, the one holding the fewest fleet-wide sessions (kvr_be_sess)
- * per unit of weight (kvr_member), compared as sess_a * w_b < sess_b * w_a
- * in u64; ties to the earlier slot. KVR_NO_BACKEND when none qualifies.
+ * first KVR_CANDIDATES distinct usable backends in the key's walk, those
+ * under the load bound, the one holding the fewest fleet-wide sessions
+ * (kvr_be_sess) per unit of weight (kvr_member), compared as
+ * sess_a * w_b < sess_b * w_a in u64; ties to the earlier in walk order.
+ * KVR_NO_BACKEND when none qualifies (the walk then takes the least loaded).
  *
- * A fixed pass of its own rather than part of the walk: carrying candidates
- * through the walk multiplies the verifier's states past its limit. A
- * backend owning several of the slots is looked at again (cheap: the
- * current best is skipped).
+ * A pass of its own before the walk: carrying these candidates through the
+ * bounded-load walk multiplies the verifier's states past its limit.
  */
 static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *table,
 					       __u64 key, __u64 ident, __u32 mean, __u32 avoid)
 {
-	__u32 best = KVR_NO_BACKEND, best_sess = 0, best_w = 0, n, id, sess, w, slot;
+	__u32 best = KVR_NO_BACKEND, best_sess = 0, best_w = 0, nseen = 0;
+	__u32 seen[KVR_CANDIDATES] = {};
+	__u32 n, id, sess, w, slot;
 	__u32 *be_id;
 
-	for (n = 0; n < KVR_RES_SLOTS; n++) {
+	for (n = 0; n < KVR_WALK; n++) {
 		slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
 		be_id = bpf_map_lookup_elem(table, &slot);
 		if (!be_id)
 			continue;
 		id = *be_id;
-		if (id == best || id == avoid || !lb_backend_usable(id, svc, true))
+		if (id == avoid || lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
 			continue;
-		if (lb_over_bound(mean ? lb_backend_load(id) : 0, mean, svc))
-			continue;
-		sess = lb_sessions(id);
-		w = lb_weight(svc->id, id);
-		if (best == KVR_NO_BACKEND || (__u64)sess * best_w < (__u64)best_sess * w) {
-			best = id;
-			best_sess = sess;
-			best_w = w;
+		if (nseen < KVR_CANDIDATES)
+			seen[nseen] = id;
+		nseen++;
+		if (!lb_over_bound(mean ? lb_backend_load(id) : 0, mean, svc)) {
+			sess = lb_sessions(id);
+			w = lb_weight(svc->id, id);
+			if (best == KVR_NO_BACKEND ||
+			    (__u64)sess * best_w < (__u64)best_sess * w) {
+				best = id;
+				best_sess = sess;
+				best_w = w;
+			}
 		}
+		if (nseen >= KVR_CANDIDATES)
+			break;
 	}
 	return best;
 }
