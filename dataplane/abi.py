@@ -241,7 +241,7 @@ class Meta(ct.Structure):
                 ("abi_version", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Every ctypes mirror with the C struct name bcc reports for it.
 MIRRORS: dict[str, type[ct.Structure]] = {

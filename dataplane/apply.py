@@ -591,7 +591,7 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
     # Kernel-created entries (counters, health) exist only for objects that saw
     # traffic, so their removal tolerates absent keys.
     if p.gone_services:
-        _delete_present(maps, "kvr_svc_cnt", p.gone_services)
+        _delete_present(maps, "kvr_svc_cnt_v2", p.gone_services)
         _purge_affinity(maps, set(p.gone_services))
     if p.gone_backends:
         _delete_present(maps, "kvr_health", p.gone_backends)

@@ -25,7 +25,7 @@ def services(maps: MapSet) -> list[dict[str, Any]]:
     names = {k.value: v.name.decode() for k, v in maps.items("kvr_svc_name", U32, abi.SvcName)}
     out = []
     for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
-        counters = maps.percpu_sum("kvr_svc_cnt", U32(svc.id), abi.SvcCounters) or []
+        counters = maps.percpu_sum("kvr_svc_cnt_v2", U32(svc.id), abi.SvcCounters) or []
         out.append({
             "id": svc.id, "name": names.get(svc.id, ""),
             "frontend": abi.format_endpoint(key.addr, key.port, key.proto),

@@ -231,7 +231,8 @@ def remove_pins(pin_dir: Path) -> Uninstalled:
     top = _look_in(pin_dir)
     links_dir = pin_dir / pins.LINKS_DIR
     has_links = any(e.name == pins.LINKS_DIR and e.kind == "dir" for e in top)
-    plan = pins.plan(top, _look_in(links_dir) if has_links else [], maps.PINNED_MAPS,
+    plan = pins.plan(top, _look_in(links_dir) if has_links else [],
+                     (*maps.PINNED_MAPS, *maps.RETIRED_MAPS),
                      [p.name for p in PROGRAMS])
     if not plan.owns_anything:
         if top:

@@ -17,7 +17,7 @@ from dataplane import abi, bpfsys
 
 MAP_NAMES = (
     "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_member",
-    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt",
+    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt_v2",
     "kvr_be_cnt",
     "kvr_reasons", "kvr_meta", "kvr_be_sess", "kvr_events",
 )
@@ -27,6 +27,9 @@ SOCKET_MAPS = ("kvr_sk",)
 PROGRAM_MAPS = ("kvr_progs", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
+# Pinned by earlier versions under names since replaced (a layout change gets a new
+# name): uninstall removes them too.
+RETIRED_MAPS = ("kvr_svc_cnt",)
 
 K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
 V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)

@@ -155,9 +155,10 @@ struct kvr_meta {
 };
 _Static_assert(sizeof(struct kvr_meta) == 24, "kvr_meta size");
 
-#define KVR_ABI_VERSION		1
+#define KVR_ABI_VERSION		2	/* 2: fleet bindings (kvr_svc.move_eps_milli,
+					 * kvr_aff_val.reported_s, kvr_event) */
 
-/* Per-service counter slots (kvr_svc_cnt, per CPU). */
+/* Per-service counter slots (kvr_svc_cnt_v2, per CPU; _v2 since KVR_SC_MOVED_LOAD). */
 enum kvr_svc_cnt {
 	KVR_SC_SELECTED = 0,	/* connects translated to a backend */
 	KVR_SC_AFF_HIT,		/* reused a live affinity entry */

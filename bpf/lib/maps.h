@@ -124,8 +124,8 @@ BPF_TABLE_PINNED("lru_hash", u64, struct kvr_sock, kvr_sock,
 		 KVR_SOCK_ENTRIES, KVR_PIN("kvr_sock"));
 
 /* service id -> per-CPU outcome counters (enum kvr_svc_cnt) */
-BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt,
-		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt_v2,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt_v2"), BPF_F_NO_PREALLOC);
 
 /* backend id -> per-CPU counters (enum kvr_be_cnt) */
 BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_be_cnt_val, kvr_be_cnt,
