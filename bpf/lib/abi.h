@@ -168,7 +168,8 @@ enum kvr_svc_cnt {
 	KVR_SC_UNTAGGED,	/* session mode, socket untagged: fell back to client */
 	KVR_SC_MOVED,		/* affinity entry pointed at an unusable backend */
 	KVR_SC_SATURATED,	/* refused because the service is saturated */
-	KVR_SC_MOVED_LOAD,	/* a live session moved: its backend was over the move bound */
+	KVR_SC_MOVED_LOAD,	/* a live session's backend was over the move bound: it moved
+				 * (or stayed: no other backend was usable) */
 	KVR_SC_MAX,
 };
 

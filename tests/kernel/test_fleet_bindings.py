@@ -229,3 +229,17 @@ def _move_and_check(fleet: Node, ring: Ring, pods: list[str], first: str, svc_id
     assert _svc_counter(fleet, abi.SvcCounter.MOVED_LOAD) == moved_before + 1
     # It stays on its new engine, which is not saturated.
     assert fleet.run(connect_names, VIP, 80, 0, ["erin"]) == [then]
+
+
+def test_a_reader_on_the_pin_dir_sees_the_ring(fleet: Node) -> None:
+    """What a restarted agent does: open the pinned ring by path, not through bcc."""
+    fleet.apply([svc([fleet.backend(p) for p in PODS])])
+    svc_id, ids = _ids(fleet)
+    got: list[events.Event] = []
+    with events.EventReader(fleet.settings.pin_dir, got.append) as reader:
+        reader.consume()
+        got.clear()
+        (name,) = fleet.run(connect_names, VIP, 80, 0, ["frank"])
+        assert reader.poll(2000) == 1
+    assert got == [events.Event(abi.EV_BIND, svc_id, ids[name], abi.NO_BACKEND,
+                                client.session_hash("frank"))]
