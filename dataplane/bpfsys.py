@@ -270,11 +270,19 @@ def possible_cpus() -> int:
 class RingBuffer:
     """A BPF ring buffer map read through libbpf's ring_buffer API, by map fd (a pinned
     ring works from any process). ``on_sample`` gets each record's bytes; it runs inside
-    poll() and consume(), on the caller's thread."""
+    poll() and consume(), on the caller's thread. An exception it raises stops the
+    consumption (that record is consumed) and is raised again by poll()/consume():
+    ctypes would otherwise print and swallow it."""
 
     def __init__(self, map_fd: int, on_sample: Callable[[bytes], None]) -> None:
+        self._error: BaseException | None = None
+
         def sample(_ctx: int | None, data: int | None, size: int) -> int:
-            on_sample(ct.string_at(data or 0, size))
+            try:
+                on_sample(ct.string_at(data or 0, size))
+            except BaseException as exc:  # re-raised on the caller's side of libbpf
+                self._error = exc
+                return -1
             return 0
 
         # Kept on the object: libbpf calls it for as long as the ring lives.
@@ -290,16 +298,24 @@ class RingBuffer:
             raise ValueError("ring buffer is closed")
         return self._rb
 
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for records; returns how many were consumed."""
         ret = _lib().ring_buffer__poll(self._ptr(), timeout_ms)
+        self._raise_pending()
         if ret == -errno.EINTR:
             return 0
         return _check(ret, "ring buffer poll")
 
     def consume(self) -> int:
         """Consume what is there without waiting; returns how many records."""
-        return _check(_lib().ring_buffer__consume(self._ptr()), "ring buffer consume")
+        ret = _lib().ring_buffer__consume(self._ptr())
+        self._raise_pending()
+        return _check(ret, "ring buffer consume")
 
     def epoll_fd(self) -> int:
         """An fd that becomes readable when records wait (for an event loop)."""

@@ -243,3 +243,21 @@ def test_a_reader_on_the_pin_dir_sees_the_ring(fleet: Node) -> None:
         assert reader.poll(2000) == 1
     assert got == [events.Event(abi.EV_BIND, svc_id, ids[name], abi.NO_BACKEND,
                                 client.session_hash("frank"))]
+
+
+def test_an_error_in_the_callback_reaches_the_caller(fleet: Node) -> None:
+    fleet.apply([svc([fleet.backend(p) for p in PODS])])
+
+    def boom(ev: events.Event) -> None:
+        raise RuntimeError(f"relay down at {ev.kind}")
+
+    with events.EventReader(fleet.maps, boom) as reader:
+        reader.consume()
+        fleet.run(connect_names, VIP, 80, 0, ["gina", "hank"])
+        with pytest.raises(RuntimeError, match="relay down at 1"):
+            reader.poll(2000)
+    # The record that failed was consumed; the next one is still there.
+    got: list[events.Event] = []
+    with events.EventReader(fleet.maps, got.append) as reader:
+        assert reader.consume() == 1
+    assert got[0].key == client.session_hash("hank")
