@@ -74,9 +74,12 @@ static __always_inline int sock4_xlate_to(struct bpf_sock_addr *ctx, const struc
 /*
  * __sock4_xlate_fwd() - translate a connect() to a service VIP into a backend.
  *
- * A live binding is used here; everything else (a new session, one moving)
- * goes to the table walk in sock4_pick, tail-called with the hand-over in
- * kvr_scratch: the walk gets the verifier's whole budget to itself.
+ * A live binding is used here, and a plain service's new session walks the
+ * table here (as cheap as before fleet bindings existed). A fleet service's
+ * new session (residency) and a session that must move (its backend unusable
+ * or saturated) go to sock4_pick, tail-called with the hand-over in
+ * kvr_scratch: in one program, those cases took the verifier past its 1M
+ * instruction budget.
  *
  * Returns SYS_PROCEED for everything kvroute does not own, and for every
  * translated connect; SYS_REJECT (with ECONNREFUSED) only for a service whose
@@ -88,6 +91,7 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	struct kvr_aff_key akey = {};
 	__u32 be_id = KVR_NO_BACKEND, prev = KVR_NO_BACKEND, zero = 0;
 	struct kvr_scratch *hand;
+	struct kvr_pick pick;
 	bool untagged = false;
 	int how = LB_AFF_NEW;
 	struct kvr_svc *svc;
@@ -127,6 +131,15 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	if (how == LB_AFF_LOADED)
 		kvr_svc_inc(svc->id, KVR_SC_MOVED_LOAD);
 
+	/* The common case walks here: a plain service's new session. */
+	if (how == LB_AFF_NEW && !(svc->flags & KVR_SVC_F_FLEET)) {
+		pick = lb_maglev_pick(svc, key, kvr_svc_ident(&skey), KVR_NO_BACKEND, false);
+		if (pick.spilled)
+			kvr_svc_inc(svc->id, KVR_SC_SPILLED);
+		return sock4_xlate_to(ctx, svc, &skey, key, pick.be_id,
+				      svc->affinity != KVR_AFF_NONE, KVR_NO_BACKEND, now);
+	}
+
 	hand = kvr_scratch.lookup(&zero);
 	if (!hand) {
 		kvr_reason_inc(KVR_R_NO_PICK);
@@ -149,8 +162,9 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 }
 
 /*
- * sock4_pick() - the table walk for a connect that connect4 could not serve
- * from a live binding; tail-called only (kvr_progs), never attached.
+ * sock4_pick() - the table walk for a fleet service's new session or a
+ * session that moves; tail-called by connect4 only (kvr_progs), never
+ * attached.
  */
 int sock4_pick(struct bpf_sock_addr *ctx)
 {
@@ -184,7 +198,8 @@ int sock4_pick(struct bpf_sock_addr *ctx)
 		prev = avoid = KVR_NO_BACKEND;
 	}
 	/* A saturated session's move never lands on the backend it leaves... */
-	pick = lb_maglev_pick(svc, key, kvr_svc_ident(&skey), avoid);
+	pick = lb_maglev_pick(svc, key, kvr_svc_ident(&skey), avoid,
+			      svc->flags & KVR_SVC_F_FLEET);
 	if (pick.spilled)
 		kvr_svc_inc(svc->id, KVR_SC_SPILLED);
 	bind = pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE;

@@ -191,7 +191,7 @@ static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *
  * the flag pay nothing for it.
  */
 static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc, __u64 key,
-						      __u64 ident, __u32 avoid)
+						      __u64 ident, __u32 avoid, bool fleet)
 {
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
 	__u32 seen[KVR_CANDIDATES] = {};
@@ -211,7 +211,7 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	if (svc->eps_milli != KVR_EPS_OFF)
 		mean = lb_svc_mean(svc->id);
 
-	if (svc->flags & KVR_SVC_F_FLEET) {
+	if (fleet) {
 		pick.be_id = lb_residency_pick(svc, table, key, ident, mean, avoid);
 		if (pick.be_id != KVR_NO_BACKEND)
 			return pick;

@@ -99,8 +99,8 @@ BPF_TABLE_PINNED("lru_hash", struct kvr_aff_key, struct kvr_aff_val, kvr_affinit
 BPF_TABLE_PINNED7("hash", u32, u32, kvr_be_sess,
 		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_sess"), BPF_F_NO_PREALLOC);
 
-/* KVR_PROG_PICK -> sock4_pick, tail-called by connect4 (written by the agent
- * at load). Pinned: an unpinned program array is emptied when the last user
+/* KVR_PROG_PICK -> sock4_pick, tail-called by connect4 for fleet placement
+ * and moving sessions (written by the agent at load). Pinned: an unpinned program array is emptied when the last user
  * space handle closes, which would end every new session's routing. */
 BPF_TABLE_PINNED("prog", u32, u32, kvr_progs, 1, KVR_PIN("kvr_progs"));
 
