@@ -137,6 +137,7 @@ class _Service:
     affinity_timeout: int
     table_size: int
     epsilon: float | None
+    move_epsilon: float | None
     probe_share: float
     policy: policy.PolicyConfig | None  # LLM services only
     backends: tuple[_Backend, ...]
@@ -306,8 +307,8 @@ class Reconciler:
             name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port,
             protocol=model.Protocol(spec.protocol), affinity=model.Affinity(spec.affinity),
             affinity_timeout=spec.affinity_timeout or model.DEFAULT_AFFINITY_TIMEOUT,
-            table_size=table_size, epsilon=epsilon, probe_share=probe_share, policy=pcfg,
-            backends=backends,
+            table_size=table_size, epsilon=epsilon, move_epsilon=spec.move_epsilon,
+            probe_share=probe_share, policy=pcfg, backends=backends,
         )
         # Whatever the snapshot would refuse (a VIP that is not unicast, ...) is found
         # here, where the service can be left out, and never in a tick.
@@ -480,7 +481,7 @@ class Reconciler:
             name=svc.name, vip=svc.vip, port=svc.port, protocol=svc.protocol,
             affinity=svc.affinity, affinity_timeout=svc.affinity_timeout,
             table_size=svc.table_size, epsilon=svc.epsilon, probe_share=svc.probe_share,
-            saturated=saturated, backends=backends,
+            saturated=saturated, move_epsilon=svc.move_epsilon, backends=backends,
         )
 
     def _build_view(self, policies: Mapping[str, policy.ServicePolicy],

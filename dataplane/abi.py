@@ -19,8 +19,10 @@ SOL_KVROUTE = 0x6B76
 KVROUTE_SESSION = 1
 EPS_OFF = 0xFFFF
 SVC_F_SATURATED = 1 << 0
+SVC_F_FLEET = 1 << 1  # bindings are fleet-wide: announced on kvr_events, expired by the controller
 HEALTH_TRIPPED = 1 << 0
 NO_BACKEND = 0xFFFFFFFF
+PROG_PICK = 0  # KVR_PROG_PICK: slot of sock4_pick in kvr_progs
 
 IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
@@ -54,6 +56,7 @@ class SvcCounter(enum.IntEnum):
     UNTAGGED = 5
     MOVED = 6
     SATURATED = 7
+    MOVED_LOAD = 8
 
 
 class BeCounter(enum.IntEnum):
@@ -75,6 +78,20 @@ class Reason(enum.IntEnum):
     BAD_SOCKOPT = 2
     TAGGED = 3
     REVERSED = 4
+    EV_LOST = 5
+    NO_PICK = 6
+    HANDOVER = 7
+
+
+class EventKind(enum.IntEnum):
+    """enum kvr_event_kind"""
+
+    BIND = 1
+    TOUCH = 2
+
+
+EV_BIND = int(EventKind.BIND)
+EV_TOUCH = int(EventKind.TOUCH)
 
 
 class L4Key(ct.Structure):
@@ -91,7 +108,7 @@ class Svc(ct.Structure):
                 ("tbl_base", ct.c_uint32), ("aff_timeout", ct.c_uint32),
                 ("eps_milli", ct.c_uint16), ("probe_milli", ct.c_uint16),
                 ("affinity", ct.c_uint8), ("flags", ct.c_uint8), ("n_backends", ct.c_uint16),
-                ("pad", ct.c_uint32), ("revision", ct.c_uint64)]
+                ("move_eps_milli", ct.c_uint16), ("pad", ct.c_uint16), ("revision", ct.c_uint64)]
 
 
 class SvcName(ct.Structure):
@@ -129,7 +146,7 @@ class AffKey(ct.Structure):
 class AffVal(ct.Structure):
     """struct kvr_aff_val"""
 
-    _fields_ = [("be_id", ct.c_uint32), ("pad", ct.c_uint32), ("last_ns", ct.c_uint64)]
+    _fields_ = [("be_id", ct.c_uint32), ("reported_s", ct.c_uint32), ("last_ns", ct.c_uint64)]
 
 
 class SkState(ct.Structure):
@@ -143,6 +160,20 @@ class Sock(ct.Structure):
 
     _fields_ = [("vip", ct.c_uint32), ("vport", ct.c_uint16), ("pad", ct.c_uint16),
                 ("be_id", ct.c_uint32), ("pad2", ct.c_uint32)]
+
+
+class Event(ct.Structure):
+    """struct kvr_event: one record on the kvr_events ring."""
+
+    _fields_ = [("kind", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("svc_id", ct.c_uint32),
+                ("be_id", ct.c_uint32), ("prev_be_id", ct.c_uint32), ("key", ct.c_uint64)]
+
+
+class Scratch(ct.Structure):
+    """struct kvr_scratch (programs only; mirrored for the layout test)"""
+
+    _fields_ = [("cookie", ct.c_uint64), ("key", ct.c_uint64), ("now", ct.c_uint64),
+                ("prev", ct.c_uint32), ("avoid", ct.c_uint32)]
 
 
 class SvcCounters(ct.Structure):
@@ -210,12 +241,13 @@ class Meta(ct.Structure):
                 ("abi_version", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Every ctypes mirror with the C struct name bcc reports for it.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "kvr_l4_key": L4Key, "kvr_svc": Svc, "kvr_svc_name": SvcName, "kvr_backend": Backend,
     "kvr_member_key": MemberKey, "kvr_health": Health, "kvr_aff_key": AffKey,
     "kvr_aff_val": AffVal, "kvr_sk": SkState, "kvr_sock": Sock, "kvr_svc_cnt_val": SvcCounters,
-    "kvr_be_cnt_val": BeCounters, "kvr_meta": Meta,
+    "kvr_be_cnt_val": BeCounters, "kvr_meta": Meta, "kvr_event": Event,
+    "kvr_scratch": Scratch,
 }

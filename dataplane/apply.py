@@ -34,16 +34,22 @@ from dataplane.tables import TablePool
 # Raw map keys and values as tuples of the C fields, in declaration order.
 L4 = tuple[int, int, int]                    # kvr_l4_key minus pad
 # kvr_svc: id, table_size, tbl_group, tbl_base, aff_timeout, eps_milli, probe_milli,
-# affinity, flags, n_backends, revision
-SvcVal = tuple[int, int, int, int, int, int, int, int, int, int, int]
+# affinity, flags, n_backends, move_eps_milli, revision
+SvcVal = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
 BeVal = tuple[int, int, int, int]            # kvr_backend
 _SVC_FIELDS = ("id", "table_size", "tbl_group", "tbl_base", "aff_timeout", "eps_milli",
-               "probe_milli", "affinity", "flags", "n_backends", "revision")
+               "probe_milli", "affinity", "flags", "n_backends", "move_eps_milli", "revision")
 # Endpoint -> {service name: (state, load) that service gives it}: who lists a backend.
 # A backend serving several services is one pod whatever Service names it, so the kernel
 # holds one entry per endpoint with the most restrictive state and the highest load.
 Refs = dict[L4, dict[str, tuple[model.BackendState, int]]]
 _UNPLACED = -1  # tbl_group/tbl_base of a table execute has yet to write
+_REVISION = _SVC_FIELDS.index("revision")
+
+
+def _milli(epsilon: float | None) -> int:
+    """An epsilon as the kernel's x1000 u16; None -> EPS_OFF (the check off)."""
+    return abi.EPS_OFF if epsilon is None else min(round(epsilon * 1000), 0xFFFE)
 
 # A backend serving several services with different states takes the most
 # restrictive one: an endpoint is one pod, whatever Service names it.
@@ -208,8 +214,9 @@ class _Tables:
     """Per-service planning shared by full and incremental plans: the kvr_svc value, the
     member rows, the mean load, and the tables to build (Maglev ones batched by size)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, fleet: bool = False) -> None:
         self.seed = seed
+        self.fleet = fleet
         self.maglev: dict[int, list[tuple[L4, list[str], list[int], np.ndarray]]] = {}
         self.tables: dict[L4, np.ndarray] = {}
 
@@ -233,8 +240,8 @@ class _Tables:
         entries.sort()
         size = svc.size
         revision = _revision(b"maglev" if consistent else b"prop", size, self.seed, entries)
-        eps_milli = abi.EPS_OFF if svc.epsilon is None else min(round(svc.epsilon * 1000), 0xFFFE)
-        if prev is not None and prev[0] == svc_id and prev[10] == revision:
+        eps_milli = _milli(svc.epsilon)
+        if prev is not None and prev[0] == svc_id and prev[_REVISION] == revision:
             group, base = prev[2], prev[3]
         else:
             group = base = _UNPLACED
@@ -246,9 +253,11 @@ class _Tables:
             else:
                 self.tables[key] = _to_ids(proportional(tuple(weights), size), ids, size)
         flags = abi.SVC_F_SATURATED if svc.saturated else 0
+        if self.fleet and consistent:
+            flags |= abi.SVC_F_FLEET
         value = (svc_id, size, group, base, svc.affinity_timeout, eps_milli,
                  round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),
-                 revision)
+                 _milli(svc.move_epsilon), revision)
         mean = sum(loads) // len(loads) if loads else 0
         return value, members, mean
 
@@ -269,12 +278,14 @@ def _trip_ends(was: BeVal | None, state: model.BackendState) -> bool:
 
 
 def plan(desired: model.DesiredState, current: View, seed: int,
-         live_loads: Mapping[L4, int] | None = None) -> Plan:
+         live_loads: Mapping[L4, int] | None = None, fleet: bool = False) -> Plan:
     """Compute the target maps of the whole desired state and what differs from
     `current`. Pure.
 
     `live_loads` (endpoint -> load) are the engines' latest loads (the agent's own
     scrapes and the controller's load messages); they win over a desired state's.
+    `fleet`: the node follows a controller, so services with affinity get
+    SVC_F_FLEET (their bindings are fleet-wide).
     """
     target = View()
     live_loads = live_loads or {}
@@ -296,7 +307,7 @@ def plan(desired: model.DesiredState, current: View, seed: int,
     svc_keys = [_service_key(s) for s in desired.services]
     current_ids = {k: v[0] for k, v in current.services.items()}
     svc_ids = _alloc(svc_keys, current_ids, set(current_ids.values()))
-    tables = _Tables(seed)
+    tables = _Tables(seed, fleet)
     for svc, key in zip(desired.services, svc_keys, strict=True):
         svc_id = svc_ids[key]
         value, members, mean = tables.service(
@@ -318,7 +329,7 @@ def plan(desired: model.DesiredState, current: View, seed: int,
 
 def plan_changes(before: model.DesiredState, after: model.DesiredState,
                  names: Iterable[str], current: View, refs: Refs, seed: int,
-                 live_loads: Mapping[L4, int] | None = None) -> Plan:
+                 live_loads: Mapping[L4, int] | None = None, fleet: bool = False) -> Plan:
     """What turns the maps of ``before`` (``current``, with ``refs`` its endpoint_refs)
     into those of ``after``, when only the services in ``names`` differ. Pure. Touches
     only those services, their endpoints, and the services that share an endpoint whose
@@ -397,7 +408,7 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
         return be_load[be_id] if be_id in be_load else current.be_load.get(be_id, 0)
 
     target = View()
-    tables = _Tables(seed)
+    tables = _Tables(seed, fleet)
     gone_services = []
     next_svc = max(current.names, default=0) + 1
     for name in sorted(replan):
@@ -580,11 +591,12 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
     # Kernel-created entries (counters, health) exist only for objects that saw
     # traffic, so their removal tolerates absent keys.
     if p.gone_services:
-        _delete_present(maps, "kvr_svc_cnt", p.gone_services)
+        _delete_present(maps, "kvr_svc_cnt_v2", p.gone_services)
         _purge_affinity(maps, set(p.gone_services))
     if p.gone_backends:
         _delete_present(maps, "kvr_health", p.gone_backends)
         _delete_present(maps, "kvr_be_cnt", p.gone_backends)
+        _delete_present(maps, "kvr_be_sess", p.gone_backends)
     pool.collect()
     return ApplyResult(p.summary(), p.build_seconds, time.perf_counter() - started)
 
@@ -636,9 +648,10 @@ class Applier:
     FULL_PLAN_SHARE = 0.25
 
     def __init__(self, maps: MapSet, seed: int, max_services: int = model.MAX_SERVICES,
-                 max_backends: int = model.MAX_BACKENDS) -> None:
+                 max_backends: int = model.MAX_BACKENDS, fleet: bool = False) -> None:
         self.maps = maps
         self.seed = seed
+        self.fleet = fleet  # services with affinity get SVC_F_FLEET (see plan)
         self.capacity = (max_services, max_backends)
         self.lock = threading.Lock()
         self.view = read_view(maps)
@@ -666,11 +679,11 @@ class Applier:
         with self.lock:
             names = self.changed(desired)
             if names is None:
-                p = plan(desired, self.view, self.seed, self.live_loads)
+                p = plan(desired, self.view, self.seed, self.live_loads, self.fleet)
             else:
                 assert self.desired is not None
                 p = plan_changes(self.desired, desired, names, self.view, self.refs,
-                                 self.seed, self.live_loads)
+                                 self.seed, self.live_loads, self.fleet)
             result = execute(p, self.maps, self.pool, self.view)
             if names is None:
                 self.view, self.refs = p.target, p.refs

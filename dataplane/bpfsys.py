@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +35,10 @@ PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 
 
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+RINGBUF_SAMPLE_FN = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+
+
 @cache
 def _lib() -> ct.CDLL:
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
@@ -53,6 +58,11 @@ def _lib() -> ct.CDLL:
         "bpf_link_update": ([i32, i32, vp], i32),
         "bpf_link_detach": ([i32], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ct.POINTER(u32)], i32),
+        "ring_buffer__new": ([i32, RINGBUF_SAMPLE_FN, vp, vp], vp),
+        "ring_buffer__poll": ([vp, i32], i32),
+        "ring_buffer__consume": ([vp], i32),
+        "ring_buffer__epoll_fd": ([vp], i32),
+        "ring_buffer__free": ([vp], None),
     }
     for fn, (argtypes, restype) in sigs.items():
         f = getattr(lib, fn)
@@ -255,3 +265,63 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         count += (int(hi) if hi else int(lo)) - int(lo) + 1
     return count
+
+
+class RingBuffer:
+    """A BPF ring buffer map read through libbpf's ring_buffer API, by map fd (a pinned
+    ring works from any process). ``on_sample`` gets each record's bytes; it runs inside
+    poll() and consume(), on the caller's thread. An exception it raises stops the
+    consumption (that record is consumed) and is raised again by poll()/consume():
+    ctypes would otherwise print and swallow it."""
+
+    def __init__(self, map_fd: int, on_sample: Callable[[bytes], None]) -> None:
+        self._error: BaseException | None = None
+
+        def sample(_ctx: int | None, data: int | None, size: int) -> int:
+            try:
+                on_sample(ct.string_at(data or 0, size))
+            except BaseException as exc:  # re-raised on the caller's side of libbpf
+                self._error = exc
+                return -1
+            return 0
+
+        # Kept on the object: libbpf calls it for as long as the ring lives.
+        self._callback = RINGBUF_SAMPLE_FN(sample)
+        ptr = _lib().ring_buffer__new(map_fd, self._callback, None, None)
+        if not ptr:
+            err = ct.get_errno() or errno.EINVAL
+            raise OSError(err, f"ring buffer on map fd {map_fd}: {os.strerror(err)}")
+        self._rb: int | None = ptr
+
+    def _ptr(self) -> int:
+        if self._rb is None:
+            raise ValueError("ring buffer is closed")
+        return self._rb
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records; returns how many were consumed."""
+        ret = _lib().ring_buffer__poll(self._ptr(), timeout_ms)
+        self._raise_pending()
+        if ret == -errno.EINTR:
+            return 0
+        return _check(ret, "ring buffer poll")
+
+    def consume(self) -> int:
+        """Consume what is there without waiting; returns how many records."""
+        ret = _lib().ring_buffer__consume(self._ptr())
+        self._raise_pending()
+        return _check(ret, "ring buffer consume")
+
+    def epoll_fd(self) -> int:
+        """An fd that becomes readable when records wait (for an event loop)."""
+        return _check(_lib().ring_buffer__epoll_fd(self._ptr()), "ring buffer epoll fd")
+
+    def close(self) -> None:
+        if self._rb is not None:
+            _lib().ring_buffer__free(self._rb)
+            self._rb = None

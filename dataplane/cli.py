@@ -284,18 +284,21 @@ def maps_services(maps: Any, as_json: bool) -> None:
 @json_option
 @with_maps
 def maps_backends(maps: Any, as_json: bool) -> None:
-    """Backends: state (with the kernel's own trips), load and connect counters."""
+    """Backends: state (with the kernel's own trips), load, fleet-wide sessions (SESS)
+    and connect counters."""
     from dataplane import inspect
     rows = inspect.backends(maps)
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
-        for col in ("ID", "ADDRESS", "STATE", "LOAD", "SEL", "CONN", "FAIL", "EST", "RTT(us)"):
+        for col in ("ID", "ADDRESS", "STATE", "LOAD", "SESS", "SEL", "CONN", "FAIL", "EST",
+                    "RTT(us)"):
             t.add_column(col, no_wrap=True)
         for b in rows:
             c = b["counters"]
             state = b["state"] + ("*" if b["kernel_tripped"] else "")
-            t.add_row(str(b["id"]), b["address"], state, str(b["load"]), str(c["selected"]),
+            t.add_row(str(b["id"]), b["address"], state, str(b["load"]), str(b["sessions"]),
+                      str(c["selected"]),
                       str(c["connects"]), str(c["failed"]), str(c["established"]),
                       str(b["srtt_us"]))
         return t

@@ -17,6 +17,8 @@ Shape (defaults in brackets; see :mod:`dataplane.model` for the limits)::
         table_size: 1021            # [smallest listed prime >= max(251, 100 x backends)]
         epsilon: 0.25               # [0.25] bounded-load epsilon, null disables
         probe_share: 0.05           # [0.05] share of new sessions a probing backend may take
+        move_epsilon: 1.0           # [null] live sessions move off an engine over
+                                    #   (1 + move_epsilon) x mean; > epsilon; null: never
         backends:
           - address: 10.244.1.5
             port: 8000

@@ -25,7 +25,7 @@ def services(maps: MapSet) -> list[dict[str, Any]]:
     names = {k.value: v.name.decode() for k, v in maps.items("kvr_svc_name", U32, abi.SvcName)}
     out = []
     for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
-        counters = maps.percpu_sum("kvr_svc_cnt", U32(svc.id), abi.SvcCounters) or []
+        counters = maps.percpu_sum("kvr_svc_cnt_v2", U32(svc.id), abi.SvcCounters) or []
         out.append({
             "id": svc.id, "name": names.get(svc.id, ""),
             "frontend": abi.format_endpoint(key.addr, key.port, key.proto),
@@ -34,6 +34,9 @@ def services(maps: MapSet) -> list[dict[str, Any]]:
             "epsilon": None if svc.eps_milli == abi.EPS_OFF else svc.eps_milli / 1000,
             "probe_share": svc.probe_milli / 1000, "backends": svc.n_backends,
             "saturated": bool(svc.flags & abi.SVC_F_SATURATED),
+            "fleet": bool(svc.flags & abi.SVC_F_FLEET),
+            "move_epsilon": (None if svc.move_eps_milli == abi.EPS_OFF
+                             else svc.move_eps_milli / 1000),
             "revision": f"{svc.revision:016x}",
             "counters": {c.name.lower(): counters[c] if counters else 0 for c in abi.SvcCounter},
         })
@@ -48,6 +51,7 @@ def backends(maps: MapSet) -> list[dict[str, Any]]:
     for k, be in maps.items("kvr_be_v1", U32, abi.Backend):
         health = maps.get("kvr_health", k, abi.Health) or abi.Health()
         load = maps.get("kvr_be_load", k, U32)
+        sessions = maps.get("kvr_be_sess", k, U32)
         counters = maps.percpu_sum("kvr_be_cnt", k, abi.BeCounters) or []
         tripped = bool(health.flags & abi.HEALTH_TRIPPED)
         out.append({
@@ -56,6 +60,7 @@ def backends(maps: MapSet) -> list[dict[str, Any]]:
             "configured_state": abi.BackendState(be.state).name.lower(),
             "kernel_tripped": tripped, "consecutive_failures": health.consec_fail,
             "srtt_us": health.srtt_us, "load": load.value if load else 0,
+            "sessions": sessions.value if sessions else 0,
             "services": sorted(members.get(k.value, [])),
             "counters": {c.name.lower(): counters[c] if counters else 0 for c in abi.BeCounter},
         })
@@ -69,7 +74,9 @@ def affinity(maps: MapSet, svc_id: int | None = None) -> list[dict[str, Any]]:
         if svc_id is not None and key.svc_id != svc_id:
             continue
         out.append({"service": key.svc_id, "key": f"{key.key:016x}", "backend": val.be_id,
-                    "idle_seconds": round(max(0, now - val.last_ns) / 1e9, 3)})
+                    "idle_seconds": round(max(0, now - val.last_ns) / 1e9, 3),
+                    # Fleet services: seconds since the kernel last announced it.
+                    "reported_seconds": max(0, now // 10**9 - val.reported_s)})
     return sorted(out, key=lambda a: (a["service"], a["key"]))
 
 

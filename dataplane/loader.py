@@ -41,6 +41,13 @@ PROGRAMS = (
     Program("sock_ops", bpfsys.PROG_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )
 
+# Loaded and reached by tail call (kvr_progs[slot]), never attached: the table walk
+# has a verifier budget of its own (see bpf/sock_lb.c).
+TAIL_CALLS = (
+    (abi.PROG_PICK, Program("sock4_pick", bpfsys.PROG_CGROUP_SOCK_ADDR,
+                            bpfsys.ATTACH_CGROUP_INET4_CONNECT)),
+)
+
 
 class LoadError(RuntimeError):
     """The programs could not be compiled, loaded or attached; the message says why."""
@@ -114,10 +121,14 @@ class Datapath:
                                                                  "-Wno-unused-function"])
             self.fds = {
                 p.name: self.bpf.load_func(p.name, p.prog_type, attach_type=p.attach_type).fd
-                for p in PROGRAMS
+                for p in (*PROGRAMS, *(prog for _, prog in TAIL_CALLS))
             }
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"loading the eBPF programs failed: {exc}") from exc
+        # Before any link points at the new connect4: it must find its tail call.
+        progs_fd = self.bpf["kvr_progs"].map_fd
+        for slot, prog in TAIL_CALLS:
+            bpfsys.update(progs_fd, abi.ct.c_uint32(slot), abi.ct.c_uint32(self.fds[prog.name]))
         meta = abi.Meta(hash_seed=settings.hash_seed, fail_k=settings.fail_k,
                         candidates=settings.candidates, abi_version=abi.ABI_VERSION)
         bpfsys.update(self.bpf["kvr_meta"].map_fd, abi.ct.c_uint32(0), meta)
@@ -220,7 +231,8 @@ def remove_pins(pin_dir: Path) -> Uninstalled:
     top = _look_in(pin_dir)
     links_dir = pin_dir / pins.LINKS_DIR
     has_links = any(e.name == pins.LINKS_DIR and e.kind == "dir" for e in top)
-    plan = pins.plan(top, _look_in(links_dir) if has_links else [], maps.PINNED_MAPS,
+    plan = pins.plan(top, _look_in(links_dir) if has_links else [],
+                     (*maps.PINNED_MAPS, *maps.RETIRED_MAPS),
                      [p.name for p in PROGRAMS])
     if not plan.owns_anything:
         if top:

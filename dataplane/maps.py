@@ -6,26 +6,36 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from dataplane import abi, bpfsys
 
 MAP_NAMES = (
     "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_member",
-    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt",
+    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt_v2",
     "kvr_be_cnt",
-    "kvr_reasons", "kvr_meta",
+    "kvr_reasons", "kvr_meta", "kvr_be_sess", "kvr_events",
 )
-# Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds.
+# Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds;
+# the program array and the connect4 -> sock4_pick hand-over belong to the programs.
 SOCKET_MAPS = ("kvr_sk",)
+PROGRAM_MAPS = ("kvr_progs", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
-PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS)
+PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
+# Pinned by earlier versions under names since replaced (a layout change gets a new
+# name): uninstall removes them too.
+RETIRED_MAPS = ("kvr_svc_cnt",)
 
 K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
 V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)
 U32 = ct.c_uint32
+_DT_AFF_KEY = np.dtype(abi.AffKey)
+_DT_AFF_VAL = np.dtype(abi.AffVal)
 
 
 class NotPinned(RuntimeError):
@@ -117,6 +127,44 @@ class MapSet:
         meta = self.get("kvr_meta", U32(0), abi.Meta)
         assert meta is not None  # an array always has its entry
         return meta
+
+    # -- fleet-wide bindings (written by the agent from the controller's stream) ---------
+    def write_bindings(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """(svc_id, key, be_id) -> kvr_affinity, in one batch, as fresh bindings: last_ns
+        is now on the kernel's clock (CLOCK_MONOTONIC, what bpf_ktime_get_ns reads) and
+        reported_s now in seconds, so the kernel does not announce them again at once."""
+        if not entries:
+            return
+        now_ns = time.monotonic_ns()
+        keys = np.zeros(len(entries), dtype=_DT_AFF_KEY)
+        vals = np.zeros(len(entries), dtype=_DT_AFF_VAL)
+        cols = np.array(entries, dtype=np.uint64).reshape(-1, 3)
+        keys["svc_id"] = cols[:, 0]
+        keys["key"] = cols[:, 1]
+        vals["be_id"] = cols[:, 2]
+        vals["reported_s"] = now_ns // 1_000_000_000
+        vals["last_ns"] = now_ns
+        bpfsys.update_batch(self.fds["kvr_affinity"], keys, vals)
+
+    def delete_bindings(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Remove (svc_id, key) bindings; absent ones are fine."""
+        fd = self.fds["kvr_affinity"]
+        for svc_id, key in keys:
+            bpfsys.delete(fd, abi.AffKey(svc_id=svc_id, pad=0, key=key))
+
+    def set_sessions(self, counts: Mapping[int, int]) -> None:
+        """be_id -> fleet-wide sessions bound to it (kvr_be_sess), in one batch. Counts
+        above 2**32 - 1 are capped."""
+        if not counts:
+            return
+        ids = np.fromiter(counts.keys(), dtype=np.uint32, count=len(counts))
+        vals = np.fromiter((min(c, 0xFFFFFFFF) for c in counts.values()), dtype=np.uint32,
+                           count=len(counts))
+        bpfsys.update_batch(self.fds["kvr_be_sess"], ids, vals)
+
+    def sessions(self) -> dict[int, int]:
+        """kvr_be_sess as it is: be_id -> sessions."""
+        return {k.value: v.value for k, v in self.items("kvr_be_sess", U32, U32)}
 
     def table(self, svc: abi.Svc) -> list[int] | None:
         """A service's table (backend ids by slot), read from its table group."""

@@ -333,6 +333,9 @@ class Service:
     epsilon: float | None = DEFAULT_EPSILON  # bounded load; None switches the check off
     probe_share: float = DEFAULT_PROBE_SHARE  # share of new sessions a probing backend takes
     saturated: bool = False  # every engine full: new connections fail fast (ECONNREFUSED)
+    # Sticky until saturated: a live session moves off an engine whose load is over
+    # (1 + move_epsilon) x the mean; None: sessions move only off unusable engines.
+    move_epsilon: float | None = None
     backends: tuple[Backend, ...] = ()  # sorted by (address, port) whatever the input order
 
     def __post_init__(self) -> None:
@@ -365,6 +368,14 @@ class Service:
                              f"{self.size} slots")
         if self.epsilon is not None:
             set_field(self, "epsilon", check_float("epsilon", self.epsilon, 0.0, EPSILON_MAX))
+        if self.move_epsilon is not None:
+            set_field(self, "move_epsilon",
+                      check_float("move_epsilon", self.move_epsilon, 0.0, EPSILON_MAX))
+            if self.epsilon is not None and self.move_epsilon <= self.epsilon:
+                # New sessions stop going to an engine at epsilon; moving live ones off it
+                # any sooner would move them onto engines no fuller than it.
+                raise ModelError(f"move_epsilon: must be greater than epsilon "
+                                 f"({self.epsilon:g}), got {self.move_epsilon:g}")
         set_field(self, "probe_share", check_float("probe_share", self.probe_share, 0.0, 1.0))
         check_bool("saturated", self.saturated)
         set_field(self, "backends", tuple(sorted(backends, key=_backend_key)))
@@ -397,7 +408,8 @@ class Service:
             "protocol": self.protocol.value, "affinity": self.affinity.value,
             "affinity_timeout": self.affinity_timeout, "table_size": self.table_size,
             "epsilon": self.epsilon, "probe_share": self.probe_share,
-            "saturated": self.saturated, "backends": [b.to_dict() for b in self.backends],
+            "saturated": self.saturated, "move_epsilon": self.move_epsilon,
+            "backends": [b.to_dict() for b in self.backends],
         }
 
 

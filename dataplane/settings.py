@@ -22,6 +22,7 @@ class Settings:
     max_backends: int = model.MAX_BACKENDS
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
     sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
+    events_bytes: int = 1 << 20  # kvr_events ring size: a power of two, at least a page
 
     def __post_init__(self) -> None:
         problems = []
@@ -34,6 +35,9 @@ class Settings:
         for name in ("max_services", "max_backends", "affinity_entries", "sock_entries"):
             if not 16 <= getattr(self, name) <= 1 << 24:
                 problems.append(f"{name}: must be between 16 and {1 << 24}")
+        if not (4096 <= self.events_bytes <= 1 << 30
+                and self.events_bytes & (self.events_bytes - 1) == 0):
+            problems.append("events_bytes: must be a power of two between 4096 and 2**30")
         if not self.pin_dir.is_absolute():
             problems.append("pin_dir: must be an absolute path under a bpffs mount")
         if problems:
@@ -49,4 +53,5 @@ class Settings:
             f"-DKVR_MAX_BACKENDS={self.max_backends}",
             f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
             f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
+            f"-DKVR_EVENTS_BYTES={self.events_bytes}",
         ]

@@ -36,8 +36,10 @@ enum kvr_be_state {
 
 /* struct kvr_svc.flags */
 #define KVR_SVC_F_SATURATED	(1U << 0)	/* every engine saturated: fail fast */
+#define KVR_SVC_F_FLEET		(1U << 1)	/* bindings are fleet-wide: announced on kvr_events,
+						 * expired by the controller, never locally */
 
-/* struct kvr_svc.eps_milli value that disables the bounded-load check. */
+/* struct kvr_svc.eps_milli (and move_eps_milli) value that disables the check. */
 #define KVR_EPS_OFF		0xffff
 
 /* Key of kvr_svc_v1 (services). */
@@ -68,7 +70,9 @@ struct kvr_svc {
 	__u8	affinity;	/* enum kvr_affinity */
 	__u8	flags;		/* KVR_SVC_F_* */
 	__u16	n_backends;	/* members, for people reading the map */
-	__u32	pad;
+	__u16	move_eps_milli;	/* a live session moves when its backend's load is over
+				 * (1 + this/1000) x mean; KVR_EPS_OFF: sticky for good */
+	__u16	pad;
 	__u64	revision;	/* hash of the table's inputs: a restarted agent diffs on it */
 };
 _Static_assert(sizeof(struct kvr_svc) == 40, "kvr_svc size");
@@ -112,7 +116,8 @@ _Static_assert(sizeof(struct kvr_aff_key) == 16, "kvr_aff_key size");
 /* Value of kvr_affinity. */
 struct kvr_aff_val {
 	__u32	be_id;
-	__u32	pad;
+	__u32	reported_s;	/* bpf_ktime_get_ns() / 1e9 when this binding was last
+				 * announced on kvr_events (fleet services only) */
 	__u64	last_ns;	/* bpf_ktime_get_ns() of the last connect that used it */
 };
 _Static_assert(sizeof(struct kvr_aff_val) == 16, "kvr_aff_val size");
@@ -150,9 +155,10 @@ struct kvr_meta {
 };
 _Static_assert(sizeof(struct kvr_meta) == 24, "kvr_meta size");
 
-#define KVR_ABI_VERSION		1
+#define KVR_ABI_VERSION		2	/* 2: fleet bindings (kvr_svc.move_eps_milli,
+					 * kvr_aff_val.reported_s, kvr_event) */
 
-/* Per-service counter slots (kvr_svc_cnt, per CPU). */
+/* Per-service counter slots (kvr_svc_cnt_v2, per CPU; _v2 since KVR_SC_MOVED_LOAD). */
 enum kvr_svc_cnt {
 	KVR_SC_SELECTED = 0,	/* connects translated to a backend */
 	KVR_SC_AFF_HIT,		/* reused a live affinity entry */
@@ -162,6 +168,8 @@ enum kvr_svc_cnt {
 	KVR_SC_UNTAGGED,	/* session mode, socket untagged: fell back to client */
 	KVR_SC_MOVED,		/* affinity entry pointed at an unusable backend */
 	KVR_SC_SATURATED,	/* refused because the service is saturated */
+	KVR_SC_MOVED_LOAD,	/* a live session's backend was over the move bound: it moved
+				 * (or stayed: no other backend was usable) */
 	KVR_SC_MAX,
 };
 
@@ -191,7 +199,45 @@ enum kvr_reason {
 	KVR_R_BAD_SOCKOPT,	/* KVROUTE_SESSION refused: length not 8, tag 0, not IPv4/6, connected */
 	KVR_R_TAGGED,		/* sockets tagged with a session */
 	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */
+	KVR_R_EV_LOST,		/* kvr_events full: a binding event was dropped */
+	KVR_R_NO_PICK,		/* the tail call to sock4_pick failed: socket left alone */
+	KVR_R_HANDOVER,		/* sock4_pick found another socket's hand-over (connect4
+				 * preempted in between): picked as a new session */
 	KVR_R_MAX,
 };
+
+/* Value of kvr_scratch (programs only): what connect4 hands sock4_pick. */
+struct kvr_scratch {
+	__u64	cookie;		/* the socket's cookie: whose hand-over this is */
+	__u64	key;		/* the session key */
+	__u64	now;		/* bpf_ktime_get_ns() of this connect */
+	__u32	prev;		/* backend of the binding being replaced, or KVR_NO_BACKEND */
+	__u32	avoid;		/* backend the pick must not take, or KVR_NO_BACKEND */
+};
+_Static_assert(sizeof(struct kvr_scratch) == 32, "kvr_scratch size");
+
+/* Slots of kvr_progs. */
+#define KVR_PROG_PICK		0
+
+/* No backend: an unset pick, or kvr_event.prev_be_id of a brand-new binding. */
+#define KVR_NO_BACKEND		0xffffffffU
+
+/* struct kvr_event.kind */
+enum kvr_event_kind {
+	KVR_EV_BIND	= 1,	/* connect4 made or replaced a binding (fleet services) */
+	KVR_EV_TOUCH	= 2,	/* a binding is still in use (throttled to aff_timeout / 4) */
+};
+
+/* A record on kvr_events: the agent relays it to the controller. Ids are the
+ * node's own (kvr_svc_name, kvr_be_v1 say what they are). */
+struct kvr_event {
+	__u8	kind;		/* enum kvr_event_kind */
+	__u8	pad[3];
+	__u32	svc_id;		/* struct kvr_svc.id */
+	__u32	be_id;		/* the backend the session is bound to */
+	__u32	prev_be_id;	/* BIND: the backend it left, KVR_NO_BACKEND if new */
+	__u64	key;		/* struct kvr_aff_key.key */
+};
+_Static_assert(sizeof(struct kvr_event) == 24, "kvr_event size");
 
 #endif /* __KVR_ABI_H */

@@ -22,7 +22,6 @@
  * still finds a live one. */
 #define KVR_WALK 32
 
-#define KVR_NO_BACKEND 0xffffffffU
 #define KVR_NS_PER_SEC 1000000000ULL
 
 /* What a pick produced, beyond the backend id. */
@@ -101,19 +100,6 @@ static __always_inline __u32 lb_svc_mean(__u32 svc_id)
 	return mean ? *mean : 0;
 }
 
-/**
- * lb_maglev_pick() - consistent hashing with bounded loads over the table.
- *
- * Services without affinity have a proportional table instead of a Maglev
- * one (their keys are random, so consistency buys nothing); the walk is the
- * same.
- *
- * Candidate 0 is the key's owner; unusable candidates are skipped. The first
- * of up to KVR_CANDIDATES usable candidates under the load
- * bound wins (spilled when it is not the first usable one); if every usable
- * candidate is over it, the least loaded one does. KVR_NO_BACKEND when no
- * candidate is usable.
- */
 static __always_inline bool lb_seen(const __u32 *seen, __u32 n, __u32 be_id)
 {
 	__u32 i;
@@ -124,8 +110,88 @@ static __always_inline bool lb_seen(const __u32 *seen, __u32 n, __u32 be_id)
 	return false;
 }
 
+static __always_inline __u32 lb_sessions(__u32 be_id)
+{
+	__u32 *n = kvr_be_sess.lookup(&be_id);
+
+	return n ? *n : 0;
+}
+
+static __always_inline __u32 lb_weight(__u32 svc_id, __u32 be_id)
+{
+	struct kvr_member_key mkey = { .svc_id = svc_id, .be_id = be_id };
+	__u32 *w = kvr_member.lookup(&mkey);
+
+	return w ? *w : 0;
+}
+
+/*
+ * lb_residency_pick() - where a fleet service's new session goes: of the
+ * first KVR_CANDIDATES distinct usable backends in the key's walk, those
+ * under the load bound, the one holding the fewest fleet-wide sessions
+ * (kvr_be_sess) per unit of weight (kvr_member), compared as
+ * sess_a * w_b < sess_b * w_a in u64; ties to the earlier in walk order.
+ * KVR_NO_BACKEND when none qualifies (the walk then takes the least loaded).
+ *
+ * A pass of its own before the walk: carrying these candidates through the
+ * bounded-load walk multiplies the verifier's states past its limit.
+ */
+static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *table,
+					       __u64 key, __u64 ident, __u32 mean, __u32 avoid)
+{
+	__u32 best = KVR_NO_BACKEND, best_sess = 0, best_w = 0, nseen = 0;
+	__u32 seen[KVR_CANDIDATES] = {};
+	__u32 n, id, sess, w, slot;
+	__u32 *be_id;
+
+	for (n = 0; n < KVR_WALK; n++) {
+		slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
+		be_id = bpf_map_lookup_elem(table, &slot);
+		if (!be_id)
+			continue;
+		id = *be_id;
+		if (id == avoid || lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
+			continue;
+		if (nseen < KVR_CANDIDATES)
+			seen[nseen] = id;
+		nseen++;
+		if (!lb_over_bound(mean ? lb_backend_load(id) : 0, mean, svc)) {
+			sess = lb_sessions(id);
+			w = lb_weight(svc->id, id);
+			if (best == KVR_NO_BACKEND ||
+			    (__u64)sess * best_w < (__u64)best_sess * w) {
+				best = id;
+				best_sess = sess;
+				best_w = w;
+			}
+		}
+		if (nseen >= KVR_CANDIDATES)
+			break;
+	}
+	return best;
+}
+
+/**
+ * lb_maglev_pick() - consistent hashing with bounded loads over the table.
+ * @avoid: a backend never taken (the one a saturated session leaves), or
+ *	   KVR_NO_BACKEND
+ *
+ * Services without affinity have a proportional table instead of a Maglev
+ * one (their keys are random, so consistency buys nothing); the walk is the
+ * same.
+ *
+ * Candidate 0 is the key's owner; unusable candidates are skipped. The first
+ * of up to KVR_CANDIDATES usable candidates under the load bound wins
+ * (spilled when an earlier one was over it); if every usable candidate is
+ * over it, the least loaded one does. KVR_NO_BACKEND when no candidate is
+ * usable.
+ *
+ * Fleet services place by residency first (lb_residency_pick); the walk
+ * decides only when no backend there is under the bound. Services without
+ * the flag pay nothing for it.
+ */
 static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc, __u64 key,
-						      __u64 ident)
+						      __u64 ident, __u32 avoid, bool fleet)
 {
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
 	__u32 seen[KVR_CANDIDATES] = {};
@@ -145,6 +211,12 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	if (svc->eps_milli != KVR_EPS_OFF)
 		mean = lb_svc_mean(svc->id);
 
+	if (fleet) {
+		pick.be_id = lb_residency_pick(svc, table, key, ident, mean, avoid);
+		if (pick.be_id != KVR_NO_BACKEND)
+			return pick;
+	}
+
 	for (n = 0; n < KVR_WALK; n++) {
 		__u32 slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
 		__u32 *be_id = bpf_map_lookup_elem(table, &slot);
@@ -154,7 +226,7 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 			continue;
 		id = *be_id;
 		/* A backend owns many slots: compare distinct backends only. */
-		if (lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
+		if (id == avoid || lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
 			continue;
 		load = mean ? lb_backend_load(id) : 0;
 		if (!lb_over_bound(load, mean, svc)) {
@@ -175,36 +247,131 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 	return pick;
 }
 
+/* How a connect's affinity lookup ended. */
+enum lb_aff_how {
+	LB_AFF_NEW = 0,		/* no entry (or expired): a new binding */
+	LB_AFF_HIT,		/* live entry reused */
+	LB_AFF_GONE,		/* entry's backend unusable or no longer a member */
+	LB_AFF_LOADED,		/* entry's backend over the move bound */
+};
+
+static __always_inline void lb_event(__u8 kind, __u32 svc_id, __u32 be_id, __u32 prev,
+				     __u64 key)
+{
+	struct kvr_event ev = {
+		.kind = kind, .svc_id = svc_id, .be_id = be_id, .prev_be_id = prev, .key = key,
+	};
+
+	/* A full ring costs the controller one announcement, never the connect. */
+	if (kvr_events.ringbuf_output(&ev, sizeof(ev), 0))
+		kvr_reason_inc(KVR_R_EV_LOST);
+}
+
+static __always_inline __u32 lb_now_s(__u64 now)
+{
+	return (__u32)(now / KVR_NS_PER_SEC);
+}
+
+/* Sticky until saturated: over when load > (1 + move_eps) x the service's mean. */
+static __always_inline bool lb_over_move_bound(__u32 be_id, const struct kvr_svc *svc)
+{
+	__u32 mean;
+
+	if (svc->move_eps_milli == KVR_EPS_OFF)
+		return false;
+	mean = lb_svc_mean(svc->id);
+	if (mean == 0)
+		return false;
+	return (__u64)lb_backend_load(be_id) * 1000 >
+	       (__u64)mean * (1000 + svc->move_eps_milli);
+}
+
 /**
  * lb_affinity_get() - the live affinity entry's backend, if it may be reused.
- * @moved: set when the entry exists but its backend is no longer usable
+ * @prev: set to the entry's backend when it exists but must be replaced
+ * @how: set to an enum lb_aff_how
  *
- * Load does not move a live session: its KV cache is on that engine, and
+ * Load rarely moves a live session: its KV cache is on that engine, and
  * re-prefilling the whole conversation elsewhere costs more than waiting in
- * a longer queue. Load steers new sessions (the table's weights and the
- * bounded-load walk); a session moves only when its backend stops being
- * usable (draining, breaker open, kernel trip).
+ * a longer queue. Load steers new sessions (the table's weights, the
+ * bounded-load walk, residency); a session moves when its backend stops being
+ * usable (draining, breaker open, kernel trip) or, with a move bound, when
+ * it is saturated.
+ *
+ * Fleet services never expire an entry here (the controller does), and a hit
+ * announces itself (KVR_EV_TOUCH) at most every max(1, aff_timeout / 4) s.
  */
 static __always_inline __u32 lb_affinity_get(const struct kvr_svc *svc,
 					     struct kvr_aff_key *akey, __u64 now,
-					     bool *moved)
+					     __u32 *prev, int *how)
 {
 	struct kvr_aff_val *aff = kvr_affinity.lookup(akey);
+	bool fleet = svc->flags & KVR_SVC_F_FLEET;
 	struct kvr_member_key mkey = {};
+	__u32 be_id, now_s, every;
 
+	*how = LB_AFF_NEW;
 	if (!aff)
 		return KVR_NO_BACKEND;
-	if (svc->aff_timeout &&
+	if (!fleet && svc->aff_timeout &&
 	    now - aff->last_ns > (__u64)svc->aff_timeout * KVR_NS_PER_SEC)
 		return KVR_NO_BACKEND;
+	be_id = aff->be_id;
 	mkey.svc_id = svc->id;
-	mkey.be_id = aff->be_id;
-	if (!kvr_member.lookup(&mkey) || !lb_backend_usable(aff->be_id, svc, false)) {
-		*moved = true;
+	mkey.be_id = be_id;
+	if (!kvr_member.lookup(&mkey) || !lb_backend_usable(be_id, svc, false)) {
+		*prev = be_id;
+		*how = LB_AFF_GONE;
 		return KVR_NO_BACKEND;
 	}
 	aff->last_ns = now;
-	return aff->be_id;
+	if (lb_over_move_bound(be_id, svc)) {
+		*prev = be_id;
+		*how = LB_AFF_LOADED;
+		return KVR_NO_BACKEND;
+	}
+	*how = LB_AFF_HIT;
+	if (fleet) {
+		now_s = lb_now_s(now);
+		every = svc->aff_timeout / 4 ? svc->aff_timeout / 4 : 1;
+		if (now_s - aff->reported_s >= every) {
+			aff->reported_s = now_s;
+			lb_event(KVR_EV_TOUCH, svc->id, be_id, KVR_NO_BACKEND, akey->key);
+		}
+	}
+	return be_id;
+}
+
+/**
+ * lb_affinity_bind() - record a new or replaced binding.
+ * @prev: the backend the session leaves, KVR_NO_BACKEND for a new one
+ *
+ * Fleet services announce it (KVR_EV_BIND) and keep the fleet-wide session
+ * counts current until user space next writes them: +1 on the new backend
+ * (atomic), -1 on the old one (never below 0; a decrement racing another
+ * change may be lost, the next kvr_be_sess write corrects it).
+ */
+static __always_inline void lb_affinity_bind(const struct kvr_svc *svc,
+					     struct kvr_aff_key *akey, __u32 be_id,
+					     __u32 prev, __u64 now)
+{
+	struct kvr_aff_val aval = {
+		.be_id = be_id, .reported_s = lb_now_s(now), .last_ns = now,
+	};
+	__u32 zero = 0, *n;
+
+	kvr_affinity.update(akey, &aval);
+	if (!(svc->flags & KVR_SVC_F_FLEET))
+		return;
+	n = kvr_be_sess.lookup_or_try_init(&be_id, &zero);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	/* No branch on prev: KVR_NO_BACKEND has no entry (and the verifier
+	 * need not tell new bindings from moves). */
+	n = kvr_be_sess.lookup(&prev);
+	if (n && *n)
+		*n = *n - 1;
+	lb_event(KVR_EV_BIND, svc->id, be_id, prev, akey->key);
 }
 
 #endif /* __KVR_LB_H */

@@ -30,7 +30,27 @@
 #define KVR_SOCK_ENTRIES 65536
 #endif
 
+#ifndef KVR_EVENTS_BYTES
+#define KVR_EVENTS_BYTES (1 << 20)
+#endif
+
 #define KVR_PIN(name) KVR_PIN_DIR "/" name
+
+/* bcc's BPF_RINGBUF_OUTPUT cannot pin; this is its table type with a pinned
+ * section (bcc opens the pinned ring when it exists, else creates and pins
+ * it), so a restarted agent keeps reading the same ring. */
+#define KVR_RINGBUF_PINNED(_name, _bytes, _pinned)				\
+struct _name##_table_t {							\
+	int key;								\
+	u32 leaf;								\
+	int (*ringbuf_output)(void *, u64, u64);				\
+	void *(*ringbuf_reserve)(u64);						\
+	void (*ringbuf_discard)(void *, u64);					\
+	void (*ringbuf_submit)(void *, u64);					\
+	u32 max_entries;							\
+};										\
+__attribute__((section("maps/ringbuf:" _pinned)))				\
+struct _name##_table_t _name = { .max_entries = (_bytes) }
 
 /* (vip, port, proto) -> service */
 BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_svc, kvr_svc_v1,
@@ -74,6 +94,25 @@ BPF_TABLE_PINNED7("hash", u32, struct kvr_health, kvr_health,
 BPF_TABLE_PINNED("lru_hash", struct kvr_aff_key, struct kvr_aff_val, kvr_affinity,
 		 KVR_AFFINITY_ENTRIES, KVR_PIN("kvr_affinity"));
 
+/* backend id -> sessions bound to it fleet-wide: written by user space, and
+ * +1 / -1 by connect4 on each bind / move of a fleet service (residency input) */
+BPF_TABLE_PINNED7("hash", u32, u32, kvr_be_sess,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_sess"), BPF_F_NO_PREALLOC);
+
+/* KVR_PROG_PICK -> sock4_pick, tail-called by connect4 for fleet placement
+ * and moving sessions (written by the agent at load). Pinned: an unpinned program array is emptied when the last user
+ * space handle closes, which would end every new session's routing. */
+BPF_TABLE_PINNED("prog", u32, u32, kvr_progs, 1, KVR_PIN("kvr_progs"));
+
+/* 0 -> per-CPU hand-over from connect4 to sock4_pick (same CPU, same
+ * connect). Pinned so an old connect4 and a new sock4_pick share it during
+ * an upgrade. */
+BPF_TABLE_PINNED("percpu_array", u32, struct kvr_scratch, kvr_scratch, 1,
+		 KVR_PIN("kvr_scratch"));
+
+/* ring of struct kvr_event: bindings fleet services made or still use */
+KVR_RINGBUF_PINNED(kvr_events, KVR_EVENTS_BYTES, KVR_PIN("kvr_events"));
+
 /* socket -> session tag (tagged sockets only) */
 BPF_TABLE_PINNED7("sk_storage", int, struct kvr_sk, kvr_sk,
 		  0, KVR_PIN("kvr_sk"), BPF_F_NO_PREALLOC);
@@ -85,8 +124,8 @@ BPF_TABLE_PINNED("lru_hash", u64, struct kvr_sock, kvr_sock,
 		 KVR_SOCK_ENTRIES, KVR_PIN("kvr_sock"));
 
 /* service id -> per-CPU outcome counters (enum kvr_svc_cnt) */
-BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt,
-		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt_v2,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt_v2"), BPF_F_NO_PREALLOC);
 
 /* backend id -> per-CPU counters (enum kvr_be_cnt) */
 BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_be_cnt_val, kvr_be_cnt,

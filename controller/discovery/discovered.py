@@ -32,6 +32,7 @@ AFFINITY = PREFIX + "affinity"
 AFFINITY_TIMEOUT = PREFIX + "affinity-timeout"
 TABLE_SIZE = PREFIX + "table-size"
 EPSILON = PREFIX + "epsilon"
+MOVE_EPSILON = PREFIX + "move-epsilon"
 PROBE_SHARE = PREFIX + "probe-share"
 BREAKER_CONSECUTIVE_FAILURES = PREFIX + "breaker-consecutive-failures"
 BREAKER_FAILURE_RATIO = PREFIX + "breaker-failure-ratio"
@@ -56,6 +57,7 @@ KNOWN_ANNOTATIONS = frozenset(
         AFFINITY_TIMEOUT,
         TABLE_SIZE,
         EPSILON,
+        MOVE_EPSILON,
         PROBE_SHARE,
         METRICS_PORT,
         METRICS_PATH,
@@ -122,6 +124,7 @@ class Options:
     affinity_timeout: int = 0  # seconds; 0 when affinity is "none"
     table_size: int | None = None  # None: the controller's default
     epsilon: float | None = None  # None: the policy default
+    move_epsilon: float | None = None  # None: live sessions never move for load
     probe_share: float | None = None
     breaker: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({})
@@ -149,6 +152,7 @@ class ServiceSpec:
     affinity_timeout: int = 0
     table_size: int | None = None
     epsilon: float | None = None
+    move_epsilon: float | None = None
     probe_share: float | None = None
     # Read-only view; not hashed (a mapping is not hashable), compared by content.
     breaker: Mapping[str, float] = dataclasses.field(
@@ -303,6 +307,7 @@ def parse_options(
         affinity_timeout=_as_int(timeout),
         table_size=_opt_int(values.get(TABLE_SIZE)),
         epsilon=_opt_float(values.get(EPSILON)),
+        move_epsilon=_opt_float(values.get(MOVE_EPSILON)),
         probe_share=_opt_float(values.get(PROBE_SHARE)),
         breaker=types.MappingProxyType(breaker_values),
         metrics_port=_opt_int(values.get(METRICS_PORT)),
@@ -338,7 +343,8 @@ def _plain(service: str, client_ip: bool, timeout: int | None) -> _Plain:
 
 
 _MODEL_FIELDS = {AFFINITY_TIMEOUT: "affinity_timeout", TABLE_SIZE: "table_size",
-                 EPSILON: "epsilon"}
+                 EPSILON: "epsilon", MOVE_EPSILON: "move_epsilon"}
+_FLOAT_FIELDS = ("epsilon", "move_epsilon")
 
 
 def _parse_one(service: str, key: str, raw: object) -> object:
@@ -365,12 +371,15 @@ def _parse_one(service: str, key: str, raw: object) -> object:
         field = _MODEL_FIELDS[key]
         value: int | float
         try:
-            value = float(text) if field == "epsilon" else int(text, 10)
+            value = float(text) if field in _FLOAT_FIELDS else int(text, 10)
         except ValueError:
-            raise bad("must be a number" if field == "epsilon" else "must be an integer") from None
+            raise bad("must be a number" if field in _FLOAT_FIELDS
+                      else "must be an integer") from None
         try:
+            # Alone, with the bounded-load check off: how move_epsilon compares with the
+            # service's epsilon is judged where both are known (the reconciler's Service).
             model.Service("check", "10.0.0.1", 1, affinity=model.Affinity.CLIENT,
-                          **{field: value})  # type: ignore[arg-type]
+                          **{"epsilon": None, field: value})  # type: ignore[arg-type]
         except model.ModelError as exc:
             raise bad(str(exc).removeprefix(f"{field}: ")) from None
         return value

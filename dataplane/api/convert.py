@@ -62,6 +62,8 @@ def service_to_pb(svc: model.Service) -> pb.Service:
     )
     if svc.epsilon is not None:
         msg.epsilon = svc.epsilon
+    if svc.move_epsilon is not None:
+        msg.move_epsilon = svc.move_epsilon
     return msg
 
 
@@ -88,6 +90,7 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
             epsilon=msg.epsilon if msg.HasField("epsilon") else None,
             probe_share=msg.probe_share,
             saturated=msg.saturated,
+            move_epsilon=msg.move_epsilon if msg.HasField("move_epsilon") else None,
             backends=tuple(backends),
         )
     except model.ModelError as exc:

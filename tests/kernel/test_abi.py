@@ -20,9 +20,11 @@ MAP_TYPES: dict[str, tuple[Any, Any]] = {
     "kvr_health": (ct.c_uint32, abi.Health),
     "kvr_affinity": (abi.AffKey, abi.AffVal),
     "kvr_sock": (ct.c_uint64, abi.Sock),
-    "kvr_svc_cnt": (ct.c_uint32, abi.SvcCounters),
+    "kvr_svc_cnt_v2": (ct.c_uint32, abi.SvcCounters),
     "kvr_be_cnt": (ct.c_uint32, abi.BeCounters),
     "kvr_meta": (ct.c_uint32, abi.Meta),
+    "kvr_be_sess": (ct.c_uint32, ct.c_uint32),
+    "kvr_scratch": (ct.c_uint32, abi.Scratch),
 }
 
 

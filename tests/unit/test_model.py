@@ -319,8 +319,9 @@ def test_to_dict_is_the_agent_config_shape() -> None:
     assert list(d) == ["services"]
     (s,) = d["services"]
     assert set(s) == {"name", "vip", "port", "protocol", "affinity", "affinity_timeout",
-                      "table_size", "epsilon", "probe_share", "saturated", "backends"}
-    assert s["epsilon"] is None and s["saturated"] is True
+                      "table_size", "epsilon", "probe_share", "saturated", "move_epsilon",
+                      "backends"}
+    assert s["epsilon"] is None and s["saturated"] is True and s["move_epsilon"] is None
     assert set(s["backends"][0]) == {"address", "port", "weight", "state", "load"}
 
 

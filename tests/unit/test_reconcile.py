@@ -563,3 +563,16 @@ def test_a_tick_for_100_services_of_10_engines_is_cheap() -> None:
     print(f"\ntick, 100 services x 10 engines (median): loads unchanged {unchanged * 1e3:.2f} ms,"
           f" one service's loads moved {one * 1e3:.2f} ms, every load moved {every * 1e3:.2f} ms")
     assert every < 0.25 and unchanged < every
+
+
+def test_move_epsilon_reaches_the_snapshot() -> None:
+    svc = tick(make(spec(epsilon=0.5, move_epsilon=1.5)), 0).service(NAME)
+    assert svc is not None and (svc.epsilon, svc.move_epsilon) == (0.5, 1.5)
+    svc = tick(make(spec()), 0).service(NAME)
+    assert svc is not None and svc.move_epsilon is None
+
+
+def test_a_move_epsilon_not_above_epsilon_leaves_the_service_out_in_the_models_words() -> None:
+    rec = make(spec(epsilon=0.5, move_epsilon=0.5))
+    assert tick(rec, 0).service(NAME) is None
+    assert any("move_epsilon: must be greater than epsilon (0.5)" in p for p in rec.problems())

@@ -70,7 +70,7 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., state: _Optional[_Union[BackendState, str]] = ..., load: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends")
+    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends", "move_epsilon")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class Service(_message.Message):
     PROBE_SHARE_FIELD_NUMBER: _ClassVar[int]
     SATURATED_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    MOVE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     name: str
     vip: str
     port: int
@@ -93,7 +94,8 @@ class Service(_message.Message):
     probe_share: float
     saturated: bool
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
-    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
+    move_epsilon: float
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., move_epsilon: _Optional[float] = ...) -> None: ...
 
 class EngineRef(_message.Message):
     __slots__ = ("identity", "metrics_url", "health_url", "node")
