@@ -251,6 +251,8 @@ class ControlServer:
         self._binding_seq = 0
         self._binding_snapshot: model.Snapshot | None = None
         self._dump: tuple[int, list[pb.SnapshotUpdate]] | None = None
+        self._flush_pending = False
+        self._last_flush = float("-inf")
         self._flusher: asyncio.Task[None] | None = None
         self.binding_reports = 0
         self.binding_reports_rejected = 0
@@ -502,11 +504,30 @@ class ControlServer:
         out = self.bindings.take(sessions)
         if not out:
             return False
+        self._last_flush = now
         self._binding_seq += 1
         self._binding_log.append((self._binding_seq, convert.fanout_update(out)))
         for event in list(self._wakeups):
             event.set()
         return True
+
+    def _flush_soon(self) -> None:
+        """Fan a report's decisions out at once when the last flush is ``flush`` seconds
+        old, else at that moment: immediate at low rates, at most one message per
+        ``flush`` at high ones."""
+        if self._flush_pending or self._loop is None:
+            return
+        self._flush_pending = True
+        delay = max(0.0, self._last_flush + self.flush - self._clock())
+
+        def run() -> None:
+            self._flush_pending = False
+            try:
+                self.flush_bindings(self._clock())
+            except Exception:
+                log.exception("binding flush failed")
+
+        self._loop.call_later(delay, run)
 
     async def _flush_bindings(self) -> None:
         next_expiry = next_counts = self._clock()
@@ -537,6 +558,7 @@ class ControlServer:
             self.bindings.report(report, self._clock())
             self.binding_reports += 1
             accepted += 1
+            self._flush_soon()
         return pb.ReportAck(reports=accepted)
 
 

@@ -22,12 +22,26 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from dataplane import apply, config, engines, health, host, loader, metrics, model, stream
+from dataplane import (
+    apply,
+    binder,
+    config,
+    engines,
+    events,
+    health,
+    host,
+    loader,
+    metrics,
+    model,
+    stream,
+)
 from dataplane.api import channel
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
 log = logging.getLogger("kvroute.agent")
+
+EVENT_POLL = 0.1  # seconds between fallback passes over the kernel's binding events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +75,8 @@ class Agent:
         self.metrics = metrics.AgentMetrics(self.registry)
         self.stream: stream.SnapshotClient | None = None
         self.watcher: engines.EngineWatcher | None = None
+        self.binder: binder.Binder | None = None
+        self.events: events.EventReader | None = None
 
     def start(self) -> None:
         # Validate the desired state before touching the kernel: a bad file at
@@ -75,8 +91,11 @@ class Agent:
         for line in self.datapath.attach(self.cgroup):
             log.info("%s (cgroup %s)", line, self.cgroup)
         self.maps = MapSet(self.settings.pin_dir)
+        # Following a controller, client and session bindings are fleet-wide: the
+        # kernel announces them and leaves their expiry to the controller.
         self.applier = apply.Applier(self.maps, self.settings.hash_seed,
-                                     self.settings.max_services, self.settings.max_backends)
+                                     self.settings.max_services, self.settings.max_backends,
+                                     fleet=self.controller is not None)
         log.info("adopted %d services and %d backends from %s", len(self.applier.view.services),
                  len(self.applier.view.backends), self.settings.pin_dir)
         self.registry.register(metrics.KernelCollector(self.maps))
@@ -137,10 +156,14 @@ class Agent:
             assert self.applier is not None
             self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
 
+        assert self.maps is not None
+        relay = binder.Binder(self.applier, self.maps)
         client = stream.SnapshotClient(
             opts.target, opts.agent_id, opts.node, on_snapshot,
-            tls=opts.tls, on_loads=on_loads,
+            tls=opts.tls, on_loads=on_loads, on_bindings=relay.apply,
+            binding_source=lambda: relay.take_report(opts.agent_id, opts.node),
             report_source=watcher.observations, report_interval=opts.report_interval)
+        self.binder, self.events = relay, events.EventReader(self.maps, relay.on_event)
         self.registry.register(metrics.BadPagesCollector(lambda: dict(watcher.bad_pages)))
         self.stream, self.watcher = client, watcher
         log.info("following controller %s as agent %s on node %s", opts.target, opts.agent_id,
@@ -182,6 +205,8 @@ class Agent:
             tasks.append(asyncio.create_task(self.stream.run(), name="controller-stream"))
         if self.watcher is not None:
             tasks.append(asyncio.create_task(self.watcher.run(), name="engine-scrapes"))
+        if self.events is not None:
+            tasks.append(asyncio.create_task(self._relay_events(), name="kernel-bindings"))
         if self.config_path is not None:
             tasks.append(asyncio.create_task(self._follow_file(reload, poll_interval),
                                              name="config-file"))
@@ -196,6 +221,30 @@ class Agent:
             task.cancel()
         await asyncio.gather(stopping, *tasks, return_exceptions=True)
 
+    async def _relay_events(self) -> None:
+        """Drain the kernel's binding events as they come (the ring's epoll fd on the
+        loop) and hand them to the controller stream; a slow poll besides, in case a
+        wake-up is missed (the ring only signals a reader that had caught up)."""
+        assert self.events is not None and self.binder is not None
+        reader, relay, client = self.events, self.binder, self.stream
+
+        def drain() -> None:
+            try:
+                reader.consume()
+            except Exception:  # a bad record must not stop the relay
+                log.exception("reading kernel binding events failed")
+            if relay.pending and client is not None:
+                client.bindings_ready()
+
+        loop = asyncio.get_running_loop()
+        loop.add_reader(reader.fileno(), drain)
+        try:
+            while True:
+                await asyncio.sleep(EVENT_POLL)
+                drain()
+        finally:
+            loop.remove_reader(reader.fileno())
+
     async def _follow_file(self, reload: asyncio.Event, poll_interval: float) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -205,6 +254,8 @@ class Agent:
                 self.reload()
 
     def close(self, detach: bool) -> None:
+        if self.events:
+            self.events.close()
         if self.applier:
             self.applier.close()
         if self.maps:

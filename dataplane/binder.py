@@ -10,6 +10,15 @@ counts what it dropped.
 Down: the controller's :class:`dataplane.bindings.Fanout` is written into this node's
 kernel: winning bindings into ``kvr_affinity``, expired ones deleted, session counts into
 ``kvr_be_sess`` (new sessions go where fewer sessions already are).
+
+Session counts: the controller's count of an engine covers every binding it had decided
+when it sent the count, but it is sent only every 100 ms, and the kernel counts its own
+new sessions at once. Overwriting the kernel's count with the controller's would undo this
+node's newest sessions, and waiting for it would let two nodes pile new sessions on one
+engine in the meantime. So the count written is the controller's, plus this node's
+bindings the controller has not echoed back yet (every decided binding comes back on the
+stream, before any count that includes it), plus the other nodes' bindings that arrived
+since the last count.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import collections
 import logging
 import threading
 
-from dataplane import abi, apply, bindings
+from dataplane import abi, apply, bindings, events
 from dataplane.maps import MapSet
 
 log = logging.getLogger("kvroute.binder")
@@ -47,22 +56,32 @@ class Binder:
         self.deleted = 0
         self.unwritable = 0     # fan-out rows naming a service or backend this node lacks
         self._names: tuple[object, dict[str, int], dict[str, int]] | None = None
+        # Session counts (see the module docstring), by backend identity.
+        self._base: dict[str, int] = {}
+        self._unechoed: collections.Counter[str] = collections.Counter()
+        self._remote: collections.Counter[str] = collections.Counter()
+        self._mine: dict[tuple[str, int], tuple[str, str]] = {}  # (svc, key) -> (be, prev)
 
     # -- up
 
-    def on_event(self, kind: int, svc_id: int, be_id: int, prev_be_id: int, key: int) -> None:
+    def on_event(self, ev: events.Event) -> None:
         """One kernel event (the ring's callback)."""
         self.events += 1
         view = self.applier.view
-        name = view.names.get(svc_id)
-        backend = self._identity(be_id)
-        if name is None or backend is None or key == 0:
+        name = view.names.get(ev.svc_id)
+        backend = self._identity(ev.be_id)
+        if name is None or backend is None or ev.key == 0:
             self.unknown += 1
             return
-        prev = self._identity(prev_be_id) if prev_be_id != abi.NO_BACKEND else None
-        row = (name, backend, prev or "", key)
+        prev = self._identity(ev.prev_be_id) if ev.prev_be_id != abi.NO_BACKEND else None
+        row = (name, backend, prev or "", ev.key)
         with self._lock:
-            queue = self._bound if kind == abi.EV_BIND else self._touched
+            if ev.kind == abi.EV_BIND and len(self._mine) < self.queue_max:
+                self._mine[(name, ev.key)] = (backend, prev or "")
+                self._unechoed[backend] += 1
+                if prev:
+                    self._unechoed[prev] -= 1
+            queue = self._bound if ev.kind == abi.EV_BIND else self._touched
             queue.append(row)
             if len(self._bound) + len(self._touched) > self.queue_max:
                 # Touches go first: they only postpone an expiry.
@@ -102,7 +121,39 @@ class Binder:
         self._names = (desired, services, backends)
         return services, backends
 
+    def _recount(self, out: bindings.Fanout) -> set[str]:
+        """Fold a fan-out into the count terms; the identities whose count moved."""
+        moved: set[str] = set()
+        with self._lock:
+            for g in out.bound:
+                for key in g.keys:
+                    mine = self._mine.pop((g.service, key), None)
+                    if mine is not None:  # our own, echoed: the controller counts it now
+                        self._unechoed[mine[0]] -= 1
+                        moved.add(mine[0])
+                        if mine[1]:
+                            self._unechoed[mine[1]] += 1
+                            moved.add(mine[1])
+                        continue
+                    self._remote[g.backend] += 1
+                    moved.add(g.backend)
+                    if g.prev:
+                        self._remote[g.prev] -= 1
+                        moved.add(g.prev)
+            if out.sessions:
+                moved.update(self._remote)
+                self._remote.clear()
+                self._base.update(out.sessions)
+                moved.update(out.sessions)
+        return moved
+
+    def count(self, identity: str) -> int:
+        """This node's estimate of the sessions an engine holds fleet-wide."""
+        return max(0, self._base.get(identity, 0) + self._unechoed[identity]
+                   + self._remote[identity])
+
     def apply(self, out: bindings.Fanout) -> None:
+        moved = self._recount(out)
         with self.applier.lock:
             services, backends = self._ids()
             put: list[tuple[int, int, int]] = []
@@ -118,7 +169,7 @@ class Binder:
                 if svc_id is None:
                     continue  # the service left: its entries went with it
                 gone.extend((svc_id, key) for key in g.keys)
-            counts = {backends[i]: n for i, n in out.sessions.items() if i in backends}
+            counts = {backends[i]: self.count(i) for i in moved if i in backends}
             if put:
                 self.maps.write_bindings(put)
                 self.written += len(put)

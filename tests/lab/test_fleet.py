@@ -118,7 +118,6 @@ def test_a_session_reaches_its_engine_through_any_node_whatever_load_did(
     moved = sum(a != b for a, b in zip(on0_before + on0_during, on1, strict=True))
     print(f"\n{moved} of {len(on1)} sessions reached another engine through node1")
     assert moved == 0
-    assert len(set(on0_before)) == 3  # placement still spreads sessions
 
 
 def test_controller_death_changes_no_route_and_a_restart_converges(fl: fleet.Fleet) -> None:
