@@ -18,6 +18,7 @@ Backends are labelled by their identity (``address:port/protocol``), engines too
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 
 import prometheus_client
@@ -109,6 +110,30 @@ class StateCollector(prom_registry.Collector):
         yield from self._engines(engines)
         if self.server is not None:
             yield from self._agents(self.server.agents())
+            yield from self._bindings(self.server)
+
+    @staticmethod
+    def _bindings(server: grpc_server.ControlServer) -> Iterator[Metric]:
+        table = server.bindings
+        live = GaugeMetricFamily("kvroute_controller_bindings",
+                                 "Live session bindings the controller holds, fleet-wide.")
+        live.add_metric([], len(table))
+        decisions = CounterMetricFamily(
+            "kvroute_controller_binding_decisions",
+            "Session bindings reported by agents, by what the controller made of them.",
+            labels=["outcome"])
+        for outcome, value in dataclasses.asdict(table.stats).items():
+            decisions.add_metric([outcome], value)
+        sessions = GaugeMetricFamily("kvroute_controller_engine_sessions",
+                                     "Live session bindings per backend.", labels=["backend"])
+        for ident, count in sorted(table.sessions().items()):
+            sessions.add_metric([ident], count)
+        reports = CounterMetricFamily("kvroute_controller_binding_reports",
+                                      "Binding reports received from agents.",
+                                      labels=["result"])
+        reports.add_metric(["accepted"], server.binding_reports)
+        reports.add_metric(["rejected"], server.binding_reports_rejected)
+        yield from (live, decisions, sessions, reports)
 
     @staticmethod
     def _snapshot(snap: model.Snapshot | None, loads: Mapping[str, int]) -> Iterator[Metric]:

@@ -162,9 +162,11 @@ class Agent:
             opts.target, opts.agent_id, opts.node, on_snapshot,
             tls=opts.tls, on_loads=on_loads, on_bindings=relay.apply,
             binding_source=lambda: relay.take_report(opts.agent_id, opts.node),
+            on_binding_stream=relay.resend_recent,
             report_source=watcher.observations, report_interval=opts.report_interval)
         self.binder, self.events = relay, events.EventReader(self.maps, relay.on_event)
         self.registry.register(metrics.BadPagesCollector(lambda: dict(watcher.bad_pages)))
+        self.registry.register(metrics.BindingCollector(relay.counters))
         self.stream, self.watcher = client, watcher
         log.info("following controller %s as agent %s on node %s", opts.target, opts.agent_id,
                  opts.node)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 
 from dataplane import abi, apply, bindings, events
 from dataplane.maps import MapSet
@@ -35,6 +36,11 @@ log = logging.getLogger("kvroute.binder")
 # Rows queued for the controller at most (about 80 bytes each): enough for a controller
 # outage of a minute at 2,000 new sessions/s on this node.
 QUEUE_MAX = 131072
+# Rows handed to a stream are kept this long and sent again on the next stream: a
+# controller that dies loses what was in flight, and a binding made in that instant
+# would otherwise reach the other nodes only with its first touch, an affinity timeout
+# later. The controller takes a row twice at no cost (same backend: a touch).
+RESEND_WINDOW = 10.0
 
 
 class Binder:
@@ -49,6 +55,10 @@ class Binder:
         self._bound: collections.deque[tuple[str, str, str, int]] = collections.deque()
         self._touched: collections.deque[tuple[str, str, str, int]] = collections.deque()
         self.queue_max = queue_max
+        # (monotonic time handed out, is a binding, row): what a new stream sends again.
+        self._sent: collections.deque[tuple[float, bool, tuple[str, str, str, int]]] = (
+            collections.deque())
+        self.resent = 0
         self.events = 0
         self.dropped = 0        # queue full: the oldest rows went
         self.unknown = 0        # events naming ids the view does not hold (a race with apply)
@@ -92,6 +102,12 @@ class Binder:
         row = self.applier.view.backends.get(be_id)
         return abi.format_endpoint(*row[:3]) if row is not None else None
 
+    def counters(self) -> dict[str, int]:
+        """For dataplane.metrics.BindingCollector."""
+        return {"kernel_events": self.events, "dropped": self.dropped, "unknown": self.unknown,
+                "resent": self.resent, "written": self.written, "deleted": self.deleted,
+                "unwritable": self.unwritable}
+
     @property
     def pending(self) -> int:
         return len(self._bound) + len(self._touched)
@@ -99,13 +115,30 @@ class Binder:
     def take_report(self, agent_id: str, node: str,
                     limit: int = bindings.KEYS_PER_MESSAGE) -> bindings.Report | None:
         """Up to ``limit`` queued rows as one report (None when nothing is queued)."""
+        now = time.monotonic()
         with self._lock:
             bound = [self._bound.popleft() for _ in range(min(limit, len(self._bound)))]
             room = limit - len(bound)
             touched = [self._touched.popleft() for _ in range(min(room, len(self._touched)))]
+            sent = self._sent
+            sent.extend((now, True, row) for row in bound)
+            sent.extend((now, False, row) for row in touched)
+            while sent and (sent[0][0] < now - RESEND_WINDOW or len(sent) > self.queue_max):
+                sent.popleft()
         if not bound and not touched:
             return None
         return bindings.Report(agent_id, node, bindings.group(bound), bindings.group(touched))
+
+    def resend_recent(self) -> None:
+        """A new stream to the controller: queue again what the last streams carried
+        within RESEND_WINDOW (it may have died with them), ahead of newer rows."""
+        with self._lock:
+            cutoff = time.monotonic() - RESEND_WINDOW
+            recent = [(b, row) for t, b, row in self._sent if t >= cutoff]
+            self._sent.clear()
+            self._bound.extendleft(reversed([row for b, row in recent if b]))
+            self._touched.extendleft(reversed([row for b, row in recent if not b]))
+            self.resent += len(recent)
 
     # -- down
 

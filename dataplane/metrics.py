@@ -5,6 +5,7 @@ Registries are passed in; nothing registers at import."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,6 +30,33 @@ class BadPagesCollector(Collector):
                                      labels=["engine", "reason"])
         for (engine, reason), n in sorted(self.counts().items()):
             family.add_metric([engine, reason], n)
+        yield family
+
+
+class BindingCollector(Collector):
+    """kvroute_agent_bindings_total{event}: what the agent's relay of fleet-wide session
+    bindings did (dataplane.binder.Binder's counters), read at scrape time."""
+
+    EVENTS: ClassVar[dict[str, str]] = {
+        "kernel_events": "events read from the kernel's ring",
+        "dropped": "rows dropped: the queue to the controller was full",
+        "unknown": "events naming ids this agent does not hold",
+        "resent": "rows sent again on a new stream to the controller",
+        "written": "bindings from the fleet written into the kernel",
+        "deleted": "expired bindings deleted from the kernel",
+        "unwritable": "fleet bindings naming a service or backend this node lacks",
+    }
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kvroute_agent_bindings", "Fleet-wide session bindings relayed by this agent: "
+            + "; ".join(f"{k}: {v}" for k, v in self.EVENTS.items()), labels=["event"])
+        counts = self.counts()
+        for event in self.EVENTS:
+            family.add_metric([event], counts.get(event, 0))
         yield family
 
 

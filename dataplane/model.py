@@ -59,6 +59,9 @@ WEIGHT_MAX = 65535  # Maglev weight of one backend
 DEFAULT_WEIGHT = 100
 LOAD_MAX = 2**32 - 1  # bounded-load units fit a u32 in the kernel
 LOAD_PER_REQUEST = 1000  # load units of one request in flight
+# A live session leaves its engine for load (a service's move_epsilon) only when the
+# engine is also this far above the mean: near idle, one request is many times the mean.
+MOVE_MIN_EXCESS = 4 * LOAD_PER_REQUEST
 TABLE_SIZE_MIN = 7
 TABLE_SIZE_MAX = 131071
 DEFAULT_TABLE_SIZE = 16381  # Maglev M when a caller asks for "the big one"

@@ -54,4 +54,5 @@ class Settings:
             f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
             f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
             f"-DKVR_EVENTS_BYTES={self.events_bytes}",
+            f"-DKVR_MOVE_MIN_EXCESS={model.MOVE_MIN_EXCESS}",
         ]

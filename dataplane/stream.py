@@ -106,6 +106,7 @@ class SnapshotClient:
         on_loads: OnLoads | None = None,
         on_bindings: OnBindings | None = None,
         binding_source: BindingSource | None = None,
+        on_binding_stream: Callable[[], None] | None = None,
         report_interval: float = 1.0,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
@@ -122,6 +123,7 @@ class SnapshotClient:
         self._on_loads = on_loads
         self._on_bindings = on_bindings
         self._binding_source = binding_source
+        self._on_binding_stream = on_binding_stream
         self.report_interval = float(report_interval)
         self.backoff = backoff or Backoff()
         self._rng = rng or random.Random()
@@ -140,6 +142,7 @@ class SnapshotClient:
         self._stop: asyncio.Event | None = None
         self._report_now: asyncio.Event | None = None
         self._bindings_now: asyncio.Event | None = None
+        self._binding_generation = 0  # which ReportBindings call may take rows
 
     # -- public, any thread
 
@@ -445,11 +448,15 @@ class SnapshotClient:
             await asyncio.sleep(self.report_interval)
 
 
-    async def _binding_reports(self) -> AsyncIterator[pb.BindingReport]:
+    async def _binding_reports(self, generation: int) -> AsyncIterator[pb.BindingReport]:
+        """Rows for one ReportBindings call. gRPC may keep pulling from a call's request
+        iterator after the call died (its consumer waits on the next item): rows taken
+        then would be lost, so an iterator whose call is over takes nothing."""
         assert self._bindings_now is not None and self._binding_source is not None
-        while True:
+        while generation == self._binding_generation:
             self._bindings_now.clear()
-            while (report := self._binding_source()) is not None:
+            while generation == self._binding_generation and (
+                    report := self._binding_source()) is not None:
                 self.stats.binding_reports += 1
                 yield convert.binding_report_to_pb(report)
             await self._bindings_now.wait()
@@ -457,12 +464,21 @@ class SnapshotClient:
     async def _binding_loop(self, stub: Any) -> None:
         if self._binding_source is None:
             return
-        while True:
-            try:
-                await stub.ReportBindings(self._binding_reports())
-            except grpc.aio.AioRpcError as exc:
-                log.debug("%s: binding stream ended: %s", self.agent_id, exc.code().name)
-            await asyncio.sleep(min(self.report_interval, 0.2))
+        try:
+            while True:
+                self._binding_generation += 1
+                if self._on_binding_stream is not None:
+                    self._on_binding_stream()  # e.g. send again what a dead stream carried
+                try:
+                    await stub.ReportBindings(self._binding_reports(self._binding_generation))
+                except grpc.aio.AioRpcError as exc:
+                    log.debug("%s: binding stream ended: %s", self.agent_id, exc.code().name)
+                self._binding_generation += 1
+                await asyncio.sleep(min(self.report_interval, 0.2))
+        finally:
+            self._binding_generation += 1  # this session's iterators take nothing more
+            if self._bindings_now is not None:
+                self._bindings_now.set()  # and wake them, so they end
 
 
 async def _until(call: Any, stopper: asyncio.Task[Any]) -> AsyncIterator[pb.SnapshotUpdate]:

@@ -100,6 +100,9 @@ class Fleet:
         self.breaker = breaker or {"consecutive-failures": 3, "cooldown": 1}
         self.stall_window = stall_window
         self.epsilon = epsilon
+        # Sticky until saturated: a live session leaves an engine over (1 + this) x the
+        # mean load; None (the default) keeps sessions on any usable engine.
+        self.move_epsilon: float | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="kvroute-fleet-"))
         self.static = self.workdir / "services.yaml"
         self.controller_port = free_port()
@@ -181,10 +184,13 @@ class Fleet:
             if name in draining:
                 ep.update(ready=False, serving=True, terminating=True)
             endpoints.append(ep)
-        self.static.write_text(yaml.safe_dump({"services": [{
+        svc: dict[str, Any] = {
             "name": "llm", "vip": self.vip, "port": self.port, "engine": "vllm",
             "affinity": "session", "epsilon": self.epsilon, "metrics-port": ENGINE_PORT,
-            "breaker": self.breaker, "endpoints": endpoints}]}))
+            "breaker": self.breaker, "endpoints": endpoints}
+        if self.move_epsilon is not None:
+            svc["move-epsilon"] = self.move_epsilon
+        self.static.write_text(yaml.safe_dump({"services": [svc]}))
 
     def start_controller(self) -> None:
         log = open(self.workdir / "controller.log", "ab")  # noqa: SIM115

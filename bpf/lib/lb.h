@@ -272,18 +272,28 @@ static __always_inline __u32 lb_now_s(__u64 now)
 	return (__u32)(now / KVR_NS_PER_SEC);
 }
 
-/* Sticky until saturated: over when load > (1 + move_eps) x the service's mean. */
+/* Load units a backend must carry above its service's mean before a live session
+ * leaves it (dataplane.model.MOVE_MIN_EXCESS): near idle, one request in flight is
+ * many times the mean, and no reason to throw a session's KV cache away. */
+#ifndef KVR_MOVE_MIN_EXCESS
+#define KVR_MOVE_MIN_EXCESS 4000
+#endif
+
+/* Sticky until saturated: over when load > (1 + move_eps) x the service's mean and
+ * at least KVR_MOVE_MIN_EXCESS above it. */
 static __always_inline bool lb_over_move_bound(__u32 be_id, const struct kvr_svc *svc)
 {
-	__u32 mean;
+	__u32 mean, load;
 
 	if (svc->move_eps_milli == KVR_EPS_OFF)
 		return false;
 	mean = lb_svc_mean(svc->id);
 	if (mean == 0)
 		return false;
-	return (__u64)lb_backend_load(be_id) * 1000 >
-	       (__u64)mean * (1000 + svc->move_eps_milli);
+	load = lb_backend_load(be_id);
+	if ((__u64)load < (__u64)mean + KVR_MOVE_MIN_EXCESS)
+		return false;
+	return (__u64)load * 1000 > (__u64)mean * (1000 + svc->move_eps_milli);
 }
 
 /**

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dataplane import abi, bpfsys, client, events, inspect
+from dataplane import abi, bpfsys, client, events, inspect, model
 from tests.kernel.conftest import POD_PORT, Node, connect_names
 
 VIP = "10.96.20.1"
@@ -215,8 +215,14 @@ def test_a_saturated_session_moves_only_with_a_move_bound(
 def _move_and_check(fleet: Node, ring: Ring, pods: list[str], first: str, svc_id: int,
                     ids: dict[str, int], moved_before: int,
                     move_epsilon: float | None) -> None:
-    # Mean 40: 100 is over (1 + 1.0) x 40.
-    fleet.applier.set_loads({_identity(fleet, p): 100 if p == first else 10 for p in pods})
+    # Near idle: 3 requests against none is 3x the mean, but no hot spot (MOVE_MIN_EXCESS).
+    unit = model.LOAD_PER_REQUEST
+    fleet.applier.set_loads({_identity(fleet, p): 3 * unit if p == first else 0 for p in pods})
+    assert fleet.run(connect_names, VIP, 80, 0, ["erin"]) == [first]
+    assert ring.drain() == []
+    # Mean 4 requests: 10 is over (1 + 1.0) x 4, and 6 above it.
+    fleet.applier.set_loads({_identity(fleet, p): 10 * unit if p == first else unit
+                             for p in pods})
     (then,) = fleet.run(connect_names, VIP, 80, 0, ["erin"])
     if move_epsilon is None:
         assert then == first

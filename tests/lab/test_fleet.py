@@ -124,11 +124,16 @@ def test_controller_death_changes_no_route_and_a_restart_converges(fl: fleet.Fle
     _recover(fl)
     sessions = [f"static-{i}" for i in range(200)]
     before = fl.sessions(0, sessions)
+    time.sleep(0.3)  # node0's bindings reach node1 (~10 ms)
     fl.stop_controller(signal.SIGKILL)
     time.sleep(1.0)
     during = fl.sessions(0, sessions)
     assert during == before
     assert fl.sessions(1, sessions) == before
+    # New sessions still route with the controller gone; node1 learns them when it returns.
+    late = [f"static-late-{i}" for i in range(50)]
+    late_on0 = fl.sessions(0, late)
+    assert not [e for e in late_on0 if e.startswith("error")]
     fl.start_controller()
     # "Returned" is the moment the controller serves; its start-up (imports, discovery)
     # is not the agents' to shorten.
@@ -140,6 +145,8 @@ def test_controller_death_changes_no_route_and_a_restart_converges(fl: fleet.Fle
     assert took <= 2.0
     assert all(_all_active(fl, n) for n in range(2))
     assert fl.sessions(0, sessions) == before
+    # node0 sent its bindings made during the outage again to the new controller
+    assert fleet.wait_for(lambda: fl.sessions(1, late) == late_on0, 5)
 
 
 def test_load_reaches_every_agent_within_a_few_scrapes(fl: fleet.Fleet) -> None:
@@ -245,3 +252,47 @@ def test_agent_killed_and_restarted_under_the_controller_loses_no_connect(
     assert fleet.wait_for(fl.converged, 30), fl.log("controller")
     log = (fl.workdir / f"agent-{node.name}.log").read_text()
     assert "sock4_connect: replaced" in log and "adopted 1 services" in log
+
+
+def _move_epsilon(f: fleet.Fleet, value: float | None) -> None:
+    """Set the service's move bound through discovery; wait for both kernels."""
+    from dataplane import inspect, maps
+    f.move_epsilon = value
+    f.write_services()
+
+    def applied(n: int) -> bool:
+        with maps.MapSet(f.nodes[n].pin_dir) as m:
+            return all(s["move_epsilon"] == value for s in inspect.services(m))
+    assert fleet.wait_for(lambda: all(applied(n) for n in range(len(f.nodes))), 30)
+
+
+def test_sticky_until_saturated_moves_only_the_hot_engines_sessions(fl: fleet.Fleet) -> None:
+    """A hot spot: one engine's load goes far over the mean while sessions live on every
+    engine. Without a move bound (the default) no live session leaves it; with one, the
+    hot engine's sessions move on their next connect, through either node, the others
+    stay, and the moved ones stay where they went when the load is gone."""
+    _recover(fl)
+    hot = "gpu1"
+    sessions = [f"hotspot-{i}" for i in range(90)]
+    try:
+        home = fl.sessions(0, sessions)
+        hot_id = fl.engine_id(hot)
+        on_hot = [s for s, e in zip(sessions, home, strict=True) if e == hot_id]
+        assert on_hot, home
+        with fl.loaded(hot):
+            off = fl.sessions(1, sessions)
+            _move_epsilon(fl, 1.0)  # leave an engine over 2x the mean load
+            on = fl.sessions(1, sessions)
+            again = fl.sessions(0, sessions)
+        after = fl.sessions(0, sessions)
+    finally:
+        _move_epsilon(fl, None)
+    moved_off = sum(a != b for a, b in zip(home, off, strict=True))
+    moved_on = [s for s, a, b in zip(sessions, home, on, strict=True) if a != b]
+    print(f"\nhot spot: {len(on_hot)} of {len(sessions)} sessions on {hot}; moved without a "
+          f"bound: {moved_off}; with move-epsilon 1.0: {len(moved_on)}")
+    assert moved_off == 0
+    assert sorted(moved_on) == sorted(on_hot)  # exactly the hot engine's sessions moved
+    assert hot_id not in on
+    assert again == on  # the move reached the other node: one engine per session
+    assert after == on  # and the load going away does not move them back
