@@ -5,7 +5,10 @@ ratios mean more than absolute times).
 1. connect() latency through a VIP / direct to the pod, with 10, 1,000 and
    10,000 services in the maps (target <= 1.05 at 10,000);
 2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
-3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms).
+3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
+4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
+   2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
+   a binding on one node to the last agent; lab/bench_bindings.py).
 """
 
 from __future__ import annotations
@@ -195,17 +198,25 @@ def bench_maglev() -> list[dict[str, Any]]:
     return list(bench_maglev.run())
 
 
+def bench_bindings(quick: bool) -> list[dict[str, Any]]:
+    from lab import bench_bindings as bb
+    if quick:
+        return [bb.run(agents=20, rate=400, live=100_000, seconds=8)]
+    return [bb.run(agents=100, rate=2000, live=1_000_000, seconds=20)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    ap.add_argument("--only", choices=("maglev", "apply", "connect"),
+    ap.add_argument("--only", choices=("maglev", "apply", "connect", "bindings"),
                     help="run one benchmark")
     args = ap.parse_args(argv)
     rounds, per_round = (5, 200) if args.quick else (25, 400)
     rows: list[dict[str, Any]] = []
     benches = {"maglev": bench_maglev, "apply": lambda: bench_apply(10_000, 10),
-               "connect": lambda: bench_connect((10, 1_000, 10_000), rounds, per_round)}
+               "connect": lambda: bench_connect((10, 1_000, 10_000), rounds, per_round),
+               "bindings": lambda: bench_bindings(args.quick)}
     for name, run in benches.items():
         if args.only and name != args.only:
             continue

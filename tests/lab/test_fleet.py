@@ -8,22 +8,12 @@ import collections
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from lab import fleet
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def fl() -> Iterator[fleet.Fleet]:
-    reason = fleet.env_ok()
-    if reason:
-        pytest.skip(reason)
-    with fleet.Fleet(engines=3, nodes=2) as f:
-        yield f
 
 
 def _all_active(f: fleet.Fleet, node: int) -> bool:

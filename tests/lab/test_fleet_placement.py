@@ -6,22 +6,12 @@ through."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
 
 import pytest
 
 from lab import fleet
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def fl4() -> Iterator[fleet.Fleet]:
-    reason = fleet.env_ok()
-    if reason:
-        pytest.skip(reason)
-    with fleet.Fleet(engines=4, nodes=2) as f:
-        yield f
 
 
 @pytest.mark.parametrize("round_", range(3))

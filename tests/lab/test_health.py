@@ -10,7 +10,6 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,15 +25,6 @@ NEW_BY = 2.0  # no new session on the faulty engine from this long after the fau
 PINNED_BY = 3.0  # pinned sessions reconnect this long after the fault
 MIN_RATE = 500.0  # connects per second through the VIP
 PROBE_SHARE = 0.05  # controller.policy.PolicyConfig.probe_share, the lab's default
-
-
-@pytest.fixture(scope="module")
-def fl() -> Iterator[fleet.Fleet]:
-    reason = fleet.env_ok()
-    if reason:
-        pytest.skip(reason)
-    with fleet.Fleet(engines=3, nodes=2) as f:
-        yield f
 
 
 def _recover(f: fleet.Fleet) -> None:
