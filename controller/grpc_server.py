@@ -523,7 +523,7 @@ class ControlServer:
         def run() -> None:
             self._flush_pending = False
             try:
-                self.flush_bindings(self._clock())
+                self.flush_bindings(self._clock(), sessions=False)  # counts: every 100 ms
             except Exception:
                 log.exception("binding flush failed")
 
@@ -535,6 +535,8 @@ class ControlServer:
             await asyncio.sleep(self.flush)
             now = self._clock()
             expire, counts = now >= next_expiry, now >= next_counts
+            if not (expire or counts):
+                continue  # bindings go out from _flush_soon; this loop expires and counts
             if expire:
                 next_expiry = now + EXPIRE_INTERVAL
             if counts:

@@ -153,6 +153,12 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
 @click.option("--hash-seed", type=int, default=None, help="Hash seed; the same on every node.")
 @click.option("--fail-k", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Consecutive failed connects after which the kernel trips a backend open.")
+@click.option("--affinity-entries", type=click.IntRange(16, 1 << 24),
+              default=settings.Settings.affinity_entries, show_default=True,
+              help="Size of the kernel's session map. Following a controller every node "
+                   "holds every live session of the fleet (about 100 bytes each): size it "
+                   "for the fleet's live sessions. Fixed when the maps are first pinned "
+                   "(`kvroute uninstall` to change it).")
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
               help="Serve Prometheus metrics (kernel counters read at scrape time).")
 @click.option("--detach-on-exit", is_flag=True,
@@ -164,8 +170,8 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
           agent_id: str | None, scrape_interval: float, stall_window: float,
           tls_ca: Path | None,
           tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
-          hash_seed: int | None, fail_k: int, metrics_at: str | None, detach_on_exit: bool,
-          ready_file: Path | None) -> None:
+          hash_seed: int | None, fail_k: int, affinity_entries: int, metrics_at: str | None,
+          detach_on_exit: bool, ready_file: Path | None) -> None:
     """Run the node agent: load and attach the programs, apply the desired state.
 
     The desired state comes from --config FILE or from --controller HOST:PORT.
@@ -180,6 +186,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         raise click.UsageError("mTLS needs all of --tls-ca, --tls-cert and --tls-key")
     try:
         opts = settings.Settings(pin_dir=pin_dir, fail_k=fail_k,
+                                 affinity_entries=affinity_entries,
                                  **({"hash_seed": hash_seed} if hash_seed is not None else {}))
         target = cgroup or host.cgroup2_root()
     except (ValueError, host.HostError) as exc:
