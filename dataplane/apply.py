@@ -40,6 +40,13 @@ BeVal = tuple[int, int, int, int]            # kvr_backend
 _SVC_FIELDS = ("id", "table_size", "tbl_group", "tbl_base", "aff_timeout", "eps_milli",
                "probe_milli", "affinity", "flags", "n_backends", "move_eps_milli", "revision")
 # Endpoint -> {service name: (state, load) that service gives it}: who lists a backend.
+def _move_milli(epsilon: float | None) -> int:
+    """A move bound as the kernel's x1000 u16; None -> 0, off. Zero, not EPS_OFF: the
+    field was padding before, and programs upgraded under an older agent's services must
+    read "off" there until the agent rewrites them."""
+    return 0 if epsilon is None else round(epsilon * 1000)
+
+
 # A backend serving several services is one pod whatever Service names it, so the kernel
 # holds one entry per endpoint with the most restrictive state and the highest load.
 Refs = dict[L4, dict[str, tuple[model.BackendState, int]]]
@@ -257,7 +264,7 @@ class _Tables:
             flags |= abi.SVC_F_FLEET
         value = (svc_id, size, group, base, svc.affinity_timeout, eps_milli,
                  round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),
-                 _milli(svc.move_epsilon), revision)
+                 _move_milli(svc.move_epsilon), revision)
         mean = sum(loads) // len(loads) if loads else 0
         return value, members, mean
 

@@ -35,8 +35,7 @@ def services(maps: MapSet) -> list[dict[str, Any]]:
             "probe_share": svc.probe_milli / 1000, "backends": svc.n_backends,
             "saturated": bool(svc.flags & abi.SVC_F_SATURATED),
             "fleet": bool(svc.flags & abi.SVC_F_FLEET),
-            "move_epsilon": (None if svc.move_eps_milli == abi.EPS_OFF
-                             else svc.move_eps_milli / 1000),
+            "move_epsilon": svc.move_eps_milli / 1000 if svc.move_eps_milli else None,
             "revision": f"{svc.revision:016x}",
             "counters": {c.name.lower(): counters[c] if counters else 0 for c in abi.SvcCounter},
         })

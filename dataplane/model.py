@@ -74,6 +74,7 @@ AUTO_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 13107
 TABLE_SLOTS_PER_BACKEND = 100
 TABLE_SIZE_MIN_AUTO = AUTO_TABLE_SIZES[0]
 EPSILON_MAX = 10.0
+MOVE_EPSILON_MIN = 0.001  # the kernel keeps a move bound in thousandths; 0 means "off"
 DEFAULT_EPSILON = 0.25
 DEFAULT_PROBE_SHARE = 0.05
 AFFINITY_TIMEOUT_MAX = 86400  # seconds: kube-proxy's ceiling for ClientIP affinity
@@ -373,7 +374,8 @@ class Service:
             set_field(self, "epsilon", check_float("epsilon", self.epsilon, 0.0, EPSILON_MAX))
         if self.move_epsilon is not None:
             set_field(self, "move_epsilon",
-                      check_float("move_epsilon", self.move_epsilon, 0.0, EPSILON_MAX))
+                      check_float("move_epsilon", self.move_epsilon, MOVE_EPSILON_MIN,
+                                  EPSILON_MAX))
             if self.epsilon is not None and self.move_epsilon <= self.epsilon:
                 # New sessions stop going to an engine at epsilon; moving live ones off it
                 # any sooner would move them onto engines no fuller than it.

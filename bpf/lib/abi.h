@@ -39,7 +39,7 @@ enum kvr_be_state {
 #define KVR_SVC_F_FLEET		(1U << 1)	/* bindings are fleet-wide: announced on kvr_events,
 						 * expired by the controller, never locally */
 
-/* struct kvr_svc.eps_milli (and move_eps_milli) value that disables the check. */
+/* struct kvr_svc.eps_milli value that disables the check. */
 #define KVR_EPS_OFF		0xffff
 
 /* Key of kvr_svc_v1 (services). */
@@ -71,7 +71,8 @@ struct kvr_svc {
 	__u8	flags;		/* KVR_SVC_F_* */
 	__u16	n_backends;	/* members, for people reading the map */
 	__u16	move_eps_milli;	/* a live session moves when its backend's load is over
-				 * (1 + this/1000) x mean; KVR_EPS_OFF: sticky for good */
+				 * (1 + this/1000) x mean; 0: sticky for good (the
+				 * value an agent before ABI 2 left in this padding) */
 	__u16	pad;
 	__u64	revision;	/* hash of the table's inputs: a restarted agent diffs on it */
 };

@@ -285,7 +285,7 @@ static __always_inline bool lb_over_move_bound(__u32 be_id, const struct kvr_svc
 {
 	__u32 mean, load;
 
-	if (svc->move_eps_milli == KVR_EPS_OFF)
+	if (svc->move_eps_milli == 0)
 		return false;
 	mean = lb_svc_mean(svc->id);
 	if (mean == 0)

@@ -27,8 +27,8 @@ def test_default_is_off() -> None:
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (-0.5, "move_epsilon: must be a finite number in [0, 10], got -0.5"),
-    (10.5, "move_epsilon: must be a finite number in [0, 10], got 10.5"),
+    (-0.5, "move_epsilon: must be a finite number in [0.001, 10], got -0.5"),
+    (10.5, "move_epsilon: must be a finite number in [0.001, 10], got 10.5"),
     (float("inf"), "move_epsilon: must be a finite number"),
     ("1", "move_epsilon: must be a number, got '1'"),
     (True, "move_epsilon: must be a number, got True"),
@@ -41,7 +41,9 @@ def test_bad_values_are_refused(value: object, message: str) -> None:
 
 
 def test_any_value_in_range_without_a_bounded_load_check() -> None:
-    assert svc(epsilon=None, move_epsilon=0.0).move_epsilon == 0.0
+    assert svc(epsilon=None, move_epsilon=0.001).move_epsilon == 0.001
+    with pytest.raises(model.ModelError, match="0.001"):  # the kernel's 0 means "off"
+        svc(epsilon=None, move_epsilon=0.0)
     assert svc(move_epsilon=10).move_epsilon == 10.0
 
 
@@ -85,7 +87,7 @@ def test_annotation_is_parsed_and_checked_by_the_model() -> None:
         "ns/x", {discovered.AFFINITY: "session", discovered.MOVE_EPSILON: "11"})
     assert options.move_epsilon is None
     assert problems and problems[0].endswith(
-        "kvroute.io/move-epsilon='11': must be a finite number in [0, 10], got 11.0")
+        "kvroute.io/move-epsilon='11': must be a finite number in [0.001, 10], got 11.0")
 
 
 def _svc_value(p: apply.Plan) -> dict[str, int]:
@@ -102,7 +104,7 @@ def test_apply_writes_the_move_bound_and_the_fleet_flag() -> None:
     # The value differs when only the mode does, so a restarted agent rewrites it.
     assert fleet != plain
     off = _svc_value(apply.plan(model.DesiredState((svc(),)), apply.View(), 1))
-    assert off["move_eps_milli"] == abi.EPS_OFF
+    assert off["move_eps_milli"] == 0  # off: what the padding held before ABI 2
     no_aff = _svc_value(apply.plan(model.DesiredState((svc(affinity="none"),)),
                                    apply.View(), 1, fleet=True))
     assert not no_aff["flags"] & abi.SVC_F_FLEET
