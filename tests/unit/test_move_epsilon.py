@@ -42,7 +42,7 @@ def test_bad_values_are_refused(value: object, message: str) -> None:
 
 def test_any_value_in_range_without_a_bounded_load_check() -> None:
     assert svc(epsilon=None, move_epsilon=0.001).move_epsilon == 0.001
-    with pytest.raises(model.ModelError, match="0.001"):  # the kernel's 0 means "off"
+    with pytest.raises(model.ModelError, match=r"0\.001"):  # the kernel's 0 means "off"
         svc(epsilon=None, move_epsilon=0.0)
     assert svc(move_epsilon=10).move_epsilon == 10.0
 
