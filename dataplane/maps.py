@@ -19,7 +19,7 @@ MAP_NAMES = (
     "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_member",
     "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt_v2",
     "kvr_be_cnt",
-    "kvr_reasons", "kvr_meta", "kvr_be_sess", "kvr_events",
+    "kvr_reasons_v2", "kvr_meta", "kvr_be_sess", "kvr_events",
 )
 # Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds;
 # the program array and the connect4 -> sock4_pick hand-over belong to the programs.
@@ -29,7 +29,7 @@ PROGRAM_MAPS = ("kvr_progs", "kvr_scratch")
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
 # Pinned by earlier versions under names since replaced (a layout change gets a new
 # name): uninstall removes them too.
-RETIRED_MAPS = ("kvr_svc_cnt",)
+RETIRED_MAPS = ("kvr_svc_cnt", "kvr_reasons")
 
 K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
 V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)
@@ -119,7 +119,7 @@ class MapSet:
         out = {}
         for reason in abi.Reason:
             buf = (ct.c_uint64 * ncpu)()
-            bpfsys.lookup(self.fds["kvr_reasons"], U32(reason), buf)
+            bpfsys.lookup(self.fds["kvr_reasons_v2"], U32(reason), buf)
             out[reason.name.lower()] = sum(buf)
         return out
 

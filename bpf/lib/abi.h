@@ -193,7 +193,7 @@ struct kvr_be_cnt_val {
 	__u64	c[KVR_BC_MAX];
 };
 
-/* Why a program left a connection alone or failed it (kvr_reasons, per CPU). */
+/* Why a program left a connection alone or failed it (kvr_reasons_v2, per CPU). */
 enum kvr_reason {
 	KVR_R_NO_TABLE = 0,	/* service has no Maglev table yet (fail open) */
 	KVR_R_NO_SK_STORAGE,	/* socket storage or translation record not stored */

@@ -135,7 +135,7 @@ BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_be_cnt_val, kvr_be_cnt,
 BPF_TABLE_PINNED("array", u32, struct kvr_meta, kvr_meta, 1, KVR_PIN("kvr_meta"));
 
 /* enum kvr_reason -> per-CPU count of fail-open and bookkeeping events */
-BPF_TABLE_PINNED("percpu_array", u32, u64, kvr_reasons,
-		 KVR_R_MAX, KVR_PIN("kvr_reasons"));
+BPF_TABLE_PINNED("percpu_array", u32, u64, kvr_reasons_v2,
+		 KVR_R_MAX, KVR_PIN("kvr_reasons_v2"));
 
 #endif /* __KVR_MAPS_H */

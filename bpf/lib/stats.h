@@ -9,7 +9,7 @@
 
 static __always_inline void kvr_reason_inc(__u32 reason)
 {
-	u64 *v = kvr_reasons.lookup(&reason);
+	u64 *v = kvr_reasons_v2.lookup(&reason);
 
 	if (v)
 		*v += 1;
