@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lab import fleet
+from tests.lab import conftest
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -21,21 +22,8 @@ def _all_active(f: fleet.Fleet, node: int) -> bool:
     return len(view) == len(f.engines) and all(b["state"] == "active" for b in view.values())
 
 
-def _recover(f: fleet.Fleet) -> None:
-    """Undo whatever a test did to the engines; wait for every node to see them active."""
-    for name, proc in f.engine_procs.items():
-        if proc.poll() is not None:
-            f.start_engine(name)
-        else:
-            f.fault(name, latency_ms=0, error_rate=0, hang=False, stall=False,
-                    spare_health=False, refuse=False)
-    for n in range(len(f.nodes)):
-        assert fleet.wait_for(lambda n=n: _all_active(f, n), 30), f.backends(n)
-    assert fleet.wait_for(f.converged, 30), f.log("controller")
-
-
 def test_two_nodes_pick_the_same_engine_for_a_session(fl: fleet.Fleet) -> None:
-    _recover(fl)
+    conftest.recover(fl)
     sessions = [f"two-{i}" for i in range(200)]
     a = fl.sessions(0, sessions)
     b = fl.sessions(1, sessions)
@@ -45,7 +33,7 @@ def test_two_nodes_pick_the_same_engine_for_a_session(fl: fleet.Fleet) -> None:
 
 
 def test_engine_crash_opens_its_breaker_and_its_sessions_move_and_stay(fl: fleet.Fleet) -> None:
-    _recover(fl)
+    conftest.recover(fl)
     sessions = [f"crash-{i}" for i in range(150)]
     before = fl.sessions(0, sessions)
     victim_id = collections.Counter(before).most_common(1)[0][0]
@@ -84,7 +72,7 @@ def test_engine_crash_opens_its_breaker_and_its_sessions_move_and_stay(fl: fleet
 
 
 def test_loaded_engine_gets_a_smaller_share_of_new_sessions(fl: fleet.Fleet) -> None:
-    _recover(fl)
+    conftest.recover(fl)
     with fl.loaded("gpu1") as hot_id:
         new = fl.sessions(0, [f"hot-{i}" for i in range(600)])
     counts = collections.Counter(new)
@@ -97,7 +85,7 @@ def test_a_session_reaches_its_engine_through_any_node_whatever_load_did(
     """Issue 8's measurement: sessions bound through node0 before and during a load
     change are looked up through node1 after it (29-39 % went elsewhere when each node
     kept its own bindings). Every one must reach the engine node0 chose."""
-    _recover(fl)
+    conftest.recover(fl)
     before = [f"fleet-before-{i}" for i in range(150)]
     on0_before = fl.sessions(0, before)
     with fl.loaded("gpu1"):
@@ -111,7 +99,7 @@ def test_a_session_reaches_its_engine_through_any_node_whatever_load_did(
 
 
 def test_controller_death_changes_no_route_and_a_restart_converges(fl: fleet.Fleet) -> None:
-    _recover(fl)
+    conftest.recover(fl)
     sessions = [f"static-{i}" for i in range(200)]
     before = fl.sessions(0, sessions)
     time.sleep(0.3)  # node0's bindings reach node1 (~10 ms)
@@ -143,7 +131,7 @@ def test_load_reaches_every_agent_within_a_few_scrapes(fl: fleet.Fleet) -> None:
     import httpx
 
     from dataplane import enginemetrics
-    _recover(fl)
+    conftest.recover(fl)
     target_id = fl.engine_id("gpu2")
     stop = threading.Event()
 
@@ -196,7 +184,7 @@ def _chat_through_vip(vip: str, port: int, metrics: list[str]) -> dict[str, obje
 
 
 def test_chat_sessions_through_the_vip_keep_their_engine_and_its_cache(fl: fleet.Fleet) -> None:
-    _recover(fl)
+    conftest.recover(fl)
     assert fl.client is not None
     metrics = [f"http://{fl.engine_id(n)}" for n in fl.engines]
     report = fl.client.call(_chat_through_vip, fl.vip, fl.port, metrics,
@@ -223,7 +211,7 @@ def _loop_sessions(vip: str, port: int, seconds: float) -> dict[str, int]:
 def test_agent_killed_and_restarted_under_the_controller_loses_no_connect(
         fl: fleet.Fleet) -> None:
     """A DaemonSet rolling update with a controller: SIGKILL, a new agent adopts."""
-    _recover(fl)
+    conftest.recover(fl)
     assert fl.client is not None
     node = fl.nodes[0]
     result: dict[str, int] = {}
@@ -261,7 +249,7 @@ def test_sticky_until_saturated_moves_only_the_hot_engines_sessions(fl: fleet.Fl
     engine. Without a move bound (the default) no live session leaves it; with one, the
     hot engine's sessions move on their next connect, through either node, the others
     stay, and the moved ones stay where they went when the load is gone."""
-    _recover(fl)
+    conftest.recover(fl)
     hot = "gpu1"
     sessions = [f"hotspot-{i}" for i in range(90)]
     try:

@@ -7,15 +7,14 @@ connect 3 s after the fault. Timings are printed (-s); the asserts are on counts
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from lab import fleet
+from tests.lab import conftest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,32 +24,6 @@ NEW_BY = 2.0  # no new session on the faulty engine from this long after the fau
 PINNED_BY = 3.0  # pinned sessions reconnect this long after the fault
 MIN_RATE = 500.0  # connects per second through the VIP
 PROBE_SHARE = 0.05  # controller.policy.PolicyConfig.probe_share, the lab's default
-
-
-def _recover(f: fleet.Fleet) -> None:
-    for name, proc in f.engine_procs.items():
-        if proc.poll() is not None:
-            f.start_engine(name)
-        else:
-            f.fault(name, latency_ms=0, error_rate=0, hang=False, stall=False,
-                    spare_health=False, refuse=False)
-
-    def all_active(n: int) -> bool:
-        view = f.backends(n)
-        if len(view) == len(f.engines) and all(b["state"] == "active"
-                                               for b in view.values()):
-            return True
-        # An engine that failed on 5xx closes only on a served request (a quiet probe
-        # proves nothing): serve one straight from its pod, as a client would.
-        for name in f.engines:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"http://{f.engine_id(name)}/v1/completions", timeout=2,
-                           json={"prompt": "recover", "max_tokens": 1}, trust_env=False)
-        time.sleep(0.1)
-        return False
-    for n in range(len(f.nodes)):
-        assert fleet.wait_for(lambda n=n: all_active(n), 30), f.backends(n)
-    assert fleet.wait_for(f.converged, 30), f.log("controller")
 
 
 def _client_loop(vip: str, port: int, prefix: str, seconds: float,
@@ -114,7 +87,7 @@ def _ejected_under_traffic(f: fleet.Fleet, kind: str, probe_share: float = 0.0,
                            **faults: Any) -> None:
     """``probe_share``: the share of new sessions that may reach the engine from 2 s after
     the fault, as half-open probes (0 unless its own probes pass, see the 5xx test)."""
-    _recover(f)
+    conftest.recover(f)
     assert f.client is not None
     pinned = [f"{kind}-pin-{i}" for i in range(120)]
     before = f.sessions(0, pinned)
@@ -190,14 +163,14 @@ def test_hung_engine_is_ejected_under_traffic(fl: fleet.Fleet) -> None:
     try:
         _ejected_under_traffic(fl, "hang", hang=True)
     finally:
-        _recover(fl)
+        conftest.recover(fl)
 
 
 def test_always_503_engine_is_ejected_under_traffic(fl: fleet.Fleet) -> None:
     try:
         _ejected_under_traffic(fl, "e503", error_rate=1.0, error_code=503)
     finally:
-        _recover(fl)
+        conftest.recover(fl)
 
 
 def test_503_engine_with_a_passing_health_check_is_ejected_under_traffic(
@@ -211,11 +184,11 @@ def test_503_engine_with_a_passing_health_check_is_ejected_under_traffic(
         _ejected_under_traffic(fl, "e503ok", PROBE_SHARE, error_rate=1.0, error_code=503,
                                spare_health=True)
     finally:
-        _recover(fl)
+        conftest.recover(fl)
 
 
 def test_stalled_engine_is_ejected_under_traffic(fl: fleet.Fleet) -> None:
     try:
         _ejected_under_traffic(fl, "stall", stall=True)
     finally:
-        _recover(fl)
+        conftest.recover(fl)
