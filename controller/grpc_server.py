@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import threading
 import time
@@ -61,6 +62,36 @@ EXPIRE_INTERVAL = 1.0
 # sessions at once, so 100 ms of staleness costs little; sent with every flush they were
 # most of the fan-out's bytes (64 engines: 42 KB/s an agent at 400 new sessions/s).
 SESSIONS_INTERVAL = 0.1
+
+# -- listening --------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, "localhost"."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+
+
+def listen_refused(address: str, tls: bool, insecure: bool) -> str | None:
+    """Why the controller must not listen on ``address`` ("host:port"), or None.
+
+    Plaintext means anyone who reaches the port can report loads, breaker evidence and
+    session bindings, and read the whole topology; so without TLS only loopback is
+    allowed, unless the operator explicitly asks (``insecure``)."""
+    if tls or insecure:
+        return None
+    host = address.rpartition(":")[0]
+    if is_loopback(host):
+        return None
+    return (f"refusing to listen on {address} in plaintext: anyone who can reach it could "
+            "change routing. Give --tls-ca/--tls-cert/--tls-key (mutual TLS), listen on "
+            "loopback, or pass --insecure-listen to accept the risk")
+
 
 # -- publisher ----------------------------------------------------------------------------
 
@@ -239,6 +270,7 @@ class ControlServer:
         wall_clock: Callable[[], float] = time.time,
         bindings: fleet_bindings.BindingTable | None = None,
         flush: float = DEFAULT_BINDING_FLUSH,
+        insecure_listen: bool = False,
     ) -> None:
         if not flush > 0:
             raise ValueError(f"flush must be > 0, got {flush!r}")
@@ -257,6 +289,7 @@ class ControlServer:
         self.binding_reports = 0
         self.binding_reports_rejected = 0
         self.tls = tls
+        self.insecure_listen = insecure_listen
         self.on_report = on_report
         self._clock = clock
         self._wall = wall_clock
@@ -274,6 +307,9 @@ class ControlServer:
         """Listen on ``address`` ("host:port", port 0 picks one); returns the port."""
         if self._server is not None:
             raise RuntimeError("server already started")
+        refused = listen_refused(address, self.tls is not None, self.insecure_listen)
+        if refused is not None:
+            raise PermissionError(refused)
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         server = grpc.aio.server(options=channel.SERVER_OPTIONS)

@@ -421,6 +421,38 @@ def test_mtls_accepts_a_good_client_and_refuses_others(controller: Controller,
     assert set(controller.agents()) == {"good"}
 
 
+# -- listening rules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "tls", "insecure", "refused"), [
+    ("127.0.0.1:7070", False, False, False),
+    ("127.0.0.5:0", False, False, False),
+    ("[::1]:7070", False, False, False),
+    ("localhost:7070", False, False, False),
+    ("0.0.0.0:7070", False, False, True),
+    ("[::]:7070", False, False, True),
+    ("10.1.2.3:7070", False, False, True),
+    ("ctl.example:7070", False, False, True),
+    (":7070", False, False, True),
+    ("0.0.0.0:7070", True, False, False),
+    ("0.0.0.0:7070", False, True, False),
+])
+def test_plaintext_listens_only_on_loopback(address: str, tls: bool, insecure: bool,
+                                            refused: bool) -> None:
+    why = grpc_server.listen_refused(address, tls, insecure)
+    assert (why is not None) == refused, why
+
+
+def test_server_refuses_plaintext_wildcard_before_listening(controller: Controller) -> None:
+    server = grpc_server.ControlServer(controller.publisher)
+    with pytest.raises(PermissionError, match="insecure-listen"):
+        controller.run(server.start("0.0.0.0:0"))
+    assert server.port is None and server._server is None  # nothing half-started
+    allowed = grpc_server.ControlServer(controller.publisher, insecure_listen=True)
+    assert controller.run(allowed.start("0.0.0.0:0")) > 0
+    controller.run(allowed.stop(grace=0.1))
+
+
 # -- protocol edges -----------------------------------------------------------------------
 
 
