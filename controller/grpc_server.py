@@ -23,7 +23,12 @@ desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
 whether that is the current content, and for how long the agent has been behind.
 
 TLS: :class:`channel.TLSFiles` names PEM files; the server then requires client certificates
-signed by the same CA (mutual TLS), the client checks the server's.
+signed by the same CA (mutual TLS), the client checks the server's. With TLS every RPC is
+authorized by :mod:`controller.authz`: the certificate's node (:mod:`dataplane.api.identity`)
+must be the node the message speaks for (else PERMISSION_DENIED, counted in
+:attr:`ControlServer.refused`), and a report's scrapes and counters of other nodes' engines
+are dropped (counted in :attr:`ControlServer.report_entries_dropped`). Without TLS the
+server listens on loopback only (:func:`listen_refused`) and trusts its peers as before.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 import grpc
 import grpc.aio
 
+from controller import authz
 from controller import bindings as fleet_bindings
 from dataplane import model, scraper
 from dataplane import reports as agent_reports
-from dataplane.api import channel, convert
+from dataplane.api import channel, convert, identity
 from dataplane.api.pb import kvroute_pb2 as pb
 from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
@@ -290,6 +296,11 @@ class ControlServer:
         self.binding_reports_rejected = 0
         self.tls = tls
         self.insecure_listen = insecure_listen
+        # Which engine an identity is, and on which node (authz); the controller points
+        # it at its reconciler, which knows the engines even before anything is published.
+        self.engine_ref: authz.EngineLookup = self._published_engine
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()  # (rpc, why)
+        self.report_entries_dropped = 0  # scrapes/counters of engines not the peer's
         self.on_report = on_report
         self._clock = clock
         self._wall = wall_clock
@@ -403,6 +414,34 @@ class ControlServer:
                 return False
             await asyncio.sleep(poll)
 
+    # -- authorization
+
+    def _published_engine(self, ident: str) -> model.EngineRef | None:
+        current = self.publisher.current
+        return current.engine(ident) if current is not None else None
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> authz.Peer:
+        if self.tls is None:
+            return authz.PLAINTEXT
+        uris = context.auth_context().get("peer_uri", [])
+        return authz.Peer(True, identity.node_of(u.decode("utf-8", "replace") for u in uris))
+
+    async def _authorize(self, rpc: str, peer: authz.Peer, agent_id: str, node: str,
+                         context: grpc.aio.ServicerContext) -> None:
+        """Abort the call (PERMISSION_DENIED, counted) unless ``peer`` may speak as
+        ``agent_id`` on ``node``; an agent id already held by another node is refused too."""
+        why = authz.claim_refused(peer, agent_id, node)
+        if why is None and peer.authenticated:
+            with self._lock:
+                held = self._agents.get(agent_id)
+                if held is not None and held.node and held.node != node:
+                    why = f"agent_id {agent_id[:64]!r} belongs to node {held.node!r}"
+        if why is None:
+            return
+        self.refused[(rpc, "identity")] += 1
+        log.warning("%s from %s refused: %s", rpc, context.peer(), why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
     # -- handlers (called by _Servicer)
 
     def _agent(self, agent_id: str, node: str, peer: str) -> _Agent:
@@ -437,6 +476,8 @@ class ControlServer:
             agent_reports.AgentReport(request.agent_id, request.node, 0, "")  # validates ids
         except model.ModelError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._authorize("WatchSnapshots", self._peer(context), request.agent_id,
+                              request.node, context)
         agent = self._agent(request.agent_id, request.node, context.peer())
         with self._lock:
             agent.watching += 1
@@ -478,7 +519,9 @@ class ControlServer:
     async def _report(self, requests: AsyncIterator[pb.AgentReport],
                       context: grpc.aio.ServicerContext) -> pb.ReportAck:
         accepted = 0
+        peer = self._peer(context)
         async for msg in requests:
+            await self._authorize("Report", peer, msg.agent_id, msg.node, context)
             try:
                 report = convert.report_from_pb(msg)
             except model.ModelError as exc:
@@ -489,6 +532,11 @@ class ControlServer:
                         agent.rejected += 1
                         agent.last_error = str(exc)
                 continue
+            report, dropped = authz.scoped_report(peer, report, self.engine_ref)
+            if dropped:
+                self.report_entries_dropped += dropped
+                log.warning("report from %s: %d scrapes/counters of engines not on node %r "
+                            "dropped", report.agent_id, dropped, peer.node)
             agent = self._agent(report.agent_id, report.node, context.peer())
             self.publisher.publish_loads({r.identity: r.load.units for r in report.engines
                                           if r.ok and r.load is not None})
@@ -583,7 +631,9 @@ class ControlServer:
     async def _report_bindings(self, requests: AsyncIterator[pb.BindingReport],
                                context: grpc.aio.ServicerContext) -> pb.ReportAck:
         accepted = 0
+        peer = self._peer(context)
         async for msg in requests:
+            await self._authorize("ReportBindings", peer, msg.agent_id, msg.node, context)
             try:
                 report = convert.binding_report_from_pb(msg)
             except model.ModelError as exc:

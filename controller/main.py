@@ -89,6 +89,7 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         server.on_report = self._on_report
+        server.engine_ref = reconciler.engine_ref
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -449,6 +449,11 @@ class Reconciler:
         """Why specs of the last :meth:`set_specs` were left out or changed."""
         return self._problems
 
+    def engine_ref(self, identity: str) -> model.EngineRef | None:
+        """The engine discovery knows by ``identity`` (with its node), if any."""
+        engine = self._engines.get(identity)
+        return engine.ref if engine is not None else None
+
     def breaker_state(self, identity: str, now: float) -> breaker.State | None:
         engine = self._engines.get(identity)
         return engine.breaker.state(now) if engine is not None else None
