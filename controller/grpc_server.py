@@ -68,6 +68,12 @@ EXPIRE_INTERVAL = 1.0
 # sessions at once, so 100 ms of staleness costs little; sent with every flush they were
 # most of the fan-out's bytes (64 engines: 42 KB/s an agent at 400 new sessions/s).
 SESSIONS_INTERVAL = 0.1
+# Agents the controller remembers. An agent with no open watch stream and no report for
+# AGENT_TTL seconds is forgotten (its node left, or it never was an agent); a new agent id
+# beyond MAX_AGENTS is refused (RESOURCE_EXHAUSTED), so made-up ids cannot grow memory and
+# /metrics without bound. Agents report every few seconds and watch all the time.
+DEFAULT_AGENT_TTL = 300.0
+DEFAULT_MAX_AGENTS = 4096
 
 # -- listening --------------------------------------------------------------------------
 
@@ -253,6 +259,7 @@ class _Agent:
     node: str = ""
     peer: str = ""
     first_seen: float = 0.0  # monotonic
+    last_seen: float = 0.0  # monotonic: last stream opened or report received
     watching: int = 0
     sent_version: int | None = None
     report: agent_reports.AgentReport | None = None
@@ -277,9 +284,21 @@ class ControlServer:
         bindings: fleet_bindings.BindingTable | None = None,
         flush: float = DEFAULT_BINDING_FLUSH,
         insecure_listen: bool = False,
+        agent_ttl: float = DEFAULT_AGENT_TTL,
+        max_agents: int = DEFAULT_MAX_AGENTS,
+        on_forget: Callable[[list[str]], None] | None = None,
     ) -> None:
         if not flush > 0:
             raise ValueError(f"flush must be > 0, got {flush!r}")
+        if not agent_ttl > 0 or max_agents < 1:
+            raise ValueError(f"need agent_ttl > 0 and max_agents >= 1, got {agent_ttl!r}, "
+                             f"{max_agents!r}")
+        self.agent_ttl = float(agent_ttl)
+        self.max_agents = int(max_agents)
+        # Called (on the server's loop) with the ids of expired agents, so state kept per
+        # agent elsewhere (the reconciler's last scrape and counters) goes with them.
+        self.on_forget = on_forget
+        self.agents_expired = 0
         self.publisher = publisher
         # Touched only on the server's loop (handlers and the flusher), so it needs no lock.
         self.bindings = bindings or fleet_bindings.BindingTable()
@@ -356,7 +375,10 @@ class ControlServer:
             event.set()
         await server.stop(grace)
         with self._lock:
+            now = self._clock()
             for agent in self._agents.values():
+                if agent.watching:  # its stream ended now: the TTL runs from here
+                    agent.last_seen = now
                 agent.watching = 0
 
     def publish(self, snap: model.Snapshot) -> bool:
@@ -444,15 +466,55 @@ class ControlServer:
 
     # -- handlers (called by _Servicer)
 
-    def _agent(self, agent_id: str, node: str, peer: str) -> _Agent:
+    def _agent(self, agent_id: str, node: str, peer: str) -> _Agent | None:
+        """The agent's record, made if new; None when it is new and the table is full
+        even after forgetting the stale ones."""
+        now = self._clock()
+        agent = self._agents.get(agent_id)
+        if agent is None and len(self._agents) >= self.max_agents:
+            self.expire_agents()
         with self._lock:
             agent = self._agents.get(agent_id)
             if agent is None:
-                agent = self._agents[agent_id] = _Agent(agent_id, first_seen=self._clock())
+                if len(self._agents) >= self.max_agents:
+                    return None
+                agent = self._agents[agent_id] = _Agent(agent_id, first_seen=now)
             if node:
                 agent.node = node
             agent.peer = peer
+            agent.last_seen = now
             return agent
+
+    async def _known_agent(self, rpc: str, agent_id: str, node: str,
+                           context: grpc.aio.ServicerContext) -> _Agent:
+        agent = self._agent(agent_id, node, context.peer())
+        if agent is None:
+            self.refused[(rpc, "agents_full")] += 1
+            log.warning("%s from %s refused: %d agents known already", rpc, context.peer(),
+                        self.max_agents)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the controller knows {self.max_agents} agents already")
+        assert agent is not None  # abort raises
+        return agent
+
+    def expire_agents(self) -> list[str]:
+        """Forget agents with no open watch stream and nothing heard for ``agent_ttl``
+        seconds; returns their ids (on the server's loop: see :attr:`on_forget`)."""
+        cutoff = self._clock() - self.agent_ttl
+        with self._lock:
+            gone = [i for i, a in self._agents.items()
+                    if a.watching == 0 and a.last_seen < cutoff]
+            for agent_id in gone:
+                del self._agents[agent_id]
+        if gone:
+            self.agents_expired += len(gone)
+            log.info("forgot %d agents silent for %.0f s", len(gone), self.agent_ttl)
+            if self.on_forget is not None:
+                try:
+                    self.on_forget(gone)
+                except Exception:
+                    log.exception("on_forget failed")
+        return gone
 
     def _first_update(self, request: pb.WatchRequest,
                       current: model.Snapshot) -> pb.SnapshotUpdate:
@@ -478,7 +540,7 @@ class ControlServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._authorize("WatchSnapshots", self._peer(context), request.agent_id,
                               request.node, context)
-        agent = self._agent(request.agent_id, request.node, context.peer())
+        agent = await self._known_agent("WatchSnapshots", request.agent_id, request.node, context)
         with self._lock:
             agent.watching += 1
         event = asyncio.Event()
@@ -515,6 +577,7 @@ class ControlServer:
             self._wakeups.discard(event)
             with self._lock:
                 agent.watching = max(0, agent.watching - 1)
+                agent.last_seen = self._clock()  # the TTL runs from the stream's end
 
     async def _report(self, requests: AsyncIterator[pb.AgentReport],
                       context: grpc.aio.ServicerContext) -> pb.ReportAck:
@@ -526,18 +589,19 @@ class ControlServer:
                 report = convert.report_from_pb(msg)
             except model.ModelError as exc:
                 log.warning("report from %r rejected: %s", msg.agent_id, exc)
-                if msg.agent_id and len(msg.agent_id) <= model.IDENTITY_MAX:
-                    agent = self._agent(msg.agent_id, "", context.peer())
+                bad = (self._agent(msg.agent_id, "", context.peer())
+                       if msg.agent_id and len(msg.agent_id) <= model.IDENTITY_MAX else None)
+                if bad is not None:
                     with self._lock:
-                        agent.rejected += 1
-                        agent.last_error = str(exc)
+                        bad.rejected += 1
+                        bad.last_error = str(exc)
                 continue
             report, dropped = authz.scoped_report(peer, report, self.engine_ref)
             if dropped:
                 self.report_entries_dropped += dropped
                 log.warning("report from %s: %d scrapes/counters of engines not on node %r "
                             "dropped", report.agent_id, dropped, peer.node)
-            agent = self._agent(report.agent_id, report.node, context.peer())
+            agent = await self._known_agent("Report", report.agent_id, report.node, context)
             self.publisher.publish_loads({r.identity: r.load.units for r in report.engines
                                           if r.ok and r.load is not None})
             with self._lock:
@@ -621,6 +685,10 @@ class ControlServer:
             expire, counts = now >= next_expiry, now >= next_counts
             if expire:
                 next_expiry = now + EXPIRE_INTERVAL
+                try:
+                    self.expire_agents()
+                except Exception:
+                    log.exception("agent expiry failed")
             if counts:
                 next_counts = now + SESSIONS_INTERVAL
             try:

@@ -127,7 +127,11 @@ class StateCollector(prom_registry.Collector):
             "Scrapes and kernel counters dropped from accepted reports because they were "
             "about engines of another node.")
         dropped.add_metric([], server.report_entries_dropped)
-        yield from (refused, dropped)
+        expired = CounterMetricFamily(
+            "kvroute_controller_agents_expired",
+            "Agents forgotten after --agent-ttl seconds without a stream or a report.")
+        expired.add_metric([], server.agents_expired)
+        yield from (refused, dropped, expired)
 
     @staticmethod
     def _bindings(server: grpc_server.ControlServer) -> Iterator[Metric]:

@@ -533,6 +533,62 @@ def test_an_agent_id_stays_with_the_node_that_holds_it(controller: Controller,
     assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED}
 
 
+# -- bounded agents -----------------------------------------------------------------------
+
+
+def test_made_up_agent_ids_are_bounded_and_expire() -> None:
+    """Thousands of invented agent ids: at most max_agents are kept (the rest refused and
+    counted), silent ones are forgotten after the TTL with the state kept for them, and
+    an agent with an open watch stream is never forgotten."""
+    now = {"t": 1000.0}
+    forgotten: list[str] = []
+    c = Controller()
+    try:
+        c.publisher.publish(snap(1, service("a", 1)))
+        c.server = server = grpc_server.ControlServer(
+            c.publisher, clock=lambda: now["t"], agent_ttl=60.0, max_agents=500,
+            on_forget=forgotten.extend)
+        port = c.run(server.start("127.0.0.1:0"))
+        with _stub(port, None) as stub:
+            watch = stub.WatchSnapshots(pb.WatchRequest(agent_id="watcher", node="n"))
+            assert next(iter(watch)).WhichOneof("update") == "full"
+            fakes = (pb.AgentReport(agent_id=f"fake-{i}", node="n") for i in range(3000))
+            code = _refused(lambda: stub.Report(fakes, timeout=WAIT * 2))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(c.agents()) == 500 and "watcher" in c.agents()
+            assert server.refused[("Report", "agents_full")] == 1
+            # One by one, as a real flood would come: each new id is refused.
+            for i in range(3000, 3020):
+                assert _refused(lambda i=i: stub.Report(iter([pb.AgentReport(
+                    agent_id=f"fake-{i}", node="n")]), timeout=WAIT)) == (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert server.refused[("Report", "agents_full")] == 21
+            assert len(c.agents()) == 500
+            # A known agent still reports.
+            assert stub.Report(iter([pb.AgentReport(agent_id="fake-7", node="n")]),
+                               timeout=WAIT).reports == 1
+            now["t"] += 61.0
+            assert len(c.run(_expire(server))) == 499  # all but the watcher
+            assert set(c.agents()) == {"watcher"} and server.agents_expired == 499
+            assert len(forgotten) == 499 and "watcher" not in forgotten
+            # Room again for new ids.
+            assert stub.Report(iter([pb.AgentReport(agent_id="late", node="n")]),
+                               timeout=WAIT).reports == 1
+            watch.cancel()
+        # The watcher's stream ended: it is forgotten a TTL later, not before.
+        assert wait_until(lambda: not c.agents()["watcher"].watching)
+        now["t"] += 30.0
+        assert c.run(_expire(server)) == []
+        now["t"] += 31.0
+        assert set(c.run(_expire(server))) == {"watcher", "late"}
+    finally:
+        c.close()
+
+
+async def _expire(server: grpc_server.ControlServer) -> list[str]:
+    return server.expire_agents()
+
+
 # -- listening rules --------------------------------------------------------------------
 
 
