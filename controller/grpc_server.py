@@ -23,7 +23,12 @@ desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
 whether that is the current content, and for how long the agent has been behind.
 
 TLS: :class:`channel.TLSFiles` names PEM files; the server then requires client certificates
-signed by the same CA (mutual TLS), the client checks the server's.
+signed by the same CA (mutual TLS), the client checks the server's. With TLS every RPC is
+authorized by :mod:`controller.authz`: the certificate's node (:mod:`dataplane.api.identity`)
+must be the node the message speaks for (else PERMISSION_DENIED, counted in
+:attr:`ControlServer.refused`), and a report's scrapes and counters of other nodes' engines
+are dropped (counted in :attr:`ControlServer.report_entries_dropped`). Without TLS the
+server listens on loopback only (:func:`listen_refused`) and trusts its peers as before.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import threading
 import time
@@ -40,10 +46,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 import grpc
 import grpc.aio
 
+from controller import authz
 from controller import bindings as fleet_bindings
 from dataplane import model, scraper
 from dataplane import reports as agent_reports
-from dataplane.api import channel, convert
+from dataplane.api import channel, convert, identity
 from dataplane.api.pb import kvroute_pb2 as pb
 from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
@@ -61,6 +68,42 @@ EXPIRE_INTERVAL = 1.0
 # sessions at once, so 100 ms of staleness costs little; sent with every flush they were
 # most of the fan-out's bytes (64 engines: 42 KB/s an agent at 400 new sessions/s).
 SESSIONS_INTERVAL = 0.1
+# Agents the controller remembers. An agent with no open watch stream and no report for
+# AGENT_TTL seconds is forgotten (its node left, or it never was an agent); a new agent id
+# beyond MAX_AGENTS is refused (RESOURCE_EXHAUSTED), so made-up ids cannot grow memory and
+# /metrics without bound. Agents report every few seconds and watch all the time.
+DEFAULT_AGENT_TTL = 300.0
+DEFAULT_MAX_AGENTS = 4096
+
+# -- listening --------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, "localhost"."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+
+
+def listen_refused(address: str, tls: bool, insecure: bool) -> str | None:
+    """Why the controller must not listen on ``address`` ("host:port"), or None.
+
+    Plaintext means anyone who reaches the port can report loads, breaker evidence and
+    session bindings, and read the whole topology; so without TLS only loopback is
+    allowed, unless the operator explicitly asks (``insecure``)."""
+    if tls or insecure:
+        return None
+    host = address.rpartition(":")[0]
+    if is_loopback(host):
+        return None
+    return (f"refusing to listen on {address} in plaintext: anyone who can reach it could "
+            "change routing. Give --tls-ca/--tls-cert/--tls-key (mutual TLS), listen on "
+            "loopback, or pass --insecure-listen to accept the risk")
+
 
 # -- publisher ----------------------------------------------------------------------------
 
@@ -216,6 +259,7 @@ class _Agent:
     node: str = ""
     peer: str = ""
     first_seen: float = 0.0  # monotonic
+    last_seen: float = 0.0  # monotonic: last stream opened or report received
     watching: int = 0
     sent_version: int | None = None
     report: agent_reports.AgentReport | None = None
@@ -239,9 +283,22 @@ class ControlServer:
         wall_clock: Callable[[], float] = time.time,
         bindings: fleet_bindings.BindingTable | None = None,
         flush: float = DEFAULT_BINDING_FLUSH,
+        insecure_listen: bool = False,
+        agent_ttl: float = DEFAULT_AGENT_TTL,
+        max_agents: int = DEFAULT_MAX_AGENTS,
+        on_forget: Callable[[list[str]], None] | None = None,
     ) -> None:
         if not flush > 0:
             raise ValueError(f"flush must be > 0, got {flush!r}")
+        if not agent_ttl > 0 or max_agents < 1:
+            raise ValueError(f"need agent_ttl > 0 and max_agents >= 1, got {agent_ttl!r}, "
+                             f"{max_agents!r}")
+        self.agent_ttl = float(agent_ttl)
+        self.max_agents = int(max_agents)
+        # Called (on the server's loop) with the ids of expired agents, so state kept per
+        # agent elsewhere (the reconciler's last scrape and counters) goes with them.
+        self.on_forget = on_forget
+        self.agents_expired = 0
         self.publisher = publisher
         # Touched only on the server's loop (handlers and the flusher), so it needs no lock.
         self.bindings = bindings or fleet_bindings.BindingTable()
@@ -257,6 +314,12 @@ class ControlServer:
         self.binding_reports = 0
         self.binding_reports_rejected = 0
         self.tls = tls
+        self.insecure_listen = insecure_listen
+        # Which engine an identity is, and on which node (authz); the controller points
+        # it at its reconciler, which knows the engines even before anything is published.
+        self.engine_ref: authz.EngineLookup = self._published_engine
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()  # (rpc, why)
+        self.report_entries_dropped = 0  # scrapes/counters of engines not the peer's
         self.on_report = on_report
         self._clock = clock
         self._wall = wall_clock
@@ -274,6 +337,9 @@ class ControlServer:
         """Listen on ``address`` ("host:port", port 0 picks one); returns the port."""
         if self._server is not None:
             raise RuntimeError("server already started")
+        refused = listen_refused(address, self.tls is not None, self.insecure_listen)
+        if refused is not None:
+            raise PermissionError(refused)
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         server = grpc.aio.server(options=channel.SERVER_OPTIONS)
@@ -309,7 +375,10 @@ class ControlServer:
             event.set()
         await server.stop(grace)
         with self._lock:
+            now = self._clock()
             for agent in self._agents.values():
+                if agent.watching:  # its stream ended now: the TTL runs from here
+                    agent.last_seen = now
                 agent.watching = 0
 
     def publish(self, snap: model.Snapshot) -> bool:
@@ -367,17 +436,85 @@ class ControlServer:
                 return False
             await asyncio.sleep(poll)
 
+    # -- authorization
+
+    def _published_engine(self, ident: str) -> model.EngineRef | None:
+        current = self.publisher.current
+        return current.engine(ident) if current is not None else None
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> authz.Peer:
+        if self.tls is None:
+            return authz.PLAINTEXT
+        uris = context.auth_context().get("peer_uri", [])
+        return authz.Peer(True, identity.node_of(u.decode("utf-8", "replace") for u in uris))
+
+    async def _authorize(self, rpc: str, peer: authz.Peer, agent_id: str, node: str,
+                         context: grpc.aio.ServicerContext) -> None:
+        """Abort the call (PERMISSION_DENIED, counted) unless ``peer`` may speak as
+        ``agent_id`` on ``node``; an agent id already held by another node is refused too."""
+        why = authz.claim_refused(peer, agent_id, node)
+        if why is None and peer.authenticated:
+            with self._lock:
+                held = self._agents.get(agent_id)
+                if held is not None and held.node and held.node != node:
+                    why = f"agent_id {agent_id[:64]!r} belongs to node {held.node!r}"
+        if why is None:
+            return
+        self.refused[(rpc, "identity")] += 1
+        log.warning("%s from %s refused: %s", rpc, context.peer(), why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
     # -- handlers (called by _Servicer)
 
-    def _agent(self, agent_id: str, node: str, peer: str) -> _Agent:
+    def _agent(self, agent_id: str, node: str, peer: str) -> _Agent | None:
+        """The agent's record, made if new; None when it is new and the table is full
+        even after forgetting the stale ones."""
+        now = self._clock()
+        agent = self._agents.get(agent_id)
+        if agent is None and len(self._agents) >= self.max_agents:
+            self.expire_agents()
         with self._lock:
             agent = self._agents.get(agent_id)
             if agent is None:
-                agent = self._agents[agent_id] = _Agent(agent_id, first_seen=self._clock())
+                if len(self._agents) >= self.max_agents:
+                    return None
+                agent = self._agents[agent_id] = _Agent(agent_id, first_seen=now)
             if node:
                 agent.node = node
             agent.peer = peer
+            agent.last_seen = now
             return agent
+
+    async def _known_agent(self, rpc: str, agent_id: str, node: str,
+                           context: grpc.aio.ServicerContext) -> _Agent:
+        agent = self._agent(agent_id, node, context.peer())
+        if agent is None:
+            self.refused[(rpc, "agents_full")] += 1
+            log.warning("%s from %s refused: %d agents known already", rpc, context.peer(),
+                        self.max_agents)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the controller knows {self.max_agents} agents already")
+        assert agent is not None  # abort raises
+        return agent
+
+    def expire_agents(self) -> list[str]:
+        """Forget agents with no open watch stream and nothing heard for ``agent_ttl``
+        seconds; returns their ids (on the server's loop: see :attr:`on_forget`)."""
+        cutoff = self._clock() - self.agent_ttl
+        with self._lock:
+            gone = [i for i, a in self._agents.items()
+                    if a.watching == 0 and a.last_seen < cutoff]
+            for agent_id in gone:
+                del self._agents[agent_id]
+        if gone:
+            self.agents_expired += len(gone)
+            log.info("forgot %d agents silent for %.0f s", len(gone), self.agent_ttl)
+            if self.on_forget is not None:
+                try:
+                    self.on_forget(gone)
+                except Exception:
+                    log.exception("on_forget failed")
+        return gone
 
     def _first_update(self, request: pb.WatchRequest,
                       current: model.Snapshot) -> pb.SnapshotUpdate:
@@ -401,7 +538,9 @@ class ControlServer:
             agent_reports.AgentReport(request.agent_id, request.node, 0, "")  # validates ids
         except model.ModelError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        agent = self._agent(request.agent_id, request.node, context.peer())
+        await self._authorize("WatchSnapshots", self._peer(context), request.agent_id,
+                              request.node, context)
+        agent = await self._known_agent("WatchSnapshots", request.agent_id, request.node, context)
         with self._lock:
             agent.watching += 1
         event = asyncio.Event()
@@ -438,22 +577,31 @@ class ControlServer:
             self._wakeups.discard(event)
             with self._lock:
                 agent.watching = max(0, agent.watching - 1)
+                agent.last_seen = self._clock()  # the TTL runs from the stream's end
 
     async def _report(self, requests: AsyncIterator[pb.AgentReport],
                       context: grpc.aio.ServicerContext) -> pb.ReportAck:
         accepted = 0
+        peer = self._peer(context)
         async for msg in requests:
+            await self._authorize("Report", peer, msg.agent_id, msg.node, context)
             try:
                 report = convert.report_from_pb(msg)
             except model.ModelError as exc:
                 log.warning("report from %r rejected: %s", msg.agent_id, exc)
-                if msg.agent_id and len(msg.agent_id) <= model.IDENTITY_MAX:
-                    agent = self._agent(msg.agent_id, "", context.peer())
+                bad = (self._agent(msg.agent_id, "", context.peer())
+                       if msg.agent_id and len(msg.agent_id) <= model.IDENTITY_MAX else None)
+                if bad is not None:
                     with self._lock:
-                        agent.rejected += 1
-                        agent.last_error = str(exc)
+                        bad.rejected += 1
+                        bad.last_error = str(exc)
                 continue
-            agent = self._agent(report.agent_id, report.node, context.peer())
+            report, dropped = authz.scoped_report(peer, report, self.engine_ref)
+            if dropped:
+                self.report_entries_dropped += dropped
+                log.warning("report from %s: %d scrapes/counters of engines not on node %r "
+                            "dropped", report.agent_id, dropped, peer.node)
+            agent = await self._known_agent("Report", report.agent_id, report.node, context)
             self.publisher.publish_loads({r.identity: r.load.units for r in report.engines
                                           if r.ok and r.load is not None})
             with self._lock:
@@ -539,6 +687,10 @@ class ControlServer:
                 continue  # bindings go out from _flush_soon; this loop expires and counts
             if expire:
                 next_expiry = now + EXPIRE_INTERVAL
+                try:
+                    self.expire_agents()
+                except Exception:
+                    log.exception("agent expiry failed")
             if counts:
                 next_counts = now + SESSIONS_INTERVAL
             try:
@@ -549,7 +701,9 @@ class ControlServer:
     async def _report_bindings(self, requests: AsyncIterator[pb.BindingReport],
                                context: grpc.aio.ServicerContext) -> pb.ReportAck:
         accepted = 0
+        peer = self._peer(context)
         async for msg in requests:
+            await self._authorize("ReportBindings", peer, msg.agent_id, msg.node, context)
             try:
                 report = convert.binding_report_from_pb(msg)
             except model.ModelError as exc:

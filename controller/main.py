@@ -89,6 +89,8 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         server.on_report = self._on_report
+        server.engine_ref = reconciler.engine_ref
+        server.on_forget = reconciler.forget_agents
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -315,7 +317,13 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
               help="With --kubernetes: kubeconfig (default: in-cluster or ~/.kube/config).")
 @click.option("--namespace", help="With --kubernetes: only this namespace.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_address,
-              help="gRPC address agents connect to (loopback unless told otherwise).")
+              help="gRPC address agents connect to. Without the --tls-* files only loopback "
+                   "is allowed (see --insecure-listen).")
+@click.option("--insecure-listen", is_flag=True,
+              help="Allow plaintext, unauthenticated gRPC on a non-loopback --listen address. "
+                   "Dangerous: anyone who reaches the port can open breakers, report loads and "
+                   "bindings (steering sessions) and read the fleet's topology. Use mutual "
+                   "TLS instead.")
 @click.option("--metrics", "metrics_addr", callback=_address,
               help="HOST:PORT serving /metrics, /healthz, /readyz and /engines.")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False))
@@ -333,12 +341,21 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
               default=discovered.DEFAULT_MAX_REMOVAL_SHARE, show_default=True,
               help="Refuse a discovery result that removes every service, or more than this "
                    "share of them at once (1: allow anything).")
+@click.option("--agent-ttl", type=click.FloatRange(min=1.0), show_default=True,
+              default=grpc_server.DEFAULT_AGENT_TTL,
+              help="Forget an agent with no open stream and no report for this many seconds.")
+@click.option("--max-agents", type=click.IntRange(min=1), show_default=True,
+              default=grpc_server.DEFAULT_MAX_AGENTS,
+              help="Agents remembered at once; reports from new agent ids beyond it are "
+                   "refused, so made-up ids cannot grow memory and /metrics.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
-            namespace: str | None, listen: str, metrics_addr: str | None,
-            tls_ca: str | None, tls_cert: str | None, tls_key: str | None, tick: float,
+            namespace: str | None, listen: str, insecure_listen: bool,
+            metrics_addr: str | None, tls_ca: str | None, tls_cert: str | None,
+            tls_key: str | None, tick: float,
             leader_elect: bool | None, lease_name: str, lease_namespace: str | None,
-            max_removal_share: float, verbose: int) -> None:
+            max_removal_share: float, agent_ttl: float, max_agents: int,
+            verbose: int) -> None:
     """Run the kvroute controller: discover services, run breakers and policy on agent
     reports, stream snapshots to agents."""
     if bool(static_file) == kubernetes:
@@ -350,6 +367,11 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
         raise click.UsageError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
     if leader_elect and not kubernetes:
         raise click.UsageError("--leader-elect needs --kubernetes (the Lease lives there)")
+    refused = grpc_server.listen_refused(listen, all(tls_parts), insecure_listen)
+    if refused is not None:  # before anything starts
+        raise click.UsageError(refused)
+    if insecure_listen and all(tls_parts):
+        raise click.UsageError("--insecure-listen makes no sense with mutual TLS")
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tls = (channel.TLSFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
@@ -358,7 +380,8 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
         leader_elect = kubernetes and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     try:
         asyncio.run(_serve(static_file, kubeconfig, namespace, listen, metrics_addr, tls, tick,
-                           leader_elect, lease_name, lease_namespace, max_removal_share))
+                           leader_elect, lease_name, lease_namespace, max_removal_share,
+                           insecure_listen, agent_ttl, max_agents))
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -366,7 +389,10 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
 async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str | None,
                  listen: str, http: str | None, tls: channel.TLSFiles | None, tick: float,
                  leader_elect: bool, lease_name: str, lease_namespace: str | None,
-                 max_removal_share: float = discovered.DEFAULT_MAX_REMOVAL_SHARE) -> None:
+                 max_removal_share: float = discovered.DEFAULT_MAX_REMOVAL_SHARE,
+                 insecure_listen: bool = False,
+                 agent_ttl: float = grpc_server.DEFAULT_AGENT_TTL,
+                 max_agents: int = grpc_server.DEFAULT_MAX_AGENTS) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -386,7 +412,9 @@ async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str
         cleanups.append(kd.close)
         discovery = kd
     reconciler = reconcile.Reconciler(first_version=int(time.time() * 1000))
-    server = grpc_server.ControlServer(grpc_server.Publisher(), tls=tls)
+    server = grpc_server.ControlServer(grpc_server.Publisher(), tls=tls,
+                                       insecure_listen=insecure_listen, agent_ttl=agent_ttl,
+                                       max_agents=max_agents)
     controller = Controller(discovery, reconciler, server, tick, leading=not leader_elect,
                             max_removal_share=max_removal_share)
     if leader_elect:

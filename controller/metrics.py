@@ -111,6 +111,27 @@ class StateCollector(prom_registry.Collector):
         if self.server is not None:
             yield from self._agents(self.server.agents())
             yield from self._bindings(self.server)
+            yield from self._authz(self.server)
+
+    @staticmethod
+    def _authz(server: grpc_server.ControlServer) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "kvroute_controller_rpcs_refused",
+            "Agent RPCs refused: 'identity' (the client certificate's node is not the one "
+            "the message speaks for), 'agents_full' (too many agents known).",
+            labels=["rpc", "reason"])
+        for (rpc, reason), value in sorted(server.refused.items()):
+            refused.add_metric([rpc, reason], value)
+        dropped = CounterMetricFamily(
+            "kvroute_controller_report_entries_dropped",
+            "Scrapes and kernel counters dropped from accepted reports because they were "
+            "about engines of another node.")
+        dropped.add_metric([], server.report_entries_dropped)
+        expired = CounterMetricFamily(
+            "kvroute_controller_agents_expired",
+            "Agents forgotten after --agent-ttl seconds without a stream or a report.")
+        expired.add_metric([], server.agents_expired)
+        yield from (refused, dropped, expired)
 
     @staticmethod
     def _bindings(server: grpc_server.ControlServer) -> Iterator[Metric]:

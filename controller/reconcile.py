@@ -449,6 +449,17 @@ class Reconciler:
         """Why specs of the last :meth:`set_specs` were left out or changed."""
         return self._problems
 
+    def forget_agents(self, agent_ids: Iterable[str]) -> None:
+        """Drop what is kept per agent (last scrape and counters) for agents that left."""
+        gone = set(agent_ids)
+        self._counters = {k: v for k, v in self._counters.items() if k[0] not in gone}
+        self._scrapes = {k: v for k, v in self._scrapes.items() if k[0] not in gone}
+
+    def engine_ref(self, identity: str) -> model.EngineRef | None:
+        """The engine discovery knows by ``identity`` (with its node), if any."""
+        engine = self._engines.get(identity)
+        return engine.ref if engine is not None else None
+
     def breaker_state(self, identity: str, now: float) -> breaker.State | None:
         engine = self._engines.get(identity)
         return engine.breaker.state(now) if engine is not None else None

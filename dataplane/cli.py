@@ -242,6 +242,39 @@ def uninstall(pin_dir: Path) -> None:
         click.echo(f"nothing to remove: {pin_dir} is empty")
 
 
+@main.command("certs")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--node", "nodes", multiple=True, metavar="NODE",
+              help="Issue an agent certificate for this node (repeat); its identity is the "
+                   "URI SAN spiffe://kvroute/node/NODE, and the agent must run with "
+                   "--node NODE.")
+@click.option("--server-name", "server_names", multiple=True, metavar="NAME",
+              help="DNS name or IP agents dial the controller by (repeat) [default: "
+                   "localhost, 127.0.0.1, kvroute-controller(.kvroute.svc(.cluster.local))].")
+@click.option("--no-server", is_flag=True, help="Issue no controller certificate.")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True,
+              help="Validity of the certificates issued (the CA: ten years).")
+def certs_command(out: Path, nodes: tuple[str, ...], server_names: tuple[str, ...],
+                  no_server: bool, days: int) -> None:
+    """Issue mutual-TLS files for the controller and agents into OUT.
+
+    OUT/ca.crt and OUT/ca.key are the CA (made once, reused later: keep ca.key
+    offline); OUT/controller/ and OUT/nodes/NODE/ each hold ca.crt, tls.crt and
+    tls.key for --tls-ca, --tls-cert and --tls-key. See README "Security model".
+    """
+    from dataplane import certs
+
+    if no_server and server_names:
+        raise click.UsageError("--server-name and --no-server exclude each other")
+    names = () if no_server else (server_names or certs.DEFAULT_SERVER_NAMES)
+    try:
+        written = certs.issue(out, names, nodes, days)
+    except (ValueError, OSError) as exc:  # ModelError is a ValueError: a bad node name
+        _fail(str(exc))
+    for path in written:
+        click.echo(str(path))
+
+
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 def check_config(path: Path) -> None:

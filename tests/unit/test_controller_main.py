@@ -350,6 +350,12 @@ def test_a_follower_ticks_but_publishes_only_once_leading(tmp_path: Path) -> Non
         (["--static", "{file}", "--tls-ca", "{file}"], "all of --tls-ca"),
         (["--static", "{file}", "--listen", "nonsense"], "HOST:PORT"),
         (["--static", "{file}", "--leader-elect"], "needs --kubernetes"),
+        (["--static", "{file}", "--listen", "0.0.0.0:7070"], "--insecure-listen"),
+        (["--static", "{file}", "--listen", "[::]:7070"], "in plaintext"),
+        (["--static", "{file}", "--listen", "ctl.example:7070"], "in plaintext"),
+        (["--static", "{file}", "--listen", "0.0.0.0:7070", "--insecure-listen",
+          "--tls-ca", "{file}", "--tls-cert", "{file}", "--tls-key", "{file}"],
+         "makes no sense with mutual TLS"),
     ],
 )
 def test_cli_refuses_bad_usage(tmp_path: Path, args: list[str], message: str) -> None:

@@ -4,9 +4,8 @@ missed versions, corrupted deltas, mTLS, reports and convergence."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import datetime
-import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +14,12 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from controller import grpc_server
-from dataplane import enginemetrics, model, reports, scraper, stream
-from dataplane.api import channel
+from dataplane import bindings, certs, enginemetrics, model, reports, scraper, stream
+from dataplane.api import channel, convert
 from dataplane.api.pb import kvroute_pb2 as pb
 from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
 
@@ -79,12 +80,13 @@ class Agent:
     """A SnapshotClient with a recording on_snapshot."""
 
     def __init__(self, port: int, agent_id: str, *, ok: Callable[[], bool] = lambda: True,
-                 delay: float = 0.0, **kw: Any) -> None:
+                 delay: float = 0.0, node: str | None = None, **kw: Any) -> None:
         self.seen: list[model.Snapshot] = []
         self.ok = ok
         self.delay = delay
         kw.setdefault("report_interval", 0.2)
-        self.client = stream.SnapshotClient(f"127.0.0.1:{port}", agent_id, f"node-{agent_id}",
+        self.client = stream.SnapshotClient(f"127.0.0.1:{port}", agent_id,
+                                            node or f"node-{agent_id}",
                                             self.on_snapshot, backoff=FAST, **kw)
 
     def on_snapshot(self, s: model.Snapshot) -> bool:
@@ -336,89 +338,287 @@ def test_corrupted_delta_leads_to_a_full_resync(controller: Controller, agents: 
 @dataclasses.dataclass
 class PKI:
     server: channel.TLSFiles
-    client: channel.TLSFiles
-    rogue: channel.TLSFiles  # a client cert from another CA
+    client: channel.TLSFiles  # node "node-good"
+    other: channel.TLSFiles  # node "node-other", same CA
+    rogue: channel.TLSFiles  # "node-good" again, but from another CA
+    nameless: channel.TLSFiles  # signed by the CA, but names no node
+
+
+def _files(folder: Path) -> channel.TLSFiles:
+    return channel.TLSFiles(ca=folder / "ca.crt", cert=folder / "tls.crt",
+                            key=folder / "tls.key")
 
 
 def _make_pki(root: Path) -> PKI:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        return path
-
-    def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-             issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
-             server: bool = False) -> x509.Certificate:
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(hours=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def authority(name: str) -> tuple[x509.Name, ec.EllipticCurvePrivateKey, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        path = root / f"{name}.pem"
-        path.write_bytes(cert(name, key, subject, key, ca=True).public_bytes(
-            serialization.Encoding.PEM))
-        return subject, key, path
-
-    def leaf(name: str, ca: tuple[x509.Name, ec.EllipticCurvePrivateKey, Path],
-             server: bool = False) -> channel.TLSFiles:
-        key = ec.generate_private_key(ec.SECP256R1())
-        crt = root / f"{name}.crt"
-        crt.write_bytes(cert(name, key, ca[0], ca[1], server=server).public_bytes(
-            serialization.Encoding.PEM))
-        return channel.TLSFiles(ca=ca[2], cert=crt, key=write_key(key, root / f"{name}.key"))
-
-    good_ca, other_ca = authority("kvroute-ca"), authority("rogue-ca")
-    rogue = leaf("rogue-agent", other_ca)
+    """With the tool operators use (``kvroute certs``), so its identity format is the one
+    the server checks."""
+    certs.issue(root / "good", ["localhost", "127.0.0.1"], ["node-good", "node-other"])
+    certs.issue(root / "rogue", ["localhost"], ["node-good"])
+    # A client certificate from the right CA without the node URI (CN only).
+    ca, _ = certs.load_or_create_authority(root / "good")
+    crt, key = certs._leaf(ca, "node-good", [x509.DNSName("node-good")], False, 1, None)
+    nameless = root / "nameless"
+    nameless.mkdir()
+    (nameless / "ca.crt").write_bytes((root / "good" / "ca.crt").read_bytes())
+    (nameless / "tls.crt").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    (nameless / "tls.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     # The rogue trusts the real CA, so only the server's check of its cert can stop it.
-    return PKI(server=leaf("controller", good_ca, server=True),
-               client=leaf("agent", good_ca),
-               rogue=dataclasses.replace(rogue, ca=good_ca[2]))
+    rogue = dataclasses.replace(_files(root / "rogue" / "nodes" / "node-good"),
+                                ca=root / "good" / "ca.crt")
+    return PKI(server=_files(root / "good" / "controller"),
+               client=_files(root / "good" / "nodes" / "node-good"),
+               other=_files(root / "good" / "nodes" / "node-other"),
+               rogue=rogue, nameless=_files(nameless))
 
 
 def test_mtls_accepts_a_good_client_and_refuses_others(controller: Controller,
                                                       agents: list[Agent],
                                                       tmp_path: Path) -> None:
-    pytest.importorskip("cryptography", reason="the test generates its certificates with it")
     pki = _make_pki(tmp_path)
     v1 = snap(1, service("a", 1))
     controller.publisher.publish(v1)
     port = controller.start(tls=pki.server)
-    good = Agent(port, "good", tls=pki.client)
+    good = Agent(port, "node-good-kvroute", node="node-good", tls=pki.client)
     rogue = Agent(port, "rogue", tls=pki.rogue)
     plain = Agent(port, "plain")
     agents += [good, rogue, plain]
     for a in agents:
         a.client.start()
     good.wait(v1)
-    assert wait_until(lambda: controller.agents().get("good") is not None
-                      and controller.agents()["good"].converged)
+    assert wait_until(lambda: controller.agents().get("node-good-kvroute") is not None
+                      and controller.agents()["node-good-kvroute"].converged)
     time.sleep(0.5)  # several reconnect attempts for the refused ones
     for refused in (rogue, plain):
         assert refused.client.applied is None and refused.seen == []
         assert refused.client.stats.connects == 0
         assert refused.client.stats.disconnects >= 1
-    assert set(controller.agents()) == {"good"}
+    assert set(controller.agents()) == {"node-good-kvroute"}
+
+
+# -- who can change routing (issue 12) ----------------------------------------------------
+
+FULL = enginemetrics.EngineLoad(running=64.0, waiting=200.0, kv_usage=1.0,
+                                kv_family=enginemetrics.KV_USAGE, engines=1)
+
+
+def _fleet() -> tuple[model.Snapshot, list[str]]:
+    """Service "a"; its first engine is on node-good, the second on node-other, the third
+    on no node."""
+    svc = service("a", 1)
+    idents = [svc.identity(b) for b in svc.backends]
+    refs = tuple(model.EngineRef(i, f"http://{b.address}:8000/metrics",
+                                 f"http://{b.address}:8000/health", node)
+                 for i, b, node in zip(idents, svc.backends, ("node-good", "node-other", None),
+                                       strict=True))
+    return model.Snapshot.of(1, (svc,), refs), idents
+
+
+def _attack(agent_id: str, node: str, idents: list[str]
+            ) -> tuple[pb.WatchRequest, pb.AgentReport, pb.BindingReport]:
+    """Everything a forger would send: a watch, a report that says every engine is full
+    and that the kernel tripped it (breaker evidence), and bindings of sessions to one
+    engine."""
+    def report(trips: int) -> pb.AgentReport:
+        return convert.report_to_pb(reports.AgentReport(
+            agent_id, node, 0, "",
+            engines=tuple(scraper.ScrapeResult(i, True, True, 0.001, FULL, None)
+                          for i in idents),
+            counters=tuple(reports.BackendCounters(i, connects=9, failed=9 * trips,
+                                                   trips=trips) for i in idents)))
+    bind = convert.binding_report_to_pb(bindings.Report(
+        agent_id, node, bound=(bindings.Group("a", idents[1], (1, 2, 3)),)))
+    return pb.WatchRequest(agent_id=agent_id, node=node), report(1), bind
+
+
+@contextlib.contextmanager
+def _stub(port: int, tls: channel.TLSFiles | None) -> Iterator[pb_grpc.ControlStub]:
+    target = f"127.0.0.1:{port}"
+    ch = (grpc.insecure_channel(target) if tls is None else
+          grpc.secure_channel(target, channel.channel_credentials(tls),
+                              options=channel.channel_options(tls)))
+    with ch:
+        yield pb_grpc.ControlStub(ch)
+
+
+def _refused(call: Callable[[], Any]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code = info.value.code()
+    assert isinstance(code, grpc.StatusCode)
+    return code
+
+
+def _try_all(stub: pb_grpc.ControlStub, msgs: tuple[pb.WatchRequest, pb.AgentReport,
+                                                       pb.BindingReport]) -> list[grpc.StatusCode]:
+    watch, report, bind = msgs
+    return [_refused(lambda: next(iter(stub.WatchSnapshots(watch, timeout=WAIT)))),
+            _refused(lambda: stub.Report(iter([report, report]), timeout=WAIT)),
+            _refused(lambda: stub.ReportBindings(iter([bind]), timeout=WAIT))]
+
+
+def test_without_the_nodes_certificate_nothing_changes_routing(controller: Controller,
+                                                               tmp_path: Path) -> None:
+    """No certificate, a certificate from another CA, one of the CA's without a node,
+    another node's: each is refused on WatchSnapshots, Report and ReportBindings, and the
+    published snapshot, the loads, the breakers' input and the bindings stay as they were.
+    Then the node's own certificate changes them, so the checks above can fail."""
+    pki = _make_pki(tmp_path)
+    v1, idents = _fleet()
+    controller.publisher.publish(v1)
+    port = controller.start(tls=pki.server)
+    server = controller.server
+    assert server is not None
+    observed: list[reports.AgentReport] = []
+    server.on_report = observed.append  # the controller's breakers are fed from here only
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    # Claims made with each stolen name: the victim node's agent, and the caller's own.
+    for tls, claims, codes in [
+        (None, ["node-good"], {grpc.StatusCode.UNAVAILABLE}),
+        (pki.rogue, ["node-good"], {grpc.StatusCode.UNAVAILABLE}),
+        (pki.nameless, ["node-good"], {denied}),
+        (pki.other, ["node-good", "node-good-kvroute"], {denied}),
+    ]:
+        with _stub(port, tls) as stub:
+            for claim in claims:
+                got = _try_all(stub, _attack(claim, "node-good", idents))
+                assert set(got) == codes, (tls, claim, got)
+    # The other node may not pose under its own node with another's agent id either.
+    with _stub(port, pki.other) as stub:
+        assert set(_try_all(stub, _attack("node-good", "node-other", idents))) == {denied}
+    assert controller.publisher.current == v1
+    assert controller.publisher.load_seq == 0 and controller.publisher.loads_since(0)[0] == {}
+    assert observed == [] and controller.agents() == {}
+    assert len(server.bindings) == 0 and server.binding_reports == 0
+    assert server.refused[("WatchSnapshots", "identity")] == 4
+    assert server.refused[("Report", "identity")] == 4
+    assert server.refused[("ReportBindings", "identity")] == 4
+
+    # The node's own certificate: accepted, and only for its own engines (and unclaimed ones).
+    watch, report, bind = _attack("node-good-kvroute", "node-good", idents)
+    with _stub(port, pki.client) as stub:
+        first = next(iter(stub.WatchSnapshots(watch, timeout=WAIT)))
+        assert first.WhichOneof("update") == "full"
+        assert stub.Report(iter([report]), timeout=WAIT).reports == 1
+        assert stub.ReportBindings(iter([bind]), timeout=WAIT).reports == 1
+    assert [r.identity for r in observed[0].engines] == [idents[0], idents[2]]
+    assert [c.identity for c in observed[0].counters] == [idents[0], idents[2]]
+    assert server.report_entries_dropped == 2
+    assert controller.publisher.loads_since(0)[0] == {idents[0]: FULL.units,
+                                                       idents[2]: FULL.units}
+    assert server.binding_reports == 1 and len(server.bindings) == 3
+
+
+def test_an_agent_id_stays_with_the_node_that_holds_it(controller: Controller,
+                                                       tmp_path: Path) -> None:
+    """Agent ids fit a node by prefix ("<node>" or "<node>-…"), and a prefix can fit two
+    nodes (node "a" and node "a-b" both fit "a-b-x"): an id whose record names one node
+    is refused to every other."""
+    pki = _make_pki(tmp_path)
+    v1, idents = _fleet()
+    controller.publisher.publish(v1)
+    port = controller.start(tls=pki.server)
+    assert controller.server is not None
+    with _stub(port, pki.client) as stub:
+        assert stub.Report(iter([_attack("node-good", "node-good", idents)[1]]),
+                           timeout=WAIT).reports == 1
+    assert controller.agents()["node-good"].node == "node-good"
+    # The record of "node-other-a" says node-good holds it (as if node-good were a node
+    # whose name is a prefix of it): node-other's own prefix fits, and is still refused.
+    controller.server._agents["node-other-a"] = grpc_server._Agent("node-other-a",
+                                                                    node="node-good")
+    with _stub(port, pki.other) as stub:
+        codes = _try_all(stub, _attack("node-other-a", "node-other", idents))
+    assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED}
+
+
+# -- bounded agents -----------------------------------------------------------------------
+
+
+def test_made_up_agent_ids_are_bounded_and_expire() -> None:
+    """Thousands of invented agent ids: at most max_agents are kept (the rest refused and
+    counted), silent ones are forgotten after the TTL with the state kept for them, and
+    an agent with an open watch stream is never forgotten."""
+    now = {"t": 1000.0}
+    forgotten: list[str] = []
+    c = Controller()
+    try:
+        c.publisher.publish(snap(1, service("a", 1)))
+        c.server = server = grpc_server.ControlServer(
+            c.publisher, clock=lambda: now["t"], agent_ttl=60.0, max_agents=500,
+            on_forget=forgotten.extend)
+        port = c.run(server.start("127.0.0.1:0"))
+        with _stub(port, None) as stub:
+            watch = stub.WatchSnapshots(pb.WatchRequest(agent_id="watcher", node="n"))
+            assert next(iter(watch)).WhichOneof("update") == "full"
+            fakes = (pb.AgentReport(agent_id=f"fake-{i}", node="n") for i in range(3000))
+            code = _refused(lambda: stub.Report(fakes, timeout=WAIT * 2))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(c.agents()) == 500 and "watcher" in c.agents()
+            assert server.refused[("Report", "agents_full")] == 1
+            # One by one, as a real flood would come: each new id is refused.
+            for i in range(3000, 3020):
+                assert _refused(lambda i=i: stub.Report(iter([pb.AgentReport(
+                    agent_id=f"fake-{i}", node="n")]), timeout=WAIT)) == (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert server.refused[("Report", "agents_full")] == 21
+            assert len(c.agents()) == 500
+            # A known agent still reports.
+            assert stub.Report(iter([pb.AgentReport(agent_id="fake-7", node="n")]),
+                               timeout=WAIT).reports == 1
+            now["t"] += 61.0
+            assert len(c.run(_expire(server))) == 499  # all but the watcher
+            assert set(c.agents()) == {"watcher"} and server.agents_expired == 499
+            assert len(forgotten) == 499 and "watcher" not in forgotten
+            # Room again for new ids.
+            assert stub.Report(iter([pb.AgentReport(agent_id="late", node="n")]),
+                               timeout=WAIT).reports == 1
+            watch.cancel()
+        # The watcher's stream ended: it is forgotten a TTL later, not before.
+        assert wait_until(lambda: not c.agents()["watcher"].watching)
+        now["t"] += 30.0
+        assert c.run(_expire(server)) == []
+        now["t"] += 31.0
+        assert set(c.run(_expire(server))) == {"watcher", "late"}
+    finally:
+        c.close()
+
+
+async def _expire(server: grpc_server.ControlServer) -> list[str]:
+    return server.expire_agents()
+
+
+# -- listening rules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "tls", "insecure", "refused"), [
+    ("127.0.0.1:7070", False, False, False),
+    ("127.0.0.5:0", False, False, False),
+    ("[::1]:7070", False, False, False),
+    ("localhost:7070", False, False, False),
+    ("0.0.0.0:7070", False, False, True),
+    ("[::]:7070", False, False, True),
+    ("10.1.2.3:7070", False, False, True),
+    ("ctl.example:7070", False, False, True),
+    (":7070", False, False, True),
+    ("0.0.0.0:7070", True, False, False),
+    ("0.0.0.0:7070", False, True, False),
+])
+def test_plaintext_listens_only_on_loopback(address: str, tls: bool, insecure: bool,
+                                            refused: bool) -> None:
+    why = grpc_server.listen_refused(address, tls, insecure)
+    assert (why is not None) == refused, why
+
+
+def test_server_refuses_plaintext_wildcard_before_listening(controller: Controller) -> None:
+    server = grpc_server.ControlServer(controller.publisher)
+    with pytest.raises(PermissionError, match="insecure-listen"):
+        controller.run(server.start("0.0.0.0:0"))
+    assert server.port is None and server._server is None  # nothing half-started
+    allowed = grpc_server.ControlServer(controller.publisher, insecure_listen=True)
+    assert controller.run(allowed.start("0.0.0.0:0")) > 0
+    controller.run(allowed.stop(grace=0.1))
 
 
 # -- protocol edges -----------------------------------------------------------------------
