@@ -181,7 +181,7 @@ def _node(the_lab: lab.netns.Lab, cgroup: lab.cgroup.Cgroup, fleet: bool) -> Ite
         loader.uninstall(pin_dir)
 
 
-def _route_vips(netns: str) -> None:
+def route_vips(netns: str) -> None:
     """The VIPs routed out of eth0, as a node's default route would send them: without a
     route, connect() fails with ENETUNREACH before netfilter sees a packet."""
     with pyroute2.IPRoute(netns=netns) as ns:
@@ -189,7 +189,7 @@ def _route_vips(netns: str) -> None:
         ns.route("add", dst=VIP_NET, oif=eth0, scope="link")
 
 
-def _run_tool(netns: str, argv: list[str]) -> tuple[float, str | None]:
+def run_tool(netns: str, argv: list[str]) -> tuple[float, str | None]:
     """Run a restore command in netns; (seconds, None) or (seconds, why it failed)."""
     started = time.perf_counter()
     proc = lab.run.spawn(netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -285,7 +285,7 @@ def run(counts: Sequence[int], rounds: int, per_round: int, warmup: int = 200,
         clients = {name: the_lab.add_client(name)
                    for name in sorted({v.client for v in VARIANTS})}
         for client in RULE_CLIENTS.values():
-            _route_vips(clients[client].netns)
+            route_vips(clients[client].netns)
         fleet_cg = lab.cgroup.Cgroup.create(f"{the_lab.names}-fleet")
         the_lab.own_cgroup(fleet_cg)
         stack.callback(fleet_cg.remove)
@@ -313,8 +313,8 @@ def run(counts: Sequence[int], rounds: int, per_round: int, warmup: int = 200,
                 empty.write_text(rule_file(kind, []))
                 full.write_text(rule_file(kind, svcs))
                 netns = clients[client].netns
-                _, err = _run_tool(netns, rule_argv(kind, empty))
-                took, err = (0.0, err) if err else _run_tool(netns, rule_argv(kind, full))
+                _, err = run_tool(netns, rule_argv(kind, empty))
+                took, err = (0.0, err) if err else run_tool(netns, rule_argv(kind, full))
                 if err:
                     why[kind] = f"load failed: {err}"
                     rows.append({"bench": f"load {n} services x {BACKENDS}, {kind}",

@@ -173,7 +173,7 @@ def iptables_restore(services: Sequence[Svc]) -> str:
             sep = sep_chain(svc, be)
             chains.append(f":{sep} - [0:0]")
             to = f'-m comment --comment "{svc.name}:http -> {be[0]}:{be[1]}"'
-            pick = (f"-m statistic --mode random --probability {1 / (n - i):.11f} "
+            pick = (f"-m statistic --mode random --probability {1 / (n - i):.10f} "
                     if i < n - 1 else "")
             rules.append(f"-A {svc_name} {to} {pick}-j {sep}")
             rules.append(f"-A {sep} -s {be[0]}/32 {comment} -j KUBE-MARK-MASQ")
