@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import itertools
+import os
 import secrets
 import statistics
 import subprocess
@@ -40,7 +42,7 @@ import lab.cgroup
 import lab.connbench
 import lab.netns
 import lab.run
-from dataplane import apply, events, loader, model
+from dataplane import apply, bpfsys, events, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
@@ -157,6 +159,31 @@ class _Node:
     def drain(self) -> None:
         self.events += self.reader.consume()
 
+    def run_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each attached program (a tail call's time is its
+        caller's), counted while BPF stats are enabled."""
+        return {p.name: bpfsys.prog_run_stats(self.datapath.fds[p.name])
+                for p in loader.PROGRAMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BpfCost:
+    """kvroute's programs over one run: connect4's time per call, and all programs' time
+    (connect4, setsockopt, sock_ops, getpeername) per connect."""
+
+    connect4_ns: float
+    all_ns: float
+    connect4_calls: int
+
+
+def bpf_cost(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+             connects: int) -> BpfCost:
+    dt = {k: after[k][0] - before[k][0] for k in after}
+    dn = {k: after[k][1] - before[k][1] for k in after}
+    calls = dn.get("sock4_connect", 0)
+    return BpfCost(connect4_ns=dt.get("sock4_connect", 0) / calls if calls else float("nan"),
+                   all_ns=sum(dt.values()) / connects, connect4_calls=calls)
+
 
 @contextlib.contextmanager
 def _node(the_lab: lab.netns.Lab, cgroup: lab.cgroup.Cgroup, fleet: bool) -> Iterator[_Node]:
@@ -202,7 +229,7 @@ def run_tool(netns: str, argv: list[str]) -> tuple[float, str | None]:
     return took, None
 
 
-def _connect(binary: Path, netns: str, cgroup: lab.cgroup.Cgroup | None, addr: str,
+def connect(binary: Path, netns: str, cgroup: lab.cgroup.Cgroup | None, addr: str,
              port: int, count: int, warmup: int, tag: str) -> lab.connbench.Result:
     argv = lab.connbench.connect_argv(binary, addr, port, count, warmup, tag)
     proc = lab.run.spawn(netns, argv, cgroup=cgroup, stdout=subprocess.PIPE,
@@ -214,38 +241,64 @@ def _connect(binary: Path, netns: str, cgroup: lab.cgroup.Cgroup | None, addr: s
         raise ValueError(f"{exc} {err.decode(errors='replace').strip()}".strip()) from None
 
 
-def _median_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, list[float]]:
-    ratios = [a / b for a, b in zip(num, den, strict=True) if b > 0]
-    if len(ratios) < 2:
-        return (ratios[0] if ratios else float("nan")), []
-    return statistics.median(ratios), statistics.quantiles(ratios, n=4)[::2]
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """One run of a variant and the direct runs just before and after it: its ratios are
+    to their mean, so drift on a shared machine hits both sides of each ratio alike."""
+
+    got: lab.connbench.Result
+    before: lab.connbench.Result
+    after: lab.connbench.Result
+    bpf: BpfCost | None = None  # kvroute's variants only
+
+    def base(self, field: str) -> float:
+        return (getattr(self.before, field) + getattr(self.after, field)) / 2
+
+    def ratio(self, field: str) -> float:
+        return float(getattr(self.got, field)) / self.base(field)
 
 
-def _summarise(n: int, runs: dict[str, list[lab.connbench.Result]],
-               why: dict[str, str]) -> list[dict[str, Any]]:
+def _quartiles(values: Sequence[float]) -> list[float]:
+    return [round(q, 3) for q in statistics.quantiles(values, n=4)[::2]] if len(values) > 1 \
+        else []
+
+
+def summarise(n: int, runs: dict[str, list[Paired]], direct: Sequence[lab.connbench.Result],
+              why: dict[str, str]) -> list[dict[str, Any]]:
+    """Rows for one service count: each variant's medians over rounds (and the quartiles
+    of its p50 ratio), then what one variant costs over another."""
     rows: list[dict[str, Any]] = []
-    direct = runs.get("direct", [])
-    for v in VARIANTS:
+    drift = [b.p50_ns / a.p50_ns for a, b in itertools.pairwise(direct)]
+    rows.append({"bench": f"connect direct to the pod, {n} services", "variant": "direct",
+                 "services": n,
+                 "value_us": round(statistics.median(r.p50_ns for r in direct) / 1e3, 2),
+                 "p99_us": round(statistics.median(r.p99_ns for r in direct) / 1e3, 2),
+                 "rate_per_s": round(statistics.median(r.rate for r in direct)),
+                 "noise_iqr": _quartiles(drift),  # one direct run over the one before
+                 "runs": len(direct), "errors": sum(r.errors for r in direct)})
+    for v in VARIANTS[1:]:
         name = (f"connect via VIP, {n} services" if v.key == "kvr-none"
                 else f"connect {v.label}, {n} services")
         got = runs.get(v.key, [])
-        if v.key in why or not got or len(got) != len(direct):
+        if v.key in why or not got:
             rows.append({"bench": name, "variant": v.key, "services": n,
-                         "unavailable": why.get(v.key, "no complete run")})
+                         "unavailable": why.get(v.key, "no run completed")})
             continue
-        p50, iqr = _median_ratio([r.p50_ns for r in got], [r.p50_ns for r in direct])
-        p99, _ = _median_ratio([r.p99_ns for r in got], [r.p99_ns for r in direct])
-        rate, _ = _median_ratio([r.rate for r in got], [r.rate for r in direct])
+        p50 = [g.ratio("p50_ns") for g in got]
         row: dict[str, Any] = {
             "bench": name, "variant": v.key, "services": n,
-            "value_us": round(statistics.median(r.p50_ns for r in got) / 1e3, 2),
-            "baseline_us": round(statistics.median(r.p50_ns for r in direct) / 1e3, 2),
-            "ratio": round(p50, 3), "ratio_iqr": [round(q, 3) for q in iqr],
-            "p99_us": round(statistics.median(r.p99_ns for r in got) / 1e3, 2),
-            "p99_ratio": round(p99, 3),
-            "rate_per_s": round(statistics.median(r.rate for r in got)),
-            "rate_ratio": round(rate, 3),
-            "errors": sum(r.errors for r in got)}
+            "value_us": round(statistics.median(g.got.p50_ns for g in got) / 1e3, 2),
+            "baseline_us": round(statistics.median(g.base("p50_ns") for g in got) / 1e3, 2),
+            "ratio": round(statistics.median(p50), 3), "ratio_iqr": _quartiles(p50),
+            "p99_us": round(statistics.median(g.got.p99_ns for g in got) / 1e3, 2),
+            "p99_ratio": round(statistics.median(g.ratio("p99_ns") for g in got), 3),
+            "rate_per_s": round(statistics.median(g.got.rate for g in got)),
+            "rate_ratio": round(statistics.median(g.ratio("rate") for g in got), 3),
+            "runs": len(got), "errors": sum(g.got.errors for g in got)}
+        costs = [g.bpf for g in got if g.bpf is not None]
+        if costs:
+            row["bpf_connect4_ns"] = round(statistics.median(c.connect4_ns for c in costs))
+            row["bpf_all_ns_per_connect"] = round(statistics.median(c.all_ns for c in costs))
         if v.key == "kvr-none":
             row["target_ratio"] = 1.05
         rows.append(row)
@@ -253,11 +306,21 @@ def _summarise(n: int, runs: dict[str, list[lab.connbench.Result]],
         a, b = runs.get(num, []), runs.get(den, [])
         if num in why or den in why or not a or len(a) != len(b):
             continue
-        ratio, iqr = _median_ratio([r.p50_ns for r in a], [r.p50_ns for r in b])
-        delta = statistics.median(x.p50_ns - y.p50_ns for x, y in zip(a, b, strict=True))
-        rows.append({"bench": f"cost of {num} over {den}, {n} services", "services": n,
-                     "p50_delta_ns": round(delta), "ratio": round(ratio, 3),
-                     "ratio_iqr": [round(q, 3) for q in iqr]})
+        ratios = [x.ratio("p50_ns") / y.ratio("p50_ns") for x, y in zip(a, b, strict=True)]
+        deltas = [(x.got.p50_ns - x.base("p50_ns")) - (y.got.p50_ns - y.base("p50_ns"))
+                  for x, y in zip(a, b, strict=True)]
+        row = {"bench": f"cost of {num} over {den}, {n} services", "services": n,
+               "p50_delta_ns": round(statistics.median(deltas)),
+               "delta_iqr_ns": [round(q) for q in _quartiles(deltas)],
+               "ratio": round(statistics.median(ratios), 3), "ratio_iqr": _quartiles(ratios)}
+        ca = [x.bpf for x in a if x.bpf is not None]
+        cb = [y.bpf for y in b if y.bpf is not None]
+        if ca and cb:  # in-kernel time: no round trip in it, so far less noise
+            row["bpf_connect4_delta_ns"] = round(statistics.median(c.connect4_ns for c in ca)
+                                                 - statistics.median(c.connect4_ns for c in cb))
+            row["bpf_all_delta_ns"] = round(statistics.median(c.all_ns for c in ca)
+                                            - statistics.median(c.all_ns for c in cb))
+        rows.append(row)
     return rows
 
 
@@ -292,6 +355,12 @@ def run(counts: Sequence[int], rounds: int, per_round: int, warmup: int = 200,
         nodes = {"kvroute": stack.enter_context(_node(the_lab, the_lab.cgroup, fleet=False)),
                  "fleet": stack.enter_context(_node(the_lab, fleet_cg, fleet=True))}
         cgroups = {key: node.cgroup for key, node in nodes.items()}
+        # Run-time stats while the bench runs (a reference: closed, they stop unless
+        # another holder wants them). They add two clock reads to every program run.
+        stats_fd = bpfsys.enable_stats()
+        stack.callback(os.close, stats_fd)
+        notes.append("BPF run-time stats enabled during the run (BPF_ENABLE_STATS): "
+                     "bpf_* fields are in-kernel ns; they add two clock reads a program run")
         pod_addr = str(pod.address)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvr-connbench-")))
         for n in counts:
@@ -323,27 +392,37 @@ def run(counts: Sequence[int], rounds: int, per_round: int, warmup: int = 200,
                 rows.append({"bench": f"load {n} services x {BACKENDS}, {kind}",
                              "services": n, "value_s": round(took, 3)})
             say(f"connect: {n} services, {rounds} rounds x {per_round} connects per variant")
-            runs: dict[str, list[lab.connbench.Result]] = {v.key: [] for v in VARIANTS}
+            runs: dict[str, list[Paired]] = {v.key: [] for v in VARIANTS[1:]}
+            direct: list[lab.connbench.Result] = []
             run_why = dict(why)
+
+            def once(v: Variant) -> tuple[lab.connbench.Result, BpfCost | None]:
+                node = nodes.get(v.cgroup or "")
+                before = node.run_stats() if node else {}
+                res = connect(binary, clients[v.client].netns, cgroups.get(v.cgroup or ""),
+                              v.via_vip or pod_addr, VIP_PORT if v.via_vip else FIRST_PORT,
+                              per_round, warmup, v.tag)
+                if node is None:
+                    return res, None
+                cost = bpf_cost(before, node.run_stats(), per_round + warmup)
+                node.drain()
+                return res, cost
+
+            others = VARIANTS[1:]
             for r in range(rounds):
-                order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-                for v in order:
+                # Each variant between two direct runs, the order rotated per round.
+                direct.append(once(VARIANTS[0])[0])
+                for v in others[r % len(others):] + others[:r % len(others)]:
                     if v.key in run_why:
                         continue
                     try:
-                        res = _connect(binary, clients[v.client].netns,
-                                       cgroups.get(v.cgroup or ""),
-                                       v.via_vip or pod_addr, VIP_PORT if v.via_vip else
-                                       FIRST_PORT, per_round, warmup, v.tag)
+                        res, cost = once(v)
                     except (ValueError, subprocess.TimeoutExpired) as exc:
                         run_why[v.key] = f"connbench failed: {exc}"
                         continue
-                    runs[v.key].append(res)
-                    if v.cgroup == "fleet":
-                        nodes["fleet"].drain()
-                if "direct" in run_why:
-                    raise RuntimeError(f"the baseline cannot run: {run_why['direct']}")
-            rows.extend(_summarise(n, runs, run_why))
+                    direct.append(once(VARIANTS[0])[0])
+                    runs[v.key].append(Paired(res, direct[-2], direct[-1], cost))
+            rows.extend(summarise(n, runs, direct, run_why))
         notes.append(f"fleet datapath: {nodes['fleet'].events} binding events drained")
     return rows, notes
 

@@ -128,3 +128,13 @@ def test_bench_services_put_the_measured_ones_last() -> None:
     kvr = bench_connect.kvroute_services(10, "10.77.1.10")
     assert len(kvr) == 10
     assert [s["affinity"] for s in kvr[-3:]] == ["none", "client", "session"]
+
+
+def test_bpf_cost_is_connect4_per_call_and_every_program_per_connect() -> None:
+    from lab import bench_connect
+    before = {"sock4_connect": (1000, 10), "sock_ops": (500, 30)}
+    after = {"sock4_connect": (1000 + 600 * 100, 110), "sock_ops": (500 + 40_000, 330)}
+    cost = bench_connect.bpf_cost(before, after, connects=100)
+    assert cost.connect4_calls == 100
+    assert cost.connect4_ns == 600
+    assert cost.all_ns == 600 + 400
