@@ -53,6 +53,7 @@ VIP_NET = "10.96.0.0/16"  # routed in the rule namespaces, as a node's default r
 MEASURED = {"none": "10.96.0.1", "client": "10.96.0.2", "session": "10.96.0.3"}
 FILLER_VIP = ipaddress.IPv4Address("10.100.0.1")
 FILLER_BE = ipaddress.IPv4Address("10.200.0.1")  # backends that need not exist
+LOAD_TIMEOUT = 600.0  # seconds a restore may take before its variant is reported as failed
 RULE_TOOLS = {"iptables-nft": "iptables-nft-restore", "iptables-legacy": "iptables-legacy-restore",
               "nftables": "nft"}
 
@@ -216,11 +217,17 @@ def route_vips(netns: str) -> None:
         ns.route("add", dst=VIP_NET, oif=eth0, scope="link")
 
 
-def run_tool(netns: str, argv: list[str]) -> tuple[float, str | None]:
+def run_tool(netns: str, argv: list[str],
+             timeout: float = LOAD_TIMEOUT) -> tuple[float, str | None]:
     """Run a restore command in netns; (seconds, None) or (seconds, why it failed)."""
     started = time.perf_counter()
     proc = lab.run.spawn(netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=600)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return timeout, f"{argv[0]} did not finish in {timeout:.0f} s"
     took = time.perf_counter() - started
     if proc.returncode != 0:
         text = (err or out).decode(errors="replace").strip().splitlines()
