@@ -13,6 +13,9 @@ one endpoint per backend):
 * nftables (``table ip kube-proxy``): one verdict map keyed by ``daddr . l4proto .
   dport`` sends a service's packets to its chain, which picks an endpoint chain with
   ``numgen random mod N vmap``; the endpoint chain DNATs.
+
+Left out of both: the filter-table chains (firewall and no-endpoint checks, empty or one
+set lookup when every service has endpoints) and the masquerade-all / cluster-CIDR rule.
 """
 
 from __future__ import annotations
