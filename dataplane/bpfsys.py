@@ -58,6 +58,7 @@ def _lib() -> ct.CDLL:
         "bpf_link_update": ([i32, i32, vp], i32),
         "bpf_link_detach": ([i32], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ct.POINTER(u32)], i32),
+        "bpf_enable_stats": ([i32], i32),
         "ring_buffer__new": ([i32, RINGBUF_SAMPLE_FN, vp, vp], vp),
         "ring_buffer__poll": ([vp, i32], i32),
         "ring_buffer__consume": ([vp], i32),
@@ -223,6 +224,37 @@ def map_info(fd: int) -> MapInfo:
 
 def link_info(fd: int) -> LinkInfo:
     return _info(fd, LinkInfo, "link info")
+
+
+# struct bpf_prog_info (uapi/linux/bpf.h): id at 4, run_time_ns at 192, run_cnt at 200
+# (the kernel fills what fits in the size given; the rest of the buffer stays zero).
+_PROG_INFO_SIZE = 208
+_PROG_ID, _PROG_RUN_TIME, _PROG_RUN_CNT = 4, 192, 200
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+
+
+def enable_stats() -> int:
+    """BPF_ENABLE_STATS: the kernel counts every program's run time and runs while the
+    returned fd is open (close it to stop; a reference, so other holders are unaffected)."""
+    return _check(_lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "enable BPF run-time stats")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program fd: totals since load, counted only while
+    stats are enabled; a tail-called program's time is its caller's."""
+    buf = ct.create_string_buffer(_PROG_INFO_SIZE)
+    size = ct.c_uint32(_PROG_INFO_SIZE)
+    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(size)), "program info")
+    run_time = int.from_bytes(buf.raw[_PROG_RUN_TIME:_PROG_RUN_TIME + 8], "little")
+    run_cnt = int.from_bytes(buf.raw[_PROG_RUN_CNT:_PROG_RUN_CNT + 8], "little")
+    return run_time, run_cnt
+
+
+def prog_id(fd: int) -> int:
+    buf = ct.create_string_buffer(_PROG_INFO_SIZE)
+    size = ct.c_uint32(_PROG_INFO_SIZE)
+    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ct.byref(size)), "program info")
+    return int.from_bytes(buf.raw[_PROG_ID:_PROG_ID + 4], "little")
 
 
 def map_max_entries(fd: int) -> int:

@@ -3,7 +3,9 @@ the same run on the same machine (these machines are shared and noisy, so
 ratios mean more than absolute times).
 
 1. connect() latency through a VIP / direct to the pod, with 10, 1,000 and
-   10,000 services in the maps (target <= 1.05 at 10,000);
+   10,000 services in the maps (target <= 1.05 at 10,000), timed by a compiled client,
+   beside kube-proxy's iptables and nftables shapes (lab/bench_connect.py; the rows go
+   to bench/results/connect.json too);
 2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
 3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
@@ -18,9 +20,9 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
 POD_PORT = 8000
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 def _services(n: int, pods: list[str], per_service: int, affinity: str = "none",
@@ -63,53 +66,23 @@ def _datapath(cgroup: Path | None = None) -> Iterator[tuple[Settings, MapSet]]:
         loader.uninstall(settings.pin_dir)
 
 
-def _connect_timer(target: str, port: int, count: int) -> float:
-    """Mean seconds per connect()+close() to target, in the calling namespace."""
-    import socket
-    import struct
-    linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, no port exhaustion
-    started = time.perf_counter()
-    for _ in range(count):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        s.connect((target, port))
-        s.close()
-    return (time.perf_counter() - started) / count
-
-
-def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int) -> list[dict[str, Any]]:
-    from lab import netns, podserver
-    rows = []
-    with netns.Lab() as lab:
-        pod = lab.add_pod("gpu0")
-        pod.spawn([sys.executable, "-m", "lab.podserver", "--name", "gpu0", "--port",
-                   str(POD_PORT)], stdout=subprocess.DEVNULL)
-        client = lab.add_client("client")
-        podserver.wait_listening(pod, POD_PORT)
-        with _datapath(lab.cgroup.path) as (settings, maps):
-            applier = apply.Applier(maps, settings.hash_seed)
-            for n in counts:
-                # The measured service is the last of n: every lookup walks a full map.
-                svcs = _services(n - 1, [str(pod.address)], 1)
-                svcs.append({"name": "measured", "vip": "10.96.0.1", "port": 80,
-                             "backends": [{"address": str(pod.address), "port": POD_PORT}]})
-                applier.apply(model.desired_from_dict({"services": svcs}))
-                via, direct = [], []
-                for _ in range(rounds):  # paired and interleaved: drift hits both alike
-                    direct.append(client.call(_connect_timer, str(pod.address), POD_PORT,
-                                              per_round, cgroup=lab.cgroup))
-                    via.append(client.call(_connect_timer, "10.96.0.1", 80, per_round,
-                                           cgroup=lab.cgroup))
-                ratios = [v / d for v, d in zip(via, direct, strict=True)]
-                d, v = statistics.median(direct), statistics.median(via)
-                rows.append({"bench": f"connect via VIP, {n} services",
-                             "value_us": round(v * 1e6, 1), "baseline_us": round(d * 1e6, 1),
-                             "ratio": round(statistics.median(ratios), 3),
-                             "ratio_iqr": [round(q, 3) for q in
-                                           statistics.quantiles(ratios, n=4)[::2]],
-                             "target_ratio": 1.05})
-            applier.apply(model.desired_from_dict({"services": []}))
-            applier.close()
+def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int,
+                  results: Path | None = RESULTS / "connect.json") -> list[dict[str, Any]]:
+    """connect() latency by the compiled client (lab/bench_connect.py): direct, kvroute's
+    affinities (fleet mode on and off), kube-proxy's iptables and nftables shapes. Writes
+    the rows, with the run's settings and notes, to `results` too."""
+    from lab import bench_connect as bc
+    started = time.time()
+    rows, notes = bc.run(counts, rounds, per_round, say=lambda line: print(line, file=sys.stderr,
+                                                                         flush=True))
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({
+            "command": " ".join(["python -m lab.bench", *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(time.time() - started, 1), "kernel": os.uname().release,
+            "counts": list(counts), "rounds": rounds, "per_round": per_round,
+            "notes": notes, "rows": rows}, indent=2) + "\n")
     return rows
 
 
@@ -212,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("maglev", "apply", "connect", "bindings"),
                     help="run one benchmark")
     args = ap.parse_args(argv)
-    rounds, per_round = (5, 200) if args.quick else (25, 400)
+    rounds, per_round = (10, 1000) if args.quick else (40, 2000)
+    counts = (10, 1_000) if args.quick else (10, 1_000, 10_000)
     rows: list[dict[str, Any]] = []
     benches = {"maglev": bench_maglev, "apply": lambda: bench_apply(10_000, 10),
-               "connect": lambda: bench_connect((10, 1_000, 10_000), rounds, per_round),
+               "connect": lambda: bench_connect(counts, rounds, per_round),
                "bindings": lambda: bench_bindings(args.quick)}
     for name, run in benches.items():
         if args.only and name != args.only:
