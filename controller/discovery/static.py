@@ -14,7 +14,7 @@ The file, in the spirit of the agent's::
         table-size: 16381
         epsilon: 0.25
         probe-share: 0.05
-        breaker: {consecutive-failures: 5, failure-ratio: 0.5, cooldown: 2}
+        breaker: {consecutive-failures: 3, failure-ratio: 0.5, cooldown: 2}  # failed scrape rounds
         metrics-port: 8000
         metrics-path: /metrics
         endpoints:
