@@ -63,11 +63,12 @@ class Backoff:
     so agents that lost the same controller do not all come back in the same instant.
 
     The cap bounds how long a node runs on stale state after the controller returns (a
-    10 s cap measured 15 s to reconverge); at 1 s, a fleet of 1,000 agents retrying a dead
-    controller costs it ~1,000 refused connects per second, which is nothing."""
+    10 s cap measured 15 s to reconverge, 1 s up to 2.3 s: the wait, then a snapshot
+    round and a report); at 0.5 s, a fleet of 1,000 agents retrying a dead controller
+    costs it ~2,000 refused connects per second, which is nothing."""
 
     base: float = 0.2
-    cap: float = 1.0
+    cap: float = 0.5
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 32)))
@@ -143,6 +144,7 @@ class SnapshotClient:
         self._report_now: asyncio.Event | None = None
         self._bindings_now: asyncio.Event | None = None
         self._binding_generation = 0  # which ReportBindings call may take rows
+        self._report_generation = 0  # which Report call may send
 
     # -- public, any thread
 
@@ -370,6 +372,11 @@ class SnapshotClient:
         if applied is not None and applied.hash == snap.hash:
             if applied.version != snap.version:
                 self._set_applied(snap)  # renumbered, same content: nothing to program
+            # Say so now, not at the next interval: a controller that just started counts
+            # this agent as converged only from a report it receives after publishing
+            # (this report cut reconvergence after a restart from up to 2.3 s).
+            if self._report_now is not None:
+                self._report_now.set()
             return
         started = time.perf_counter()
         try:
@@ -417,9 +424,13 @@ class SnapshotClient:
         )
         return convert.report_to_pb(report)
 
-    async def _reports(self) -> AsyncIterator[pb.AgentReport]:
+    async def _reports(self, generation: int) -> AsyncIterator[pb.AgentReport]:
+        """Reports for one Report call. gRPC may keep pulling from a dead call's iterator:
+        one left over from the previous connection took the "report now" wake-up after a
+        controller restart, and the live stream waited a whole interval (up to 2.3 s to
+        reconverge). An iterator whose call is over ends instead."""
         assert self._report_now is not None
-        while True:
+        while generation == self._report_generation:
             self._report_now.clear()
             # A failed apply is retried here, at the report pace, while the stream is quiet.
             received = self._received
@@ -439,13 +450,20 @@ class SnapshotClient:
                 await asyncio.wait_for(self._report_now.wait(), self.report_interval)
 
     async def _report_loop(self, stub: Any) -> None:
-        while True:
-            try:
-                await stub.Report(self._reports())
-            except grpc.aio.AioRpcError as exc:
-                log.debug("%s: report stream ended: %s", self.agent_id, exc.code().name)
-            # The watch stream decides about reconnecting; here just try again shortly.
-            await asyncio.sleep(self.report_interval)
+        try:
+            while True:
+                self._report_generation += 1
+                try:
+                    await stub.Report(self._reports(self._report_generation))
+                except grpc.aio.AioRpcError as exc:
+                    log.debug("%s: report stream ended: %s", self.agent_id, exc.code().name)
+                self._report_generation += 1
+                # The watch stream decides about reconnecting; here just try again shortly.
+                await asyncio.sleep(min(self.report_interval, 0.2))
+        finally:
+            self._report_generation += 1  # this session's iterators send nothing more
+            if self._report_now is not None:
+                self._report_now.set()  # and wake them, so they end
 
 
     async def _binding_reports(self, generation: int) -> AsyncIterator[pb.BindingReport]:

@@ -65,6 +65,14 @@ def channel_options(tls: TLSFiles | None) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # The agent runs its own backoff with jitter; one attempt per channel.
         ("grpc.enable_retries", 0),
+        # ... and a channel of its own: by default gRPC shares subchannels between
+        # channels to the same target, with their own reconnect backoff (1 s, x1.6),
+        # so a new channel after a controller restart could wait out a backoff the
+        # agent never asked for (reconvergence up to 2.3 s instead of < 1 s).
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 500),
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
