@@ -14,9 +14,10 @@ desired state. :class:`ControlServer` serves ``kvroute.v1.Control`` on grpc.aio:
   bad field is dropped whole (the agent's previous report stays) and counted.
 - ``ReportBindings``: a client stream of the session bindings an agent's kernel made and
   used (:class:`dataplane.bindings.Report`), fed to the fleet's
-  :class:`controller.bindings.BindingTable`. Every ``flush`` seconds what the table
-  decided (winning bindings, expiries, session counts) goes to every watch stream as one
-  ``SessionBindings`` message; a stream that just opened gets the whole table after its
+  :class:`controller.bindings.BindingTable`. What the table decided goes to every watch
+  stream as ``SessionBindings`` messages: a report's winning bindings at once (at most
+  one message per ``flush`` seconds), session counts and expiries every
+  ``SESSIONS_INTERVAL``; a stream that just opened gets the whole table after its
   first snapshot, and so does one that fell behind the log of recent messages.
 
 :meth:`ControlServer.agents` gives per-agent convergence: the version and hash applied,
@@ -628,7 +629,7 @@ class ControlServer:
         coming back together cost one dump, not a hundred."""
         log_ = self._binding_log
         if seq is not None and (not log_ or log_[0][0] <= seq + 1):
-            return [u for s, u in log_ if s > seq], self._binding_seq
+            return self._log_after(seq), self._binding_seq
         cached = self._dump
         if cached is None or (log_ and log_[0][0] > cached[0] + 1) or (
                 not log_ and cached[0] != self._binding_seq):
@@ -636,7 +637,18 @@ class ControlServer:
             cached = self._dump = (self._binding_seq, [
                 convert.fanout_update(out) for out in self.bindings.dump()])
         at, dump = cached
-        return [*dump, *(u for s, u in log_ if s > at)], self._binding_seq
+        return [*dump, *self._log_after(at)], self._binding_seq
+
+    def _log_after(self, seq: int) -> list[pb.SnapshotUpdate]:
+        """Log messages after ``seq``, walked from the newest end: a stream that keeps up
+        needs the last one or two, and every flush wakes every stream."""
+        out = []
+        for s, update in reversed(self._binding_log):
+            if s <= seq:
+                break
+            out.append(update)
+        out.reverse()
+        return out
 
     def _sync_snapshot(self) -> None:
         current = self.publisher.current
@@ -678,23 +690,20 @@ class ControlServer:
         self._loop.call_later(delay, run)
 
     async def _flush_bindings(self) -> None:
-        next_expiry = next_counts = self._clock()
+        # Bindings go out from _flush_soon; this loop sends session counts and expires.
+        next_expiry = self._clock()
         while True:
-            await asyncio.sleep(self.flush)
+            await asyncio.sleep(SESSIONS_INTERVAL)
             now = self._clock()
-            expire, counts = now >= next_expiry, now >= next_counts
-            if not (expire or counts):
-                continue  # bindings go out from _flush_soon; this loop expires and counts
+            expire = now >= next_expiry
             if expire:
                 next_expiry = now + EXPIRE_INTERVAL
                 try:
                     self.expire_agents()
                 except Exception:
                     log.exception("agent expiry failed")
-            if counts:
-                next_counts = now + SESSIONS_INTERVAL
             try:
-                self.flush_bindings(now, expire, counts)
+                self.flush_bindings(now, expire)
             except Exception:  # a bug here must not end binding fan-out for good
                 log.exception("binding flush failed")
 

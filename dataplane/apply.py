@@ -719,6 +719,16 @@ class Applier:
             else:
                 self.refs.pop(ep, None)
 
+    def service_id(self, name: str) -> int | None:
+        """The kernel id of an applied service, by name (call under ``lock``)."""
+        svc = self.desired.by_name.get(name) if self.desired is not None else None
+        value = self.view.services.get(_service_key(svc)) if svc is not None else None
+        return value[0] if value is not None else None
+
+    def backend_id(self, identity: str) -> int | None:
+        """The kernel id of a backend, by identity (call under ``lock``)."""
+        return self.view.be_addr.get(parse_identity(identity))
+
     def set_loads(self, loads: Mapping[str, int]) -> int:
         """Write engines' live loads (by backend identity) and their services' mean
         loads straight into the kernel, without a plan: the bounded-load check sees a

@@ -65,7 +65,6 @@ class Binder:
         self.written = 0        # bindings written from the fleet
         self.deleted = 0
         self.unwritable = 0     # fan-out rows naming a service or backend this node lacks
-        self._names: tuple[object, dict[str, int], dict[str, int]] | None = None
         # Session counts (see the module docstring), by backend identity.
         self._base: dict[str, int] = {}
         self._unechoed: collections.Counter[str] = collections.Counter()
@@ -142,18 +141,6 @@ class Binder:
 
     # -- down
 
-    def _ids(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Service name -> id and backend identity -> id, rebuilt when an apply ran."""
-        desired = self.applier.desired
-        cached = self._names
-        if cached is not None and cached[0] is desired:
-            return cached[1], cached[2]
-        view = self.applier.view
-        services = {name: svc_id for svc_id, name in view.names.items()}
-        backends = {abi.format_endpoint(*ep): be_id for ep, be_id in view.be_addr.items()}
-        self._names = (desired, services, backends)
-        return services, backends
-
     def _recount(self, out: bindings.Fanout) -> set[str]:
         """Fold a fan-out into the count terms; the identities whose count moved."""
         moved: set[str] = set()
@@ -187,22 +174,23 @@ class Binder:
 
     def apply(self, out: bindings.Fanout) -> None:
         moved = self._recount(out)
-        with self.applier.lock:
-            services, backends = self._ids()
+        applier = self.applier
+        with applier.lock:
             put: list[tuple[int, int, int]] = []
             for g in out.bound:
-                svc_id, be_id = services.get(g.service), backends.get(g.backend)
+                svc_id, be_id = applier.service_id(g.service), applier.backend_id(g.backend)
                 if svc_id is None or be_id is None:
                     self.unwritable += len(g.keys)
                     continue
                 put.extend((svc_id, key, be_id) for key in g.keys)
             gone: list[tuple[int, int]] = []
             for g in out.expired:
-                svc_id = services.get(g.service)
+                svc_id = applier.service_id(g.service)
                 if svc_id is None:
                     continue  # the service left: its entries went with it
                 gone.extend((svc_id, key) for key in g.keys)
-            counts = {backends[i]: self.count(i) for i in moved if i in backends}
+            counts = {be_id: self.count(i) for i in moved
+                      if (be_id := applier.backend_id(i)) is not None}
             if put:
                 self.maps.write_bindings(put)
                 self.written += len(put)

@@ -37,6 +37,7 @@ from dataplane import bindings, model
 from dataplane.api import convert
 from dataplane.api.pb import kvroute_pb2 as pb
 from dataplane.api.pb import kvroute_pb2_grpc as pb_grpc
+from lab import fleet
 
 SERVICE = "chat"
 PROBE_BASE = 0xF000_0000_0000_0000
@@ -225,7 +226,7 @@ def _rss_mb(pid: int) -> float:
 def run(agents: int = 100, rate: float = 2000, live: int = 1_000_000, timeout: int = 500,
         engines: int = 64, batch: float = 0.05, seconds: float = 20.0,
         port: int = 0) -> dict[str, Any]:
-    port = port or _free_port()
+    port = port or fleet.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.bench_bindings", "--serve", str(port), "--live", str(live),
          "--timeout", str(timeout), "--engines", str(engines)],
@@ -246,13 +247,6 @@ def run(agents: int = 100, rate: float = 2000, live: int = 1_000_000, timeout: i
     return {"bench": f"bindings {agents} agents, {rate:g} new/s, {live} live",
             "controller_rss_mb": round(rss_loaded),
             **result, "live_after": tail["live"], "expired": tail["expired"]}
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,12 @@ class _Applier:
             self.view.backends[be_id] = (*ep, 0)
             self.view.be_addr[ep] = be_id
 
+    def service_id(self, name: str) -> int | None:
+        return {n: i for i, n in self.view.names.items()}.get(name)
+
+    def backend_id(self, identity: str) -> int | None:
+        return self.view.be_addr.get(apply.parse_identity(identity))
+
 
 class _Maps:
     def __init__(self) -> None:
