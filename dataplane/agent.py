@@ -118,6 +118,10 @@ class Agent:
             self._mtime = self._current_mtime()
         with self.metrics.apply_seconds.time():
             result = self.applier.apply(desired)
+        if result.cleanup_error:
+            log.warning("applied %s, but removing what the kernel kept of removed services "
+                        "and backends failed (retried on the next apply): %s", source,
+                        result.cleanup_error)
         changes = ", ".join(f"{k}={v}" for k, v in sorted(result.summary.items())) or "no change"
         # Load-only updates arrive several times a second with a controller: keep
         # them out of the log unless asked (-v).
@@ -131,7 +135,13 @@ class Agent:
 
         def on_snapshot(snap: model.Snapshot) -> bool:
             # Validated on receipt (the model's constructors): applied as it is.
-            self._apply(snap.desired, f"snapshot {snap.version}")
+            try:
+                self._apply(snap.desired, f"snapshot {snap.version}")
+            except (model.ModelError, apply.ApplyError) as exc:
+                # The maps keep the state applied before; the stream retries this one.
+                log.error("snapshot %d not applied, keeping the current state: %s",
+                          snap.version, exc)
+                return False
             self.metrics.snapshot_version.set(snap.version)
             self._ready()
             return True
@@ -154,7 +164,10 @@ class Agent:
             # heard of them: only the others' loads are taken from the stream.
             mine = {t.identity for t in watcher.mine()}
             assert self.applier is not None
-            self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
+            try:
+                self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
+            except apply.ApplyError as exc:  # the controller's next loads carry them again
+                log.error("could not write engine loads: %s", exc)
 
         assert self.maps is not None
         relay = binder.Binder(self.applier, self.maps)
@@ -180,6 +193,11 @@ class Agent:
             self._apply(desired, str(self.config_path))
         except model.ModelError as exc:  # bad file, or more than the maps hold
             self._mtime = self._current_mtime()
+            log.error("not applied, keeping the current state: %s", exc)
+            return False
+        except apply.ApplyError as exc:
+            # The file is fine, the kernel refused a write: try again at the next poll.
+            self._mtime = None
             log.error("not applied, keeping the current state: %s", exc)
             return False
         return True

@@ -163,6 +163,20 @@ def delete_batch(fd: int, keys: np.ndarray) -> None:
            "map batch delete")
 
 
+def delete_each(fd: int, keys: np.ndarray) -> int:
+    """Delete the entries of packed keys one by one, those absent included (a batch
+    delete stops at the first absent key): for undoing a write that may have been cut
+    short. Returns how many were there."""
+    stride = keys.strides[0] if keys.ndim else 0
+    gone = 0
+    for i in range(len(keys)):
+        ret = _lib().bpf_map_delete_elem(fd, ct.c_void_p(keys.ctypes.data + i * stride))
+        if ret != -errno.ENOENT:
+            _check(ret, "map delete")
+            gone += 1
+    return gone
+
+
 def map_fd_by_id(map_id: int) -> int:
     return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
 

@@ -179,7 +179,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     import socket as socket_mod
 
     from dataplane import agent as agent_mod
-    from dataplane import loader
+    from dataplane import apply, loader
     if (config_path is None) == (controller_target is None):
         raise click.UsageError("give exactly one of --config FILE or --controller HOST:PORT")
     if any((tls_ca, tls_cert, tls_key)) and not all((tls_ca, tls_cert, tls_key)):
@@ -207,7 +207,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         a.start()
     except model.ModelError as exc:
         _fail(f"not applied, nothing changed:\n{exc}")
-    except (host.HostError, loader.LoadError, OSError) as exc:
+    except (host.HostError, loader.LoadError, OSError, apply.ApplyError) as exc:
         _fail(str(exc))
     try:
         a.run()
