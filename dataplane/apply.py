@@ -558,11 +558,12 @@ class ApplyError(RuntimeError):
 
 
 class _Journal:
-    """The writes of one change to the user-space-owned maps, each with what its keys
-    held before (read from the view the plan started from, not from the kernel), undone
-    newest first on failure. The forward order is connect-safe (what a value names is
-    written before the value), so its reverse is too: services go back to their old
-    tables before anything only the new ones name goes away."""
+    """The writes of one change to the user-space-owned maps, undone newest first on
+    failure, each key back to what the view the change started from holds (the caller
+    changes that view only once every write succeeded, so the forward path pays nothing
+    for the undo). The forward order is connect-safe (what a value names is written
+    before the value), so its reverse is too: services go back to their old tables
+    before anything only the new ones name goes away."""
 
     def __init__(self, maps: MapSet, current: View) -> None:
         self.maps = maps
@@ -572,18 +573,13 @@ class _Journal:
     def put(self, field: str, entries: Mapping[Any, Any]) -> None:
         if not entries:
             return
-        before: Mapping[Any, Any] = getattr(self.current, field)
-        old = {k: before[k] for k in entries if k in before}
-        new = [k for k in entries if k not in before]
-        self._undo.append(lambda: self._restore(field, old, new))
+        self._undo.append(functools.partial(self._restore, field, entries.keys()))
         _put(self.maps, field, entries)
 
     def delete(self, field: str, keys: Sequence[Any]) -> None:
         if not keys:
             return
-        before: Mapping[Any, Any] = getattr(self.current, field)
-        old = {k: before[k] for k in keys}
-        self._undo.append(lambda: self._restore(field, old, []))
+        self._undo.append(functools.partial(self._restore, field, keys))
         mapname, pack, _ = _CODECS[field]
         bpfsys.delete_batch(self.maps.fd(mapname), pack(list(keys)))
 
@@ -591,7 +587,10 @@ class _Journal:
         """Undo ``step`` at this point of the order (the table pool's own rollback)."""
         self._undo.append(step)
 
-    def _restore(self, field: str, old: Mapping[Any, Any], new: list[Any]) -> None:
+    def _restore(self, field: str, keys: Iterable[Any]) -> None:
+        before: Mapping[Any, Any] = getattr(self.current, field)
+        old = {k: before[k] for k in keys if k in before}
+        new = [k for k in keys if k not in before]
         # A batch cut short wrote only some keys: remove the new ones present or not.
         if new:
             mapname, pack, _ = _CODECS[field]
