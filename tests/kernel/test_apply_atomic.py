@@ -7,7 +7,7 @@ The maps are the real programs' maps, pinned in a bpffs instance of this module'
 (nothing attached: no connect reaches them). Faults are injected by replacing the
 functions every map write goes through (bpfsys batch and single writes, table-group
 creation, TablePool.write): the Nth call fails, before it writes or, for a batch, after
-writing half of it (as E2BIG part-way through a batch would).
+writing or deleting half of it (as E2BIG part-way through a batch would).
 """
 
 from __future__ import annotations
@@ -112,6 +112,15 @@ class Faults:
                 raise OSError(errno.E2BIG, "injected: map batch update")
             real_update_batch(fd, keys, values)
 
+        real_delete_batch = bpfsys.delete_batch
+
+        def delete_batch(fd: int, keys: np.ndarray) -> None:
+            if self._step("delete_batch"):
+                if self.partial and len(keys) > 1:
+                    real_delete_batch(fd, keys[:len(keys) // 2])
+                raise OSError(errno.EIO, "injected: map batch delete")
+            real_delete_batch(fd, keys)
+
         def failing(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
                 if self._step(name):
@@ -120,7 +129,8 @@ class Faults:
             return call
 
         stack.enter_context(mock.patch.object(bpfsys, "update_batch", update_batch))
-        for name in ("delete_batch", "delete", "delete_each", "update", "create_table_group"):
+        stack.enter_context(mock.patch.object(bpfsys, "delete_batch", delete_batch))
+        for name in ("delete", "delete_each", "update", "create_table_group"):
             stack.enter_context(mock.patch.object(bpfsys, name, failing(name,
                                                                         getattr(bpfsys, name))))
         stack.enter_context(mock.patch.object(
