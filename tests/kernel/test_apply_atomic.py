@@ -394,3 +394,33 @@ def test_the_fault_injector_sees_every_kind_of_write(maps: MapSet) -> None:
             ap.apply(GOAL)
     assert {"update_batch", "delete_batch", "delete", "create_table_group",
             "TablePool.write"} <= seen, seen
+
+
+def test_a_cleanup_that_fails_again_holds_the_next_change_back(maps: MapSet) -> None:
+    """The kernel-made entries of removed objects must be gone before a new object may
+    take their ids: while their removal keeps failing, the next apply writes nothing."""
+    faults = Faults()
+    with faults.install(), applier(maps) as ap:
+        ap.apply(GOAL)
+        want = routing(maps)
+        for step in range(100):
+            ap.apply(START)
+            seed_kernel_entries(maps)
+            with faults.armed_at(step):
+                result = None
+                with contextlib.suppress(apply.ApplyError):
+                    result = ap.apply(GOAL)
+            assert faults.fired, "no write of the change left the cleanup to the next apply"
+            if result is not None:
+                break
+        assert result is not None and result.cleanup_error is not None
+        assert ap.leftover
+        before = raw(maps)
+        with faults.armed_at(0), pytest.raises(apply.ApplyError, match="nothing else was "
+                                                                       "written"):
+            ap.apply(START)
+        assert raw(maps) == before and ap.leftover
+        ap.apply(START)
+        assert not ap.leftover
+        ap.apply(GOAL)
+        assert routing(maps) == want
