@@ -205,8 +205,10 @@ class TablePool:
         empty = [g for g in self.groups.values()
                  if not g.used and all(now - at >= QUARANTINE for at, _ in g.quarantined)]
         if empty:
-            bpfsys.delete_batch(self.maps.fd("kvr_tables"),
-                                np.array([g.gid for g in empty], dtype=np.uint32))
+            # One by one, absent ones included: a collect cut short part-way (its groups
+            # stay here) is simply run again by the next change.
+            bpfsys.delete_each(self.maps.fd("kvr_tables"),
+                               np.array([g.gid for g in empty], dtype=np.uint32))
         for g in empty:
             self._unmap(g)
             del self.groups[g.gid]

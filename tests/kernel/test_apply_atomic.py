@@ -79,10 +79,11 @@ class Faults:
         self.partial = False
         self.fired: list[str] = []
         self.armed = False
+        self.only: str | None = None
 
     def _step(self, what: str) -> bool:
         """Whether this call fails."""
-        if not self.armed:
+        if not self.armed or self.only not in (None, what):
             return False
         n = self.calls
         self.calls += 1
@@ -92,8 +93,11 @@ class Faults:
         return False
 
     @contextlib.contextmanager
-    def armed_at(self, *at: int, partial: bool = False) -> Iterator[Faults]:
+    def armed_at(self, *at: int, partial: bool = False, only: str | None = None
+                 ) -> Iterator[Faults]:
+        """Fail the calls numbered ``at`` (counting only those of ``only``, if given)."""
         self.calls, self.at, self.partial, self.fired = 0, set(at), partial, []
+        self.only = only
         self.armed = True
         try:
             yield self
@@ -112,14 +116,15 @@ class Faults:
                 raise OSError(errno.E2BIG, "injected: map batch update")
             real_update_batch(fd, keys, values)
 
-        real_delete_batch = bpfsys.delete_batch
-
-        def delete_batch(fd: int, keys: np.ndarray) -> None:
-            if self._step("delete_batch"):
-                if self.partial and len(keys) > 1:
-                    real_delete_batch(fd, keys[:len(keys) // 2])
-                raise OSError(errno.EIO, "injected: map batch delete")
-            real_delete_batch(fd, keys)
+        def cut_short(name: str, real: Callable[[int, np.ndarray], Any]
+                      ) -> Callable[[int, np.ndarray], Any]:
+            def delete(fd: int, keys: np.ndarray) -> Any:
+                if self._step(name):
+                    if self.partial and len(keys) > 1:
+                        real(fd, keys[:len(keys) // 2])
+                    raise OSError(errno.EIO, f"injected: {name}")
+                return real(fd, keys)
+            return delete
 
         def failing(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -129,8 +134,10 @@ class Faults:
             return call
 
         stack.enter_context(mock.patch.object(bpfsys, "update_batch", update_batch))
-        stack.enter_context(mock.patch.object(bpfsys, "delete_batch", delete_batch))
-        for name in ("delete", "delete_each", "update", "create_table_group"):
+        for name in ("delete_batch", "delete_each"):
+            stack.enter_context(mock.patch.object(bpfsys, name,
+                                                  cut_short(name, getattr(bpfsys, name))))
+        for name in ("delete", "update", "create_table_group"):
             stack.enter_context(mock.patch.object(bpfsys, name, failing(name,
                                                                         getattr(bpfsys, name))))
         stack.enter_context(mock.patch.object(
@@ -424,3 +431,25 @@ def test_a_cleanup_that_fails_again_holds_the_next_change_back(maps: MapSet) -> 
         assert not ap.leftover
         ap.apply(GOAL)
         assert routing(maps) == want
+
+
+def test_groups_left_by_a_collect_cut_short_are_collected_by_the_next_change(
+        maps: MapSet) -> None:
+    """Found by the property test: a collect that removed one empty group from kvr_tables
+    and failed on the next kept both in the pool, and every later collect then failed on
+    the one already gone (ENOENT). Here that state is made by hand: two empty groups
+    kept by their quarantine, one of them already out of kvr_tables."""
+    two = model.DesiredState(tuple(
+        model.Service(name, vip, 80, table_size=size,
+                      backends=(model.Backend("10.1.0.1", 8000),))
+        for name, vip, size in (("a", "10.96.0.1", 7), ("b", "10.96.0.2", 11))))
+    with applier(maps) as ap:
+        ap.apply(two)
+        with mock.patch.object(tables, "QUARANTINE", 60.0):
+            ap.apply(model.DesiredState())
+        groups = raw(maps)["groups"]
+        assert len(groups) == 2 and len(ap.pool.groups) == 2
+        bpfsys.delete(maps.fd("kvr_tables"), ct.c_uint32(groups[0]))
+        result = ap.apply(model.DesiredState())
+        assert result.cleanup_error is None
+        assert raw(maps)["groups"] == [] and ap.pool.groups == {}
