@@ -286,7 +286,7 @@ def fault_every_step(maps: MapSet, ap: apply.Applier, faults: Faults,
         step += 1
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(start=states(), goal=states())
 def test_a_change_failing_at_any_write_ends_as_it_began_or_as_desired(
