@@ -280,6 +280,7 @@ def fault_every_step(maps: MapSet, ap: apply.Applier, faults: Faults,
             # Only the removal of kernel-made entries failed: routing is the goal's.
             assert result.cleanup_error is not None, f"{where}: swallowed"
             assert routing(maps) == want_routing, f"{where}: routes differ from the goal's"
+            assert ap.view == apply.read_view(maps), f"{where}: the applier's view drifted"
         ap.apply(goal)  # retries the change, or the cleanup
         assert routing(maps) == want_routing, f"{where}: the retry missed the goal"
         assert kernel_made(maps) == want_kernel, f"{where}: kernel entries left behind"
