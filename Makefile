@@ -7,6 +7,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 	@bash deploy/node-setup.sh
+	@bash deploy/dev-tools.sh
 
 # The venv comes from Debian's python3 with the system site packages, so that
 # Debian's bcc (python3-bpfcc) imports; everything else comes from PyPI.

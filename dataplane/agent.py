@@ -242,13 +242,16 @@ class Agent:
 
     # -- HTTP: /metrics, /readyz, /livez ------------------------------------------------------
 
-    async def _serve_http(self) -> web.AppRunner:
-        assert self._http_sock is not None
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/livez", self._livez)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        return app
+
+    async def _serve_http(self) -> web.AppRunner:
+        assert self._http_sock is not None
+        runner = web.AppRunner(self._app(), handle_signals=False, access_log=None)
         await runner.setup()
         await web.SockSite(runner, self._http_sock).start()
         host, port = self._http_sock.getsockname()[:2]
