@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit lint bench vllm proto clean
+.PHONY: setup demo test test-unit lint bench vllm proto clean vagrant-test
 
 setup: $(VENV)/.installed
 	@bash deploy/node-setup.sh
@@ -44,6 +44,11 @@ vllm: setup
 # Regenerate the gRPC code from proto/ (tests fail when it is stale).
 proto: setup
 	$(PY) -m dataplane.api.pb.generate
+
+# The multi-node VM lab (vagrant/): the kernel suite on every VM, then the fleet
+# scenario across them. Needs vagrant and VirtualBox or libvirt (KVROUTE_BOX=debian12|ubuntu2404).
+vagrant-test:
+	bash vagrant/test.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Vagrant provisioning: the same idempotent setup as `make setup` on a lab
-# machine, with the VM's own kernel headers.
+# Vagrant provisioning: the VM's own kernel headers, then the same idempotent set-up
+# as `make setup` on a lab machine (deploy/node-setup.sh and the venv).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
