@@ -20,14 +20,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from lab import cgroup, netns, podserver, topology
+from lab import cgroup, netns, podserver, scenario, topology
 
 ENGINE_PORT = topology.ENGINE_PORT
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
@@ -39,13 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+# Defined with the scenario (which cannot import this module); tests and the demo use it
+# from here.
+wait_for = scenario.wait_for
 
 
 @dataclasses.dataclass
@@ -297,22 +293,7 @@ class Fleet:
 
     def converged(self) -> bool:
         """Every agent watches the controller and has applied its latest snapshot."""
-        from prometheus_client.parser import text_string_to_metric_families
-        try:
-            text = httpx.get(f"http://127.0.0.1:{self.controller_http}/metrics", timeout=2,
-                             trust_env=False).text
-        except httpx.HTTPError:
-            return False
-        values: dict[str, dict[str, float]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in ("kvroute_controller_agent_watching",
-                                   "kvroute_controller_agent_converged"):
-                    values.setdefault(sample.labels["agent"], {})[sample.name] = sample.value
-        return len(values) == len(self.nodes) and all(
-            v.get("kvroute_controller_agent_watching") == 1
-            and v.get("kvroute_controller_agent_converged") == 1
-            for v in values.values())
+        return scenario.converged(self.topology())
 
     def backends(self, node: int) -> dict[str, dict[str, Any]]:
         """The node's kernel view: engine id (ip:port) -> state, load, counters."""

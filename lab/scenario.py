@@ -55,20 +55,21 @@ def _node_of(topo: topology.Topology, agent: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
-    return predicate()
+    return bool(predicate())
 
 
 def run(topo: topology.Topology, connect: Connect, sessions: int = 200, turns: int = 3,
         fail_k: int = 3, crash: bool = True, say: Callable[[str], None] = print,
         timeout: float = 60) -> None:
     """Run the steps in order; raise ScenarioError at the first that does not hold."""
-    if not _wait(lambda: converged(topo), timeout, 0.25):
+    if not wait_for(lambda: converged(topo), timeout, 0.25):
         raise ScenarioError(f"agents of {sorted(topo.nodes)} did not converge in {timeout} s")
     say(f"1. {len(topo.nodes)} agents follow the controller at {topo.controller_target}")
 
