@@ -5,4 +5,4 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq make git "linux-headers-$(uname -r)" >/dev/null
-make -C /kvroute setup
+make -C /kvroute setup DEV_TOOLS=0

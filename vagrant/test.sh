@@ -13,7 +13,7 @@ for node in "${nodes[@]}"; do
   # The fleet's agent routes on the VM's root cgroup, above the tests' own cgroups:
   # stop it and detach it (kvroute uninstall) so the suite sees only its programs.
   vagrant ssh "$node" -c "sudo systemctl stop kvroute-fleet; sudo /kvroute/.venv/bin/kvroute uninstall"
-  vagrant ssh "$node" -c "sudo make -C /kvroute test PYTEST_ARGS='-m bpf -q'"
+  vagrant ssh "$node" -c "sudo make -C /kvroute test DEV_TOOLS=0 PYTEST_ARGS='-m bpf -q'"
 done
 vagrant provision --provision-with fleet
 echo "== fleet scenario from $client"
