@@ -224,9 +224,11 @@ class Agent:
             work["config-file"] = self._follow_file(reload, poll_interval)
         self._tasks = {name: asyncio.create_task(coro, name=name) for name, coro in work.items()}
         tasks = list(self._tasks.values())
-        runner = await self._serve_http() if self._http_sock is not None else None
         stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+        runner = None
         try:
+            if self._http_sock is not None:
+                runner = await self._serve_http()
             done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopping and task.exception() is not None:
