@@ -2,11 +2,15 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# kubectl and vagrant for the manifest and Vagrantfile tests (deploy/dev-tools.sh); the
+# lab's VMs set it to 0: they run the kernel suite only.
+DEV_TOOLS ?= 1
 
-.PHONY: setup demo test test-unit lint bench vllm proto clean
+.PHONY: setup demo test test-unit lint bench vllm proto clean vagrant-test
 
 setup: $(VENV)/.installed
 	@bash deploy/node-setup.sh
+	@[ "$(DEV_TOOLS)" = 0 ] || bash deploy/dev-tools.sh
 
 # The venv comes from Debian's python3 with the system site packages, so that
 # Debian's bcc (python3-bpfcc) imports; everything else comes from PyPI.
@@ -43,6 +47,11 @@ vllm: setup
 # Regenerate the gRPC code from proto/ (tests fail when it is stale).
 proto: setup
 	$(PY) -m dataplane.api.pb.generate
+
+# The multi-node VM lab (vagrant/): the kernel suite on every VM, then the fleet
+# scenario across them. Needs vagrant and VirtualBox or libvirt (KVROUTE_BOX=debian12|ubuntu2404).
+vagrant-test:
+	bash vagrant/test.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -160,7 +160,9 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
                    "for the fleet's live sessions. Fixed when the maps are first pinned "
                    "(`kvroute uninstall` to change it).")
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
-              help="Serve Prometheus metrics (kernel counters read at scrape time).")
+              help="Serve HTTP: /metrics (kernel counters read at scrape time), /readyz "
+                   "(programs attached, maps pinned, first desired state applied) and /livez "
+                   "(the agent's loop and its tasks run).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Detach the programs and remove the maps when the agent exits "
                    "(default: leave them routing, so a restart is hitless).")

@@ -2,6 +2,9 @@
 demo: engine simulators in pod namespaces, a controller with a static
 discovery file, and one agent per "node" (each node is a cgroup and a pin
 dir of its own, so two agents route the same clients independently).
+
+The services file and the processes' command lines come from :mod:`lab.topology`,
+as in the multi-node VM lab (:mod:`lab.multinode`).
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from lab import cgroup, netns, podserver
+from lab import cgroup, netns, podserver, scenario, topology
 
-ENGINE_PORT = 8000
+ENGINE_PORT = topology.ENGINE_PORT
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
 
 
@@ -36,13 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+# Defined with the scenario (which cannot import this module); tests and the demo use it
+# from here.
+wait_for = scenario.wait_for
 
 
 @dataclasses.dataclass
@@ -168,36 +167,37 @@ class Fleet:
     def engine_id(self, name: str) -> str:
         return f"{self.engines[name].address}:{ENGINE_PORT}"
 
+    def topology(self) -> topology.Topology:
+        """This fleet as a topology: every node reaches the controller on loopback; the
+        engines, in their pods, are spread over the nodes in turn."""
+        nodes = [n.name for n in self.nodes] or [f"node{i}" for i in range(self.n_nodes)]
+        return topology.Topology(
+            nodes={n: "127.0.0.1" for n in nodes},
+            engines=tuple(topology.Engine(name, nodes[i % len(nodes)], str(pod.address))
+                          for i, (name, pod) in enumerate(self.engines.items())),
+            controller=nodes[0], client=nodes[0], vip=self.vip, port=self.port,
+            controller_port=self.controller_port, controller_http_port=self.controller_http)
+
     def start_engine(self, name: str, *extra: str) -> None:
         pod = self.engines[name]
+        (engine,) = [e for e in self.topology().engines if e.name == name]
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
         self.engine_procs[name] = pod.spawn(
-            [sys.executable, "-m", "lab.engine_sim", "--host", "0.0.0.0", "--port",
-             str(ENGINE_PORT), "--engine-id", self.engine_id(name),
-             "--seed", name.removeprefix("gpu"), *extra], stdout=log, stderr=log)
+            [*topology.Topology.engine_argv(sys.executable, engine), *extra],
+            stdout=log, stderr=log)
 
     def write_services(self, draining: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        endpoints = []
-        for i, (name, pod) in enumerate(self.engines.items()):
-            ep: dict[str, Any] = {"address": str(pod.address), "port": ENGINE_PORT,
-                                  "node": self.nodes[i % len(self.nodes)].name, "pod": name}
-            if name in draining:
-                ep.update(ready=False, serving=True, terminating=True)
-            endpoints.append(ep)
-        svc: dict[str, Any] = {
-            "name": "llm", "vip": self.vip, "port": self.port, "engine": "vllm",
-            "affinity": "session", "epsilon": self.epsilon, "metrics-port": ENGINE_PORT,
-            "breaker": self.breaker, "endpoints": endpoints}
+        options: dict[str, Any] = {"epsilon": self.epsilon, "breaker": self.breaker}
         if self.move_epsilon is not None:
-            svc["move-epsilon"] = self.move_epsilon
-        self.static.write_text(yaml.safe_dump({"services": [svc]}))
+            options["move-epsilon"] = self.move_epsilon
+        doc = self.topology().services_doc(options, frozenset(draining))
+        self.static.write_text(yaml.safe_dump(doc))
 
     def start_controller(self) -> None:
         log = open(self.workdir / "controller.log", "ab")  # noqa: SIM115
         self.controller = subprocess.Popen(
-            [KVROUTE, "controller", "--static", str(self.static),
-             "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick),
-             "--metrics", f"127.0.0.1:{self.controller_http}"],
+            self.topology().controller_argv(KVROUTE, str(self.static),
+                                            extra=["--tick", str(self.tick)]),
             stdout=log, stderr=log)
         self.lab.own_process(self.controller.pid)
 
@@ -222,11 +222,11 @@ class Fleet:
         node.ready.unlink(missing_ok=True)
         log = open(self.workdir / f"agent-{node.name}.log", "ab")  # noqa: SIM115
         node.proc = subprocess.Popen(
-            [KVROUTE, "agent", "--controller", f"127.0.0.1:{self.controller_port}",
-             "--node", node.name, "--cgroup", str(node.cgroup.path), "--pin-dir",
-             str(node.pin_dir), "--ready-file", str(node.ready), "--scrape-interval",
-             str(self.scrape_interval), "--stall-window", str(self.stall_window),
-             "--fail-k", str(self.fail_k), "--detach-on-exit"],
+            self.topology().agent_argv(KVROUTE, node.name, extra=[
+                "--cgroup", str(node.cgroup.path), "--pin-dir", str(node.pin_dir),
+                "--ready-file", str(node.ready), "--scrape-interval",
+                str(self.scrape_interval), "--stall-window", str(self.stall_window),
+                "--fail-k", str(self.fail_k), "--detach-on-exit"]),
             stdout=log, stderr=log)
         self.lab.own_process(node.proc.pid)
         proc = node.proc
@@ -293,22 +293,7 @@ class Fleet:
 
     def converged(self) -> bool:
         """Every agent watches the controller and has applied its latest snapshot."""
-        from prometheus_client.parser import text_string_to_metric_families
-        try:
-            text = httpx.get(f"http://127.0.0.1:{self.controller_http}/metrics", timeout=2,
-                             trust_env=False).text
-        except httpx.HTTPError:
-            return False
-        values: dict[str, dict[str, float]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in ("kvroute_controller_agent_watching",
-                                   "kvroute_controller_agent_converged"):
-                    values.setdefault(sample.labels["agent"], {})[sample.name] = sample.value
-        return len(values) == len(self.nodes) and all(
-            v.get("kvroute_controller_agent_watching") == 1
-            and v.get("kvroute_controller_agent_converged") == 1
-            for v in values.values())
+        return scenario.converged(self.topology())
 
     def backends(self, node: int) -> dict[str, dict[str, Any]]:
         """The node's kernel view: engine id (ip:port) -> state, load, counters."""

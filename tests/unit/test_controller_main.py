@@ -353,6 +353,8 @@ def test_a_follower_ticks_but_publishes_only_once_leading(tmp_path: Path) -> Non
         ([], "exactly one of --static FILE or --kubernetes"),
         (["--kubernetes", "--static", "{file}"], "exactly one"),
         (["--static", "{file}", "--namespace", "x"], "go with --kubernetes"),
+        (["--static", "{file}", "--services", "annotated"], "--services go with --kubernetes"),
+        (["--kubernetes", "--services", "some"], "'some' is not one of 'all', 'annotated'"),
         (["--static", "{file}", "--tls-ca", "{file}"], "all of --tls-ca"),
         (["--static", "{file}", "--listen", "nonsense"], "HOST:PORT"),
         (["--static", "{file}", "--leader-elect"], "needs --kubernetes"),
