@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit lint bench vllm proto clean
+.PHONY: setup demo test test-unit lint bench bench-quick bench-report vllm proto clean
 
 setup: $(VENV)/.installed
 	@bash deploy/node-setup.sh
@@ -32,8 +32,20 @@ lint: setup
 	$(VENV)/bin/mypy dataplane controller lab
 	$(VENV)/bin/lint-imports
 
+# Every benchmark (under 15 minutes on 2 cores), then README's section and the plots
+# rendered from the results files.
 bench: setup
 	$(PY) -m lab.bench
+	$(PY) -m lab.benchreport
+
+# The smoke run behind README's first benchmark table (under 3 minutes).
+bench-quick: setup
+	$(PY) -m lab.bench --quick
+	$(PY) -m lab.benchreport
+
+# README's benchmark section and plots from the committed results, no benchmark run.
+bench-report: setup
+	$(PY) -m lab.benchreport
 
 # A real vLLM CPU engine in its own venv (3.4 GB), for the lab and the
 # conformance tests that compare the simulator with the real thing.

@@ -1,0 +1,97 @@
+"""README's benchmark section is rendered from the committed results, never typed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from lab import benchreport
+
+pytestmark = pytest.mark.unit
+
+
+def test_readme_sections_equal_what_the_committed_results_render() -> None:
+    text = benchreport.README.read_text()
+    for section, body in benchreport.sections().items():
+        assert benchreport.extract(text, section) == body.strip("\n"), (
+            f"README's {section!r} benchmark section is stale: run `make bench-report`")
+
+
+def test_splice_replaces_only_the_body_and_refuses_missing_markers() -> None:
+    begin, end = benchreport.markers("full")
+    text = f"before\n{begin}\nold\n{end}\nafter\n"
+    new = benchreport.splice(text, "full", "new body")
+    assert new == f"before\n{begin}\nnew body\n{end}\nafter\n"
+    assert benchreport.extract(new, "full") == "new body"
+    with pytest.raises(ValueError, match="markers"):
+        benchreport.splice("no markers here", "full", "x")
+    with pytest.raises(ValueError, match="markers"):
+        benchreport.extract(text + begin, "full")
+
+
+def _doc(bench: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"bench": bench, "command": f"python -m lab.bench --only {bench}",
+            "date": "2026-12-08", "seconds": 12.0, "kernel": "6.1", "cpus": 2,
+            "loadavg_at_start": 1.5, **extra, "rows": rows}
+
+
+CONNECT = _doc("connect", [
+    {"bench": "load 10000 services x 10, kvroute apply", "services": 10000, "value_s": 1.0},
+    {"bench": "load 10000 services x 10, iptables-nft", "services": 10000, "value_s": 12.0},
+    {"bench": "connect direct to the pod, 10000 services", "variant": "direct",
+     "services": 10000, "value_us": 11.0, "p99_us": 20.0, "rate_per_s": 60000},
+    {"bench": "connect via VIP, 10000 services", "variant": "kvr-none", "services": 10000,
+     "value_us": 12.0, "baseline_us": 11.0, "ratio": 1.091, "ratio_iqr": [1.0, 1.2],
+     "p99_ratio": 1.1, "rate_ratio": 0.9, "bpf_connect4_ns": 600,
+     "bpf_all_ns_per_connect": 1500, "target_ratio": 1.05},
+    {"bench": "connect kube-proxy iptables (iptables-nft), 10000 services",
+     "variant": "iptables-nft", "services": 10000, "value_us": 170.0, "baseline_us": 11.0,
+     "ratio": 15.45, "p99_ratio": 11.0, "rate_ratio": 0.09},
+    {"bench": "connect kube-proxy nftables, 10000 services", "variant": "nftables",
+     "services": 10000, "unavailable": "nft not installed"},
+], rounds=40, per_round=2000, notes=["a note"])
+
+
+def test_connect_table_shows_ratios_to_direct_and_loads_to_kvroute() -> None:
+    text = "\n".join(benchreport.render_connect(CONNECT))
+    assert "| kvroute, affinity none | 1.09 / 1.10 / 0.90 | 1.00 s (1.00x) |" in text
+    assert "| kube-proxy iptables (iptables-nft) | 15.4 / 11.0 / 0.09 | 12.00 s (12.0x) |" \
+        in text
+    assert "not run: nft not installed" in text
+    assert "1.09x direct at p50, quartiles 1.0-1.2 (target <= 1.05x)" in text
+    assert "`python -m lab.bench --only connect`, 2026-12-08" in text
+    assert "Note: a note" in text
+
+
+def test_a_missing_result_says_how_to_make_it() -> None:
+    text = benchreport.render({"connect": CONNECT})
+    assert "Not run yet: `python -m lab.bench --only maglev`." in text
+    assert "kvroute, affinity none" in text
+
+
+def test_fleet_estimate_scales_the_measured_cost_per_change() -> None:
+    rows = [{"changes_per_s": 0, "controller_cpu": 0.10, "bytes_per_agent_s": 10},
+            {"changes_per_s": 100, "controller_cpu": 0.30, "bytes_per_agent_s": 5010}]
+    text = benchreport.fleet_estimate(_doc("fanout", rows, agents=1000))
+    assert text is not None
+    # 0.2 cores / 100 changes = 2,000 us a change; x 8,000 changes/s = 16 cores
+    assert "2,000 us of CPU per change" in text and "16.0 cores plus 0.10 idle" in text
+    # 50 bytes a change to each agent: 400 KB/s each, 400 MB/s out of the controller
+    assert "400 KB/s to each agent (400 MB/s" in text
+    assert benchreport.fleet_estimate(_doc("fanout", rows[1:], agents=1000)) is None
+
+
+def test_quick_table_takes_the_headline_of_each_result() -> None:
+    apply_ = _doc("apply", [{"bench": "full apply 1000 x 10, none, M=1021", "value_s": 0.1,
+                             "decode_validate_s": 0.04, "maglev_s": 0.0, "write_s": 0.02,
+                             "target_s": 0.35, "ratio_to_target": 0.29}])
+    text = benchreport.render_quick({"connect": CONNECT, "apply": apply_})
+    assert "| connect p50, kvroute, affinity none, 10,000 services | 1.09x direct " \
+           "(12.0 vs 11.0 us) | 2026-12-08 |" in text
+    assert "0.29x target" in text
+    changed = copy.deepcopy(CONNECT)
+    changed["rows"][3]["ratio"] = 2.0
+    assert benchreport.render_quick({"connect": changed}) != \
+        benchreport.render_quick({"connect": CONNECT})
