@@ -10,7 +10,13 @@ ratios mean more than absolute times).
 3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
    2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
-   a binding on one node to the last agent; lab/bench_bindings.py).
+   a binding on one node to the last agent; lab/bench_bindings.py);
+5. engine loads fanned out by the real gRPC server to 1,000 simulated agents (controller
+   CPU over idle, time from a load change to the last agent, bytes per agent per second;
+   lab/bench_fanout.py).
+
+Each benchmark's rows go to bench/results/NAME.json (quick/NAME.json with --quick);
+`python -m lab.benchreport` renders README's section and the plots from them.
 """
 
 from __future__ import annotations
@@ -184,6 +190,13 @@ def bench_bindings(quick: bool) -> list[dict[str, Any]]:
     return [bb.run(agents=100, rate=2000, live=1_000_000, seconds=20)]
 
 
+def bench_fanout(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_fanout as bf
+    if quick:
+        return bf.run(agents=200, engines=200, phases=bf.PHASES[:3], seconds=4)
+    return bf.run(agents=1000, engines=1000, phases=bf.PHASES, seconds=8)
+
+
 Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]"]
 
 
@@ -195,7 +208,8 @@ def benches(quick: bool) -> dict[str, Bench]:
     return {"maglev": lambda: bench_maglev(quick),
             "apply": lambda: bench_apply(10_000, 10),  # its targets are for 10,000
             "connect": lambda: bench_connect(counts, rounds, per_round),
-            "bindings": lambda: bench_bindings(quick)}
+            "bindings": lambda: bench_bindings(quick),
+            "fanout": lambda: bench_fanout(quick)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,26 +247,28 @@ def render_fanout(doc: Mapping[str, Any]) -> list[str]:
     rows = doc["rows"]
     idle = next((r for r in rows if r["changes_per_s"] == 0), None)
     out = [f"Run: {_provenance(doc)}. The real gRPC server (controller/grpc_server.py) in a "
-           f"process of its own, {doc['agents']:,} simulated agents (asyncio clients, "
-           f"{doc['agent_processes']} processes, each agent its own channel) with "
-           f"{doc['engines']:,} engines; load changes arrive as agents' `Report` messages, as "
-           "scrapes do. The baseline is the same server with the same agents and no load "
-           "changes.", ""]
+           f"process of its own, {doc['agents']:,} simulated agents (asyncio clients in "
+           f"{doc['agent_processes']} processes, one channel and one watch stream each) with "
+           f"{doc['engines']:,} engines; load changes arrive as an agent's `Report` messages, "
+           "as scrapes do, each also changing a probe engine whose arrival at every agent is "
+           "timed. The baseline is the same server with the same agents and no reports. "
+           "The agents share the CPUs with the controller: their CPU is shown, since their "
+           "queueing is part of the latencies.", ""]
     table = []
     for r in rows:
         extra = r["controller_cpu"] - idle["controller_cpu"] if idle else None
-        per = (extra / r["changes_per_s"] * 1e6 if extra is not None and r["changes_per_s"]
-               else None)
         table.append([
-            _n(r["changes_per_s"]), f"{r['controller_cpu']:.2f}",
-            f"{extra:+.2f}" if extra is not None else "-",
-            f"{per:,.0f}" if per is not None else "-",
-            f"{r['fanout_p50_ms']} / {r['fanout_p99_ms']}" if r.get("fanout_p50_ms") else "-",
+            f"{r['reports_per_s']:g} x {r['engines_per_report']}", _n(r["changes_per_s"]),
+            f"{r['controller_cpu']:.2f}", f"{extra:+.2f}" if extra is not None else "-",
+            f"{r['agents_cpu']:.2f}",
+            (f"{r['first_agent_p50_ms']} / {r['fanout_p50_ms']} / {r['fanout_p99_ms']}"
+             if r.get("fanout_p50_ms") is not None else "-"),
             _n(r["bytes_per_agent_s"]), f"{r['messages_per_agent_s']}",
             f"{r['probes']}/{r['probes_sent']}"])
-    out += _table(["load changes/s", "controller CPU (cores)", "over idle",
-                   "CPU us per change", "change -> last agent p50 / p99 ms",
-                   "bytes/agent/s", "messages/agent/s", "probes seen by all"], table)
+    out += _table(["reports/s x engines each", "load changes/s", "controller CPU (cores)",
+                   "over idle", "agents' CPU", "change -> first agent p50 / last p50 / "
+                   "last p99 ms", "bytes/agent/s", "messages/agent/s",
+                   "probes seen by all"], table)
     fleet = fleet_estimate(doc)
     if fleet:
         out += ["", fleet]
@@ -274,37 +276,83 @@ def render_fanout(doc: Mapping[str, Any]) -> list[str]:
 
 
 FLEET_NODES, FLEET_ENGINES = 1_000, 8_000
+FLEET_REPORT_S = 1.0  # an agent's report interval (dataplane.agent.AgentOptions)
+FLEET_TICK_S = 0.1  # a batching tick, for the estimate of a batched design
+
+
+def unit_costs(doc: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """From the measured phases: controller CPU seconds per stream message, per load
+    entry sent to one agent, and bytes per entry. A least-squares fit of CPU over idle =
+    a x messages + b x entries over the phases with reports (messages: what the agents
+    received; entries: every change reaches every agent); None with fewer than two."""
+    rows = [r for r in doc["rows"] if r["changes_per_s"] > 0 and r["messages_per_agent_s"]]
+    idle = next((r for r in doc["rows"] if r["changes_per_s"] == 0), None)
+    if len(rows) < 2 or idle is None:
+        return None
+    n = doc["agents"]
+    xs = [(r["messages_per_agent_s"] * n, r["changes_per_s"] * n) for r in rows]
+    ys = [r["controller_cpu"] - idle["controller_cpu"] for r in rows]
+    smm = sum(m * m for m, _ in xs)
+    see = sum(e * e for _, e in xs)
+    sme = sum(m * e for m, e in xs)
+    smy = sum(m * y for (m, _), y in zip(xs, ys, strict=True))
+    sey = sum(e * y for (_, e), y in zip(xs, ys, strict=True))
+    det = smm * see - sme * sme
+    if det <= 0:
+        return None
+    a = max(0.0, (smy * see - sey * sme) / det)
+    b = max(0.0, (sey * smm - smy * sme) / det)
+    small, big = min(rows, key=lambda r: r["engines_per_report"]), max(
+        rows, key=lambda r: r["engines_per_report"])
+    per_msg = [r["bytes_per_agent_s"] / r["messages_per_agent_s"] for r in (small, big)]
+    per_entry_msg = [r["changes_per_s"] / r["messages_per_agent_s"] for r in (small, big)]
+    if per_entry_msg[1] == per_entry_msg[0]:
+        return None
+    entry_bytes = (per_msg[1] - per_msg[0]) / (per_entry_msg[1] - per_entry_msg[0])
+    return a, b, entry_bytes
 
 
 def fleet_estimate(doc: Mapping[str, Any]) -> str | None:
-    """What a 1,000-node, 8,000-engine fleet would cost the controller, from the measured
-    rows: the CPU over idle per load change at the highest measured rate, scaled linearly
-    to every engine's load changing once a second (the controller's worst case: the
-    agents report each engine's load every scrape, and a change of any size is sent), and
-    the bytes per agent per change likewise. The agent count is the fleet's own (1,000),
-    so only the change rate is extrapolated."""
-    rows = [r for r in doc["rows"] if r["changes_per_s"] > 0]
+    """What a 1,000-node, 8,000-engine fleet would cost the controller, from the unit
+    costs fitted to the measured phases (see :func:`unit_costs`), in the worst case that
+    every engine's load changes in every report (each agent reports its 8 engines once a
+    second)."""
+    costs = unit_costs(doc)
     idle = next((r for r in doc["rows"] if r["changes_per_s"] == 0), None)
-    if not rows or idle is None:
+    if costs is None or idle is None:
         return None
-    top = max(rows, key=lambda r: r["changes_per_s"])
-    rate = top["changes_per_s"]
-    cpu = (top["controller_cpu"] - idle["controller_cpu"]) / rate
-    per_agent = (top["bytes_per_agent_s"] - idle["bytes_per_agent_s"]) / rate
-    want = FLEET_ENGINES  # changes/s: every engine once a second
-    return (f"A {FLEET_NODES:,}-node, {FLEET_ENGINES:,}-engine fleet, estimated from these "
-            f"rows: with {doc['agents']:,} agents measured (the fleet's own count), the cost "
-            f"that grows is per load change. At {_n(rate)} changes/s the controller spent "
-            f"{cpu * 1e6:,.0f} us of CPU per change over idle and each agent received "
-            f"{per_agent:,.0f} bytes per change; linearly, every engine's load changing once "
-            f"a second ({_n(want)} changes/s) would take {cpu * want:.1f} cores plus "
-            f"{idle['controller_cpu']:.2f} idle, and {per_agent * want / 1e3:,.0f} KB/s to "
-            f"each agent ({per_agent * want * FLEET_NODES / 1e6:,.0f} MB/s out of the "
-            "controller). Linear is optimistic past one core (one event loop serves every "
-            "stream), so above about one core of changes the controller would have to batch "
-            "changes per tick or shard the agents across replicas; the hysteresis in the "
-            "policy's 16 load bands is what keeps the real change rate far below this "
-            "worst case.")
+    a, b, entry_bytes = costs
+    behind = [r for r in doc["rows"] if r["changes_per_s"] > 0
+              and r["messages_per_agent_s"] < 0.9 * r["reports_per_s"]]
+    saturated = (f" (at {behind[0]['reports_per_s']:g} reports/s x "
+                 f"{behind[0]['engines_per_report']} engines above, agents received "
+                 f"{behind[0]['messages_per_agent_s']} messages/s and the last one held a "
+                 f"change {behind[0].get('fanout_p50_ms', '-')} ms after it was reported, "
+                 "p50)") if behind else ""
+    n = FLEET_NODES
+    changes = FLEET_ENGINES / FLEET_REPORT_S  # a second, fleet-wide
+    reports = n / FLEET_REPORT_S
+    today = a * reports * n + b * changes * n
+    batched = a * n / FLEET_TICK_S + b * changes * n
+    per_agent = entry_bytes * changes
+    return (
+        f"**A {n:,}-node, {FLEET_ENGINES:,}-engine fleet**, extrapolated from this run: a "
+        f"least-squares fit of the controller's CPU over idle to the messages and entries "
+        f"the agents received gives {a * 1e6:.1f} us a stream message plus "
+        f"{b * 1e6:.2f} us per load entry sent to one agent, and {entry_bytes:.0f} bytes an "
+        f"entry. In the worst case (every engine's load changes in every report; each "
+        f"agent reports its 8 engines every {FLEET_REPORT_S:g} s) that is "
+        f"{_n(reports)} reports and {_n(changes)} load changes a second. Today every report "
+        f"wakes every watch stream: {_n(reports * n)} stream messages/s, "
+        f"{today:,.0f} cores of CPU, where one event loop has one, so streams fall behind "
+        f"and coalesce{saturated}. "
+        f"Waking streams once per {FLEET_TICK_S * 1e3:.0f} ms tick instead would cut the "
+        f"messages to {_n(n / FLEET_TICK_S)}/s but leave the per-entry work, which is "
+        f"done once per stream: {batched:,.1f} cores; encoding each tick's loads once and "
+        f"sending the same bytes to every stream removes that factor of {n:,}. Each agent "
+        f"would receive {per_agent / 1e3:,.0f} KB/s ({per_agent * n / 1e6:,.0f} MB/s out "
+        f"of the controller); the policy's 16 load bands with hysteresis, and sending only "
+        f"loads that moved, are what keep the real rate far below this worst case.")
 
 
 def render_bindings(doc: Mapping[str, Any]) -> list[str]:
@@ -353,7 +401,7 @@ RENDER: dict[str, tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = {
     "connect": ("connect() latency vs service count", render_connect),
     "apply": ("Applying a snapshot on a node", render_apply),
     "maglev": ("Maglev table builds", render_maglev),
-    "fanout": ("Control plane at scale: engine loads to 1,000 agents", render_fanout),
+    "fanout": ("Control plane at scale: engine loads to every agent", render_fanout),
     "bindings": ("Fleet-wide session bindings", render_bindings),
     "failover": ("Failover: an engine dies", render_failover),
 }
@@ -409,11 +457,14 @@ def render_quick(results: Results) -> str:
                               "equal weights)", maglev["date"]])
     fanout = results.get("fanout")
     if fanout:
-        top_row = max(fanout["rows"], key=lambda r: r["changes_per_s"])
-        table.append([f"load changes to {fanout['agents']:,} agents at "
-                      f"{_n(top_row['changes_per_s'])}/s",
-                      f"p99 {top_row['fanout_p99_ms']} ms, controller CPU "
-                      f"{top_row['controller_cpu']:.2f}", fanout["date"]])
+        idle = next(r for r in fanout["rows"] if r["changes_per_s"] == 0)
+        first = next((r for r in fanout["rows"] if r["changes_per_s"] > 0), None)
+        if first:
+            table.append([f"load changes to {fanout['agents']:,} agents, "
+                          f"{first['reports_per_s']:g} reports/s",
+                          f"last agent p99 {first['fanout_p99_ms']} ms; controller CPU "
+                          f"{first['controller_cpu']:.2f} (idle {idle['controller_cpu']:.2f})",
+                          fanout["date"]])
     bindings_ = results.get("bindings")
     if bindings_:
         r = bindings_["rows"][0]

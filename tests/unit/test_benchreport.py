@@ -71,16 +71,31 @@ def test_a_missing_result_says_how_to_make_it() -> None:
     assert "kvroute, affinity none" in text
 
 
-def test_fleet_estimate_scales_the_measured_cost_per_change() -> None:
-    rows = [{"changes_per_s": 0, "controller_cpu": 0.10, "bytes_per_agent_s": 10},
-            {"changes_per_s": 100, "controller_cpu": 0.30, "bytes_per_agent_s": 5010}]
-    text = benchreport.fleet_estimate(_doc("fanout", rows, agents=1000))
+def test_unit_costs_fit_messages_and_entries_and_the_fleet_estimate_uses_them() -> None:
+    # CPU over idle built from a = 40 us a message, b = 1 us an entry (1,000 agents)
+    def row(msgs: float, changes: float, entry_bytes: int) -> dict[str, Any]:
+        cpu = 0.01 + 1000 * (msgs * 40e-6 + changes * 1e-6)
+        return {"changes_per_s": changes, "messages_per_agent_s": msgs,
+                "controller_cpu": cpu, "reports_per_s": msgs, "engines_per_report":
+                changes // msgs, "bytes_per_agent_s": msgs * 20 + changes * entry_bytes}
+    rows = [{"changes_per_s": 0, "controller_cpu": 0.01, "messages_per_agent_s": 0,
+             "bytes_per_agent_s": 0}, row(10, 10, 30), row(10, 80, 30), row(5, 320, 30)]
+    doc = _doc("fanout", rows, agents=1000)
+    costs = benchreport.unit_costs(doc)
+    assert costs is not None
+    a, b, entry_bytes = costs
+    assert a == pytest.approx(40e-6) and b == pytest.approx(1e-6)
+    assert entry_bytes == pytest.approx(30)
+    text = benchreport.fleet_estimate(doc)
     assert text is not None
-    # 0.2 cores / 100 changes = 2,000 us a change; x 8,000 changes/s = 16 cores
-    assert "2,000 us of CPU per change" in text and "16.0 cores plus 0.10 idle" in text
-    # 50 bytes a change to each agent: 400 KB/s each, 400 MB/s out of the controller
-    assert "400 KB/s to each agent (400 MB/s" in text
-    assert benchreport.fleet_estimate(_doc("fanout", rows[1:], agents=1000)) is None
+    # today: 1,000 reports/s x 1,000 streams x 40 us + 8,000 changes x 1,000 x 1 us = 48
+    assert "40.0 us a stream message plus 1.00 us per load entry" in text
+    assert "1,000,000 stream messages/s, 48 cores" in text
+    # batched: 10,000 messages x 40 us + 8 M entries x 1 us = 8.4 cores
+    assert "8.4 cores" in text
+    # 30 bytes x 8,000 changes a second to each agent
+    assert "240 KB/s (240 MB/s" in text
+    assert benchreport.fleet_estimate(_doc("fanout", rows[:2], agents=1000)) is None
 
 
 def test_quick_table_takes_the_headline_of_each_result() -> None:
