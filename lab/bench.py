@@ -13,7 +13,10 @@ ratios mean more than absolute times).
    a binding on one node to the last agent; lab/bench_bindings.py);
 5. engine loads fanned out by the real gRPC server to 1,000 simulated agents (controller
    CPU over idle, time from a load change to the last agent, bytes per agent per second;
-   lab/bench_fanout.py).
+   lab/bench_fanout.py);
+6. failover: failed new connects and time to recovery after an engine dies, measured in
+   the lab fleet, beside kube-proxy's and Envoy's timelines modelled from their
+   documented defaults at the measured rate (lab/bench_failover.py).
 
 Each benchmark's rows go to bench/results/NAME.json (quick/NAME.json with --quick);
 `python -m lab.benchreport` renders README's section and the plots from them.
@@ -197,6 +200,11 @@ def bench_fanout(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return bf.run(agents=1000, engines=1000, phases=bf.PHASES, seconds=8)
 
 
+def bench_failover(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_failover as bf
+    return bf.run(rate=200, engines=4, before=2, after=5 if quick else 10)
+
+
 Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]"]
 
 
@@ -209,7 +217,8 @@ def benches(quick: bool) -> dict[str, Bench]:
             "apply": lambda: bench_apply(10_000, 10),  # its targets are for 10,000
             "connect": lambda: bench_connect(counts, rounds, per_round),
             "bindings": lambda: bench_bindings(quick),
-            "fanout": lambda: bench_fanout(quick)}
+            "fanout": lambda: bench_fanout(quick),
+            "failover": lambda: bench_failover(quick)}
 
 
 def main(argv: list[str] | None = None) -> int:

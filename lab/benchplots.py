@@ -19,6 +19,7 @@ from lab import benchreport
 # Colours per family, so kvroute's modes read as one group against kube-proxy's.
 KVROUTE = ("#1b7837", "#5aae61", "#a6dba0", "#00441b", "#762a83", "#9970ab", "#c2a5cf", "#40004b")
 OTHERS = ("#d6604d", "#b2182b", "#f4a582", "#878787")
+GREYS = ("#bdbdbd", "#636363")  # baselines of kvroute's own
 
 
 def _footer(fig: Any, doc: Mapping[str, Any]) -> None:
@@ -73,7 +74,7 @@ def maglev(doc: Mapping[str, Any], path: Path) -> None:
                                            ("seconds", "controller's weights"))):
             xs = [k + (2 * i + j - len(sizes) + 0.5) * width for k in range(len(ns))]
             ax.bar(xs, [by[m, n][field] * 1e3 if (m, n) in by else 0 for n in ns], width,
-                   label=f"M={m:,}, {what}", color=(KVROUTE if j else OTHERS)[i])
+                   label=f"M={m:,}, {what}", color=(KVROUTE if j else GREYS)[i])
     target = next((r["target_seconds"] for r in rows if "target_seconds" in r), None)
     if target:
         ax.axhline(target * 1e3, color="black", linestyle=":", linewidth=1,
@@ -91,12 +92,14 @@ def maglev(doc: Mapping[str, Any], path: Path) -> None:
 
 def fanout(doc: Mapping[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r, colour in zip([r for r in doc["rows"] if r.get("latencies_ms")], KVROUTE,
-                         strict=False):
+    for r, colour in zip([r for r in doc["rows"] if r.get("latencies_ms")],
+                         (KVROUTE[0], KVROUTE[4], OTHERS[0], OTHERS[3]), strict=False):
         lat = sorted(r["latencies_ms"])
         ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], color=colour,
-                label=f"{r['changes_per_s']:,} load changes/s", drawstyle="steps-post")
+                label=f"{r['reports_per_s']:g} reports/s x {r['engines_per_report']} engines "
+                      f"({r['changes_per_s']:,.0f} changes/s)", drawstyle="steps-post")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("time from an engine's load change to the last of "
                   f"{doc['agents']:,} agents, ms")
     ax.set_ylabel("share of load changes")
@@ -110,23 +113,34 @@ def fanout(doc: Mapping[str, Any], path: Path) -> None:
 
 
 def failover(doc: Mapping[str, Any], path: Path) -> None:
+    """Cumulative failed new connects since the death, on a log scale: kvroute's handful
+    and kube-proxy's thousand on one axis."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    colours = iter((KVROUTE[0], OTHERS[0], OTHERS[2]))
+    colours = iter((KVROUTE[0], OTHERS[0], OTHERS[3]))
     for r in doc["rows"]:
         tl = r.get("timeline")
         if not tl:
             continue
-        step = tl["bin_s"]
-        xs = [tl["start_s"] + i * step for i in range(len(tl["failed"]))]
-        label = f"{r['name']} ({'modelled' if r.get('modelled') else 'measured'})"
-        ax.step(xs, tl["failed"], where="post", color=next(colours), label=label,
+        xs = [tl["start_s"] + i * tl["bin_s"] for i in range(len(tl["failed"]) + 1)]
+        total, ys = 0, [0]
+        for n in tl["failed"]:
+            total += n
+            ys.append(total)
+        how = "modelled" if r.get("modelled") else f"measured, {r['window_s']:g} s"
+        ax.step(xs, ys, where="post", color=next(colours), linewidth=1.8,
+                label=f"{r['name']} ({how}): {r['failed'] + r['later_failed']:,}",
                 linestyle="--" if r.get("modelled") else "-")
     ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("seconds since the engine died")
-    ax.set_ylabel(f"failed new connects per {doc['rows'][0]['timeline']['bin_s']:g} s")
-    ax.set_title("Failover: new connects failing after an engine dies")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("failed new connects, cumulative")
+    rate = next(r["rate_per_s"] for r in doc["rows"] if not r.get("modelled"))
+    ax.set_title(f"Failover at {rate:,.0f} new connects/s: failed connects after an engine "
+                 "dies")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
     _footer(fig, doc)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)

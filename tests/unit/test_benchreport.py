@@ -110,3 +110,14 @@ def test_quick_table_takes_the_headline_of_each_result() -> None:
     changed["rows"][3]["ratio"] = 2.0
     assert benchreport.render_quick({"connect": changed}) != \
         benchreport.render_quick({"connect": CONNECT})
+
+
+def test_failover_table_puts_the_models_beside_the_measured_row() -> None:
+    from lab import bench_failover as bf
+    kvr = bf.summarise("kvroute", [0.05, 0.1, 0.2, 5.0], -2, 10, False, "measured here",
+                       engines=4, rate_per_s=200.0)
+    doc = _doc("failover", [kvr, bf.kube_proxy_model(200.0, 4), bf.envoy_model(200.0, 4)])
+    text = "\n".join(benchreport.render_failover(doc))
+    assert "| kvroute | measured | 3 | 1.00x | 200.0 ms | 1 in 10 s | measured here |" in text
+    assert "| kube-proxy | modelled | 1,300 | 433x | 26.00 s | 0 in 40 s |" in text
+    assert "| Envoy outlier detection | modelled | 5 | 1.67x | 100.0 ms | 5 in 40 s |" in text
