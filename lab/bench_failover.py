@@ -60,7 +60,7 @@ def _connects(vip: str, port: int, rate: float, seconds: float,
               prefix: str) -> list[tuple[float, str]]:
     """In the client namespace: a new, newly tagged connection (and one request) every
     1/rate s; (monotonic time, engine id or 'error:...') for each."""
-    out = []
+    out: list[tuple[float, str]] = []
     start = time.monotonic()
     i = 0
     while True:
