@@ -420,6 +420,10 @@ def render(results: Results, plots: Mapping[str, str] | None = None) -> str:
     """The full section: one subsection per results file, in run order; a missing one
     says how to make it. ``plots``: bench name -> image path relative to README."""
     out: list[str] = []
+    if results:
+        total = sum(float(d["seconds"]) for d in results.values())
+        out += [f"The benchmarks below ran for {total / 60:.1f} minutes in all (each file's "
+                "own run time; `make bench` adds its setup check and this rendering).", ""]
     for name, (title, fn) in RENDER.items():
         out += [f"### {title}", ""]
         doc = results.get(name)
@@ -488,9 +492,10 @@ def render_quick(results: Results) -> str:
                               f"{_x(r['failed'] / kvr['failed'])}x kvroute "
                               f"({_n(r['failed'])} vs {_n(kvr['failed'])})", failover["date"]])
     commands = sorted({str(d["command"]) for d in results.values()})
+    total = sum(float(d["seconds"]) for d in results.values())
     return "\n".join([
         "Smoke run (`make bench-quick`: " + ", ".join(f"`{c}`" for c in commands) +
-        "; fewer rounds, smaller fleets):", "",
+        f"; fewer rounds, smaller fleets; {total / 60:.1f} minutes of benchmarks):", "",
         *_table(["benchmark", "result (baseline from the same run)", "date"], table)])
 
 
