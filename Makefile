@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # lab's VMs set it to 0: they run the kernel suite only.
 DEV_TOOLS ?= 1
 
-.PHONY: setup demo test test-unit lint bench vllm proto clean vagrant-test
+.PHONY: setup demo test test-unit lint bench bench-quick bench-report vllm proto clean vagrant-test
 
 setup: $(VENV)/.installed
 	@bash deploy/node-setup.sh
@@ -36,8 +36,20 @@ lint: setup
 	$(VENV)/bin/mypy dataplane controller lab
 	$(VENV)/bin/lint-imports
 
+# Every benchmark (under 15 minutes on 2 cores), then README's section and the plots
+# rendered from the results files.
 bench: setup
 	$(PY) -m lab.bench
+	$(PY) -m lab.benchreport
+
+# The smoke run behind README's first benchmark table (under 3 minutes).
+bench-quick: setup
+	$(PY) -m lab.bench --quick
+	$(PY) -m lab.benchreport
+
+# README's benchmark section and plots from the committed results, no benchmark run.
+bench-report: setup
+	$(PY) -m lab.benchreport
 
 # A real vLLM CPU engine in its own venv (3.4 GB), for the lab and the
 # conformance tests that compare the simulator with the real thing.
