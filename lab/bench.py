@@ -10,7 +10,10 @@ ratios mean more than absolute times).
 3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
    2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
-   a binding on one node to the last agent; lab/bench_bindings.py).
+   a binding on one node to the last agent; lab/bench_bindings.py);
+5. the LLM workload: multi-turn streaming chat (the openai client) under random,
+   least-loaded, kvroute and HAProxy routing, on simulated engines and on real vLLM
+   CPU engines when installed (lab/bench_llm.py; bench/results/llm.json).
 """
 
 from __future__ import annotations
@@ -178,11 +181,16 @@ def bench_bindings(quick: bool) -> list[dict[str, Any]]:
     return [bb.run(agents=100, rate=2000, live=1_000_000, seconds=20)]
 
 
+def bench_llm(quick: bool) -> list[dict[str, Any]]:
+    from lab import bench_llm as bl
+    return bl.rows(bl.run(quick))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    ap.add_argument("--only", choices=("maglev", "apply", "connect", "bindings"),
+    ap.add_argument("--only", choices=("maglev", "apply", "connect", "bindings", "llm"),
                     help="run one benchmark")
     args = ap.parse_args(argv)
     rounds, per_round = (10, 1000) if args.quick else (40, 2000)
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     benches = {"maglev": bench_maglev, "apply": lambda: bench_apply(10_000, 10),
                "connect": lambda: bench_connect(counts, rounds, per_round),
-               "bindings": lambda: bench_bindings(args.quick)}
+               "bindings": lambda: bench_bindings(args.quick),
+               "llm": lambda: bench_llm(args.quick)}
     for name, run in benches.items():
         if args.only and name != args.only:
             continue
