@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+# ENGINE=vllm runs the demo on real vLLM CPU engines (after `make vllm`).
+ENGINE ?= sim
 demo: setup
-	$(VENV)/bin/kvroute lab demo
+	$(VENV)/bin/kvroute lab demo --engine $(ENGINE)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -32,7 +34,9 @@ lint: setup
 	$(VENV)/bin/mypy dataplane controller lab
 	$(VENV)/bin/lint-imports
 
+# HAProxy is the LLM bench's reference L7 router (Debian's package).
 bench: setup
+	@command -v haproxy >/dev/null || apt-get install -y -qq haproxy >/dev/null
 	$(PY) -m lab.bench
 
 # A real vLLM CPU engine in its own venv (3.4 GB), for the lab and the

@@ -57,19 +57,20 @@ PROXY_PORT = 8000
 
 
 def workloads(kind: str, quick: bool) -> tuple[int, chatload.Workload]:
-    """(engines, workload) for an engine kind. Simulated engines take a closed loop
-    of 16 users (quick: 8) over 4 engines; vLLM on two shared cores far less, and
-    short enough for its 1,024-token context."""
+    """(engines, one round's workload) for an engine kind. Simulated engines: a closed
+    loop of 16 users (quick: 8) over 4 engines. vLLM on two shared cores: far less,
+    and short enough for the tiny model's 1,024-token context. A full run has two
+    rounds of this, a quick one one."""
     if kind == "sim":
         if quick:
             return 4, chatload.Workload(users=8, sessions=24, turns=4, first_words=300,
                                         turn_words=25, max_tokens=32)
-        return 4, chatload.Workload(users=16, sessions=64, turns=5, first_words=300,
+        return 4, chatload.Workload(users=16, sessions=32, turns=5, first_words=300,
                                     turn_words=25, max_tokens=48)
     if quick:
         return 2, chatload.Workload(users=4, sessions=8, turns=3, first_words=60,
                                     turn_words=15, max_tokens=12, timeout=120)
-    return 3, chatload.Workload(users=6, sessions=18, turns=3, first_words=80,
+    return 3, chatload.Workload(users=4, sessions=8, turns=3, first_words=80,
                                 turn_words=15, max_tokens=16, timeout=120)
 
 
@@ -180,7 +181,7 @@ def hop_cost(fl: fleet.Fleet, proxy_url: str, proxy_pid: int, rounds: int) -> di
     return out
 
 
-def _fleet_options(kind: str) -> dict[str, Any]:
+def fleet_options(kind: str) -> dict[str, Any]:
     if kind == "vllm":
         # A CPU engine busy with a prefill answers /metrics and /health slowly, and its
         # steps can take over a second on two shared cores: scrape less often and allow
@@ -194,9 +195,10 @@ def run_kind(kind: str, quick: bool, say: Callable[[str], None],
              vllm_venv: Path = vllm_engine.DEFAULT_VENV) -> dict[str, Any]:
     """Every policy on one lab of ``kind`` engines; the rows, ratios and hop cost."""
     n, wl = workloads(kind, quick)
+    rounds = 1 if quick else 2
     started = time.time()
     with fleet.Fleet(engines=n, nodes=1, engine=kind, vllm_venv=vllm_venv,
-                     extra_services=BASELINE_SERVICES, **_fleet_options(kind)) as fl:
+                     extra_services=BASELINE_SERVICES, **fleet_options(kind)) as fl:
         if not fleet.wait_for(fl.converged, 60):
             raise RuntimeError(f"the agent never converged:\n{fl.log('controller')}")
         assert fl.client is not None
@@ -208,31 +210,46 @@ def run_kind(kind: str, quick: bool, say: Callable[[str], None],
             targets = {"random": f"http://{RANDOM_VIP}:{fl.port}",
                        "least-loaded": f"http://{LEAST_VIP}:{fl.port}",
                        "kvroute": f"http://{fl.vip}:{fl.port}", "haproxy": proxy_url}
-            rows = []
+            model = chatload.warm(next(iter(urls.values())))
+            # Policies run one after another, in rounds of alternating order, so the
+            # drift of a shared machine does not always favour the same policy.
+            order = [POLICIES if r % 2 == 0 else POLICIES[::-1] for r in range(rounds)]
+            got: dict[str, dict[str, Any]] = {
+                p: {"turns": [], "wall": 0.0, "queries": 0.0, "hits": 0.0, "samples": [],
+                    "cpu": 0.0} for p in POLICIES}
             with chatload.EngineWatch(urls, 0.5 if kind == "vllm" else 0.1) as watch:
-                for policy in POLICIES:
+                for policy in (p for policies in order for p in policies):
                     run = f"{policy}-{secrets.token_hex(3)}"
                     watch.reset()
                     before, cpu0 = watch.prefix(), cpu_seconds(proxy_pid)
                     turns, wall = fl.client.call(
-                        chatload.drive_blocking, targets[policy], wl, run,
+                        chatload.drive_blocking, targets[policy], wl, run, model,
                         cgroup=fl.nodes[0].cgroup, timeout=1800)
                     time.sleep(0.5)  # the engines count a step's stats just after it
-                    row = chatload.summarize(turns, wall,
-                                             chatload.prefix_delta(before, watch.prefix()),
-                                             list(watch.samples))
-                    row["policy"] = policy
-                    if policy == "haproxy":
-                        cpu = cpu_seconds(proxy_pid) - cpu0
-                        row["proxy_cpu_s"] = round(cpu, 3)
-                        row["proxy_cpu_us_per_request"] = round(
-                            cpu / max(1, row["requests"]) * 1e6, 1)
-                    rows.append(row)
-                    say(f"  [{kind}] {policy:<13} {_line(row)}")
+                    queries, hits = chatload.prefix_delta(before, watch.prefix())
+                    acc = got[policy]
+                    acc["turns"] += turns
+                    acc["wall"] += wall
+                    acc["queries"] += queries
+                    acc["hits"] += hits
+                    acc["samples"] += watch.samples
+                    acc["cpu"] += cpu_seconds(proxy_pid) - cpu0
+                    say(f"  [{kind}] {policy:<13} " + _line(chatload.summarize(
+                        turns, wall, (queries, hits), list(watch.samples))))
+    rows = []
+    for policy, acc in got.items():
+        row = chatload.summarize(acc["turns"], acc["wall"], (acc["queries"], acc["hits"]),
+                                 acc["samples"])
+        row["policy"] = policy
+        if policy == "haproxy":
+            row["proxy_cpu_s"] = round(acc["cpu"], 3)
+            row["proxy_cpu_us_per_request"] = round(acc["cpu"] / max(1, row["requests"]) * 1e6,
+                                                    1)
+        rows.append(row)
     base = next(r for r in rows if r["policy"] == BASELINE)
     for row in rows:
         row["vs_random"] = chatload.ratios(row, base)
-    return {"engines": n, "engine": kind, "workload": dataclasses.asdict(wl),
+    return {"engines": n, "engine": kind, "workload": dataclasses.asdict(wl), "rounds": rounds,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(time.time() - started, 1), "hop": hop, "rows": rows}
 

@@ -27,10 +27,12 @@ engines' own ``/metrics`` from the host.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import random
 import threading
 import time
@@ -256,6 +258,28 @@ async def drive(base_url: str, wl: Workload, run: str, model: str | None = None,
     return results, time.monotonic() - started
 
 
+def warm(base_url: str) -> str:
+    """One short chat straight to an engine from this process, before clients are
+    forked: the client's one-off costs (the openai package's lazy imports and model
+    classes, about a second of CPU) are paid here once instead of in every child's
+    first turn, where they would count as TTFT. Returns the served model's name."""
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        r = admin.get(f"{base_url}/v1/models")
+        r.raise_for_status()
+        model = str(r.json()["data"][0]["id"])
+    quiet = logging.getLogger(client.__name__)
+    level, quiet.level = quiet.level, logging.ERROR  # no kvroute on this host's sockets
+    try:
+        wl = Workload(users=1, sessions=1, turns=1, first_words=4, turn_words=1, max_tokens=2)
+        turns, _ = drive_blocking(base_url, wl, "warm-up", model)
+    finally:
+        quiet.level = level
+    if not turns or not turns[0].ok:
+        raise RuntimeError(f"warm-up chat with {base_url} failed: "
+                           f"{turns[0].error if turns else 'no turn'}")
+    return model
+
+
 def drive_blocking(base_url: str, wl: Workload, run: str, model: str | None = None,
                    progress: Path | None = None) -> tuple[list[traffic.TurnResult], float]:
     """:func:`drive` for ``lab.run.call`` (a forked child has no loop of its own)."""
@@ -274,6 +298,9 @@ class EngineWatch:
         self.interval = interval
         self.loads: dict[str, enginemetrics.EngineLoad | None] = dict.fromkeys(self.urls)
         self.samples: list[list[float]] = []
+        # Per engine, (time, TTFT buckets) of recent scrapes, for ttft_p50 over a window.
+        self._ttft: dict[str, collections.deque[tuple[float, tuple[tuple[float, float], ...]]]] = {
+            name: collections.deque(maxlen=512) for name in self.urls}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-watch", daemon=True)
         self._http = httpx.Client(timeout=2.0, trust_env=False)
@@ -296,7 +323,22 @@ class EngineWatch:
                     load = None  # a dead engine runs nothing
                 self.loads[name] = load
                 running.append(load.running if load else 0.0)
+                if load is not None:
+                    self._ttft[name].append((time.monotonic(), load.ttft_buckets))
             self.samples.append(running)
+
+    def ttft_p50(self, name: str, window: float) -> float | None:
+        """The engine's own TTFT median over about the last ``window`` seconds (from its
+        histogram's buckets, as PromQL's histogram_quantile would); None without data."""
+        history = self._ttft[name]
+        if not history:
+            return None
+        now, current = history[-1]
+        previous = next((b for t, b in history if t >= now - window), current)
+        if previous is current:
+            return None
+        return enginemetrics.histogram_quantile(
+            enginemetrics.subtract_buckets(current, previous), 0.5)
 
     def reset(self) -> None:
         self.samples = []
