@@ -101,11 +101,14 @@ def haproxy_config(bind: str, port: int, servers: Mapping[str, str]) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    # fields[0] is the state (stat's 3rd field); utime and stime are its 14th and 15th.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process, all its threads: the scheduler's nanosecond run times
+    (/proc/PID/task/*/schedstat), since /proc/PID/stat counts 10 ms ticks, coarser than
+    a proxy's CPU for a few hundred requests."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 @contextlib.contextmanager
@@ -146,26 +149,37 @@ def _request_once(host: str, port: int, session: str, tag: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _hop_rounds(targets: dict[str, tuple[str, int, bool]], rounds: int) -> dict[str, list[float]]:
+# name -> (host, port, tag the socket, session id of round r)
+HopTarget = tuple[Callable[[int], str], int, bool, Callable[[int], str]]
+
+
+def _hop_rounds(targets: dict[str, HopTarget], rounds: int) -> dict[str, list[float]]:
     """Runs in the client namespace: the targets one after another, ``rounds`` times, so
-    drift on a shared machine hits them alike. Each round is its own session (a new
-    tag: the connect the kernel routes by load, as a new chat's first turn)."""
+    drift on a shared machine hits them alike."""
     out: dict[str, list[float]] = {name: [] for name in targets}
     for r in range(rounds):
-        for name, (host, port, tag) in targets.items():
-            out[name].append(_request_once(host, port, f"hop-{r}", tag))
+        for name, (host, port, tag, session) in targets.items():
+            out[name].append(_request_once(host(r), port, session(r), tag))
     return out
 
 
 def hop_cost(fl: fleet.Fleet, proxy_url: str, proxy_pid: int, rounds: int) -> dict[str, Any]:
     """Per-request latency of a fresh connection + one small request: direct to a pod,
-    through the kvroute VIP (session-tagged) and through HAProxy; and HAProxy's CPU."""
+    through the kvroute VIP and through HAProxy, and HAProxy's CPU per request. Direct
+    takes the engines in turn and each round is another session (kvroute "live": one
+    session throughout), so every path spreads over the same engines."""
     assert fl.client is not None
-    pod = next(iter(fl.engines.values()))
+    pods = [str(p.address) for p in fl.engines.values()]
     proxy_host = proxy_url.split("//")[1].split(":")[0]
-    targets = {"direct": (str(pod.address), fleet.ENGINE_PORT, False),
-               "kvroute": (fl.vip, fl.port, True),
-               "haproxy": (proxy_host, PROXY_PORT, False)}
+
+    def new(r: int) -> str:
+        return f"hop-{r}"
+
+    targets: dict[str, HopTarget] = {
+        "direct": (lambda r: pods[r % len(pods)], fleet.ENGINE_PORT, False, new),
+        "kvroute new session": (lambda r: fl.vip, fl.port, True, new),
+        "kvroute live session": (lambda r: fl.vip, fl.port, True, lambda r: "hop-live"),
+        "haproxy": (lambda r: proxy_host, PROXY_PORT, False, new)}
     cpu0 = cpu_seconds(proxy_pid)
     times = fl.client.call(_hop_rounds, targets, rounds, cgroup=fl.nodes[0].cgroup,
                            timeout=300)
@@ -192,9 +206,12 @@ def fleet_options(kind: str) -> dict[str, Any]:
 
 
 def run_kind(kind: str, quick: bool, say: Callable[[str], None],
-             vllm_venv: Path = vllm_engine.DEFAULT_VENV) -> dict[str, Any]:
-    """Every policy on one lab of ``kind`` engines; the rows, ratios and hop cost."""
-    n, wl = workloads(kind, quick)
+             vllm_venv: Path = vllm_engine.DEFAULT_VENV,
+             workload: tuple[int, chatload.Workload] | None = None,
+             hop_rounds: int | None = None) -> dict[str, Any]:
+    """Every policy on one lab of ``kind`` engines; the rows, ratios and hop cost.
+    ``workload`` (engines, workload) and ``hop_rounds`` replace the defaults (tests)."""
+    n, wl = workload or workloads(kind, quick)
     rounds = 1 if quick else 2
     started = time.time()
     with fleet.Fleet(engines=n, nodes=1, engine=kind, vllm_venv=vllm_venv,
@@ -204,9 +221,10 @@ def run_kind(kind: str, quick: bool, say: Callable[[str], None],
         assert fl.client is not None
         urls = {name: f"http://{p.address}:{fleet.ENGINE_PORT}" for name, p in fl.engines.items()}
         with haproxy(fl) as (proxy_url, proxy_pid):
-            hop = hop_cost(fl, proxy_url, proxy_pid, 100 if kind == "vllm" else 300)
+            hop = hop_cost(fl, proxy_url, proxy_pid,
+                           hop_rounds or (100 if kind == "vllm" else 300))
             say(f"  [{kind}] hop: " + ", ".join(
-                f"{k} {hop[k]['p50_us']:.0f} us" for k in ("direct", "kvroute", "haproxy")))
+                f"{k} {v['p50_us']:.0f} us" for k, v in hop.items() if isinstance(v, dict)))
             targets = {"random": f"http://{RANDOM_VIP}:{fl.port}",
                        "least-loaded": f"http://{LEAST_VIP}:{fl.port}",
                        "kvroute": f"http://{fl.vip}:{fl.port}", "haproxy": proxy_url}
@@ -306,7 +324,7 @@ def rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         if part.get("hop"):
             hop = part["hop"]
             out.append({"bench": f"llm {kind}, hop: new connection + small request",
-                        **{f"{k}_extra_p50_us": hop[k]["extra_p50_us"]
-                           for k in ("kvroute", "haproxy")},
+                        **{f"{k.replace(' ', '_')}_extra_p50_us": hop[k]["extra_p50_us"]
+                           for k in ("kvroute new session", "kvroute live session", "haproxy")},
                         "haproxy_cpu_us_per_request": hop["haproxy"]["cpu_us_per_request"]})
     return out

@@ -69,7 +69,8 @@ class Workload:
         for name in ("users", "sessions", "turns", "first_words", "turn_words", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.think_time < 0 or self.timeout <= 0 or (self.seconds or 1) <= 0:
+        if self.think_time < 0 or self.timeout <= 0 or (
+                self.seconds is not None and self.seconds <= 0):
             raise ValueError("think_time must be >= 0, timeout and seconds > 0")
 
 
