@@ -177,7 +177,6 @@ async def _turn(oa: openai.AsyncOpenAI, model: str, wl: Workload, sid: str, turn
         stream = raw.parse()
         if not isinstance(stream, openai.AsyncStream):
             raise TypeError(f"a stream was asked for, got {type(stream).__name__}")
-        last: float | None = None
         async for chunk in stream:
             if chunk.usage:
                 res.prompt_tokens = chunk.usage.prompt_tokens
@@ -185,12 +184,7 @@ async def _turn(oa: openai.AsyncOpenAI, model: str, wl: Workload, sid: str, turn
             piece = chunk.choices[0].delta.content if chunk.choices else None
             if not piece:
                 continue
-            now = time.monotonic()
-            if last is None:
-                res.ttft = now - t0
-            else:
-                res.itls.append(now - last)
-            last = now
+            res.on_piece(t0, time.monotonic())
             parts.append(piece)
         res.e2e = time.monotonic() - t0
     except (openai.OpenAIError, httpx.HTTPError, OSError, TypeError) as e:
