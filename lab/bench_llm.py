@@ -196,13 +196,26 @@ def hop_cost(fl: fleet.Fleet, proxy_url: str, proxy_pid: int, rounds: int) -> di
 
 
 def fleet_options(kind: str) -> dict[str, Any]:
+    """Breaker and scrape settings that a busy shared machine does not trip. The lab's
+    defaults (50 ms scrapes, a 0.25 s timeout, 0.75 s without a token is a stall, 3
+    failed rounds open) find a fault fast, but on two cores shared with other work a
+    healthy engine misses them, its breaker opens and the traffic of every policy
+    crowds onto the others. A dead engine is still cut at once: the kernel trips it
+    after --fail-k refused connects."""
     if kind == "vllm":
         # A CPU engine busy with a prefill answers /metrics and /health slowly, and its
-        # steps can take over a second on two shared cores: scrape less often and allow
-        # long gaps between tokens, or the breakers would open on healthy engines.
+        # steps can take over a second.
         return {"scrape_interval": 1.0, "tick": 0.2, "stall_window": 15.0,
                 "breaker": {"consecutive-failures": 5, "cooldown": 2}}
-    return {}
+    return {"scrape_interval": 0.5, "tick": 0.1, "stall_window": 3.0,
+            "breaker": {"consecutive-failures": 5, "cooldown": 1}}
+
+
+def breaker_opens(fl: fleet.Fleet) -> int:
+    """Breakers the controller opened so far (its log): a run during which healthy
+    engines were cut says so in its row."""
+    path = fl.workdir / "controller.log"
+    return path.read_text(errors="replace").count("-> open") if path.exists() else 0
 
 
 def run_kind(kind: str, quick: bool, say: Callable[[str], None],
@@ -234,12 +247,13 @@ def run_kind(kind: str, quick: bool, say: Callable[[str], None],
             order = [POLICIES if r % 2 == 0 else POLICIES[::-1] for r in range(rounds)]
             got: dict[str, dict[str, Any]] = {
                 p: {"turns": [], "wall": 0.0, "queries": 0.0, "hits": 0.0, "samples": [],
-                    "cpu": 0.0} for p in POLICIES}
+                    "cpu": 0.0, "opens": 0} for p in POLICIES}
             with chatload.EngineWatch(urls, 0.5 if kind == "vllm" else 0.1) as watch:
                 for policy in (p for policies in order for p in policies):
                     run = f"{policy}-{secrets.token_hex(3)}"
                     watch.reset()
                     before, cpu0 = watch.prefix(), cpu_seconds(proxy_pid)
+                    opens0 = breaker_opens(fl)
                     turns, wall = fl.client.call(
                         chatload.drive_blocking, targets[policy], wl, run, model,
                         cgroup=fl.nodes[0].cgroup, timeout=1800)
@@ -252,13 +266,16 @@ def run_kind(kind: str, quick: bool, say: Callable[[str], None],
                     acc["hits"] += hits
                     acc["samples"] += watch.samples
                     acc["cpu"] += cpu_seconds(proxy_pid) - cpu0
-                    say(f"  [{kind}] {policy:<13} " + _line(chatload.summarize(
-                        turns, wall, (queries, hits), list(watch.samples))))
+                    acc["opens"] += breaker_opens(fl) - opens0
+                    one = chatload.summarize(turns, wall, (queries, hits), list(watch.samples))
+                    one["breaker_opens"] = breaker_opens(fl) - opens0
+                    say(f"  [{kind}] {policy:<13} {_line(one)}")
     rows = []
     for policy, acc in got.items():
         row = chatload.summarize(acc["turns"], acc["wall"], (acc["queries"], acc["hits"]),
                                  acc["samples"])
         row["policy"] = policy
+        row["breaker_opens"] = acc["opens"]
         if policy == "haproxy":
             row["proxy_cpu_s"] = round(acc["cpu"], 3)
             row["proxy_cpu_us_per_request"] = round(acc["cpu"] / max(1, row["requests"]) * 1e6,
@@ -277,7 +294,8 @@ def _line(row: Mapping[str, Any]) -> str:
     return (f"TTFT p50 {row['ttft_ms']['p50']} ms p99 {row['ttft_ms']['p99']} ms  "
             f"{row['tokens_per_s']} tok/s  prefix hit "
             f"{'-' if hit is None else f'{hit:.1%}'}  imbalance {row['imbalance_running']}  "
-            f"failed {row['failed']}/{row['requests']}")
+            f"failed {row['failed']}/{row['requests']}"
+            + (f"  breakers opened {row['breaker_opens']}" if row.get("breaker_opens") else ""))
 
 
 def run(quick: bool, results: Path | None = RESULTS / "llm.json",

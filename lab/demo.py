@@ -171,7 +171,7 @@ def phase(fl: fleet.Fleet, p: Plan, watch: chatload.EngineWatch, policy: str, ur
     reviver: threading.Thread | None = None
     turns = Turns(paths)
     watch.reset()
-    before = watch.prefix()
+    before, opens = watch.prefix(), bench_llm.breaker_opens(fl)
     started = time.monotonic()
     for th in threads:
         th.start()
@@ -200,6 +200,7 @@ def phase(fl: fleet.Fleet, p: Plan, watch: chatload.EngineWatch, policy: str, ur
     row = chatload.summarize(all_turns, wall, chatload.prefix_delta(before, watch.prefix()),
                              list(watch.samples))
     row["policy"] = policy
+    row["breaker_opens"] = bench_llm.breaker_opens(fl) - opens
     return row
 
 
@@ -225,6 +226,7 @@ def _summary(rows: list[dict[str, Any]]) -> Table:
         ("turns on the previous turn's engine", lambda r: pct(r["turns_on_previous_engine"])),
         ("load imbalance (max/mean running)", lambda r: str(r["imbalance_running"])),
         ("requests (failed)", lambda r: f"{r['requests']} ({r['failed']})"),
+        ("breakers opened (the killed engine's included)", lambda r: str(r["breaker_opens"])),
     ]
     for label, fmt in lines:
         t.add_row(label, *(fmt(r) for r in rows))
