@@ -1,5 +1,6 @@
-"""A whole kvroute deployment on one machine, for the end-to-end tests and the
-demo: engine simulators in pod namespaces, a controller with a static
+"""A whole kvroute deployment on one machine, for the end-to-end tests, the
+demo and the LLM bench: engines in pod namespaces (simulators, or real vLLM CPU
+engines with ``engine="vllm"``), a controller with a static
 discovery file, and one agent per "node" (each node is a cgroup and a pin
 dir of its own, so two agents route the same clients independently).
 """

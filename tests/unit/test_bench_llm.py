@@ -83,3 +83,32 @@ def test_demo_reads_only_whole_progress_lines(tmp_path: Path) -> None:
     turns.poll()
     assert len(turns.events) == 2 and turns.recent(now=5.0, window=10) == turns.events
     assert turns.recent(now=20.0, window=10) == []
+
+
+def test_baseline_services_are_a_file_the_controller_accepts(tmp_path: Path) -> None:
+    """The bench's extra VIPs on the fleet's endpoints: the plain one drops every LLM
+    option (random per connection, as kube-proxy), the least-loaded one keeps them."""
+    import ipaddress
+
+    import yaml
+
+    from controller.discovery import static
+    from lab import fleet, netns
+
+    fl = fleet.Fleet(engines=0, extra_services=bench_llm.BASELINE_SERVICES)
+    shutil.rmtree(fl.workdir)  # never brought up: only its services file is written
+    fl.static = tmp_path / "services.yaml"
+    fl.nodes = [fleet.Node("node0", None, tmp_path, tmp_path / "ready")]  # type: ignore[arg-type]
+    for i in range(2):
+        fl.engines[f"gpu{i}"] = netns.Pod(f"gpu{i}", f"ns{i}",
+                                          ipaddress.IPv4Address(f"10.0.0.{10 + i}"), f"v{i}")
+    fl.write_services()
+    raw = {s["name"]: s for s in yaml.safe_load(fl.static.read_text())["services"]}
+    assert set(raw) == {"llm", "llm-random", "llm-least"}
+    assert not {"engine", "epsilon", "breaker", "metrics-port"} & set(raw["llm-random"])
+    assert raw["llm-least"]["engine"] == "vllm" and raw["llm-least"]["epsilon"] == 0.0
+    specs = {s.name: s for s in static.parse(fl.static.read_text())}
+    assert str(specs["llm-random"].vip) == bench_llm.RANDOM_VIP
+    assert specs["llm-random"].affinity == "none" and not specs["llm-random"].llm
+    assert specs["llm-least"].llm and specs["llm-least"].epsilon == 0.0
+    assert all(len(s.endpoints) == 2 for s in specs.values())
