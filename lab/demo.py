@@ -226,10 +226,14 @@ def _summary(rows: list[dict[str, Any]]) -> Table:
         ("turns on the previous turn's engine", lambda r: pct(r["turns_on_previous_engine"])),
         ("load imbalance (max/mean running)", lambda r: str(r["imbalance_running"])),
         ("requests (failed)", lambda r: f"{r['requests']} ({r['failed']})"),
-        ("breakers opened (the killed engine's included)", lambda r: str(r["breaker_opens"])),
+        ("breaker openings (the killed engine's re-opens included)",
+         lambda r: str(r["breaker_opens"])),
     ]
     for label, fmt in lines:
         t.add_row(label, *(fmt(r) for r in rows))
+    if all(r["turns_on_previous_engine"] is None for r in rows):
+        t.caption = ("which engine served a turn comes from the simulator's X-Engine-ID "
+                     "header; vLLM sends none")
     return t
 
 
