@@ -95,7 +95,8 @@ class Fleet:
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
                  epsilon: float = 0.25, stall_window: float = 0.75,
                  engine: str = "sim", vllm_venv: Path = vllm_engine.DEFAULT_VENV,
-                 extra_services: Sequence[dict[str, Any]] = ()) -> None:
+                 extra_services: Sequence[dict[str, Any]] = (),
+                 sim_args: Sequence[str] = ()) -> None:
         if engine not in ENGINE_KINDS:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {engine!r}")
         if engine == "vllm" and not vllm_engine.available(vllm_venv):
@@ -103,6 +104,7 @@ class Fleet:
         self.lab = netns.Lab(subnet=subnet)
         self.n_engines = engines
         self.engine_kind, self.vllm_venv = engine, vllm_venv
+        self.sim_args = list(sim_args)  # every simulator's options (e.g. --speed)
         # More services on the same endpoints (another VIP, another affinity): each dict
         # overrides the main service's fields; "engine": None makes it a plain Service.
         self.extra_services = [dict(s) for s in extra_services]
@@ -201,7 +203,8 @@ class Fleet:
         self.engine_procs[name] = pod.spawn(
             [sys.executable, "-m", "lab.engine_sim", "--host", "0.0.0.0", "--port",
              str(ENGINE_PORT), "--engine-id", self.engine_id(name),
-             "--seed", name.removeprefix("gpu"), *extra], stdout=log, stderr=log)
+             "--seed", name.removeprefix("gpu"), *self.sim_args, *extra],
+            stdout=log, stderr=log)
 
     def _start_vllm(self, name: str) -> vllm_engine.Engine:
         pod = self.engines[name]
