@@ -206,14 +206,16 @@ def fleet_options(kind: str) -> dict[str, Any]:
         # A CPU engine busy with a prefill answers /metrics and /health slowly, and its
         # steps can take over a second.
         return {"scrape_interval": 1.0, "tick": 0.2, "stall_window": 15.0,
-                "breaker": {"consecutive-failures": 5, "cooldown": 2}}
+                "breaker": {"consecutive-failures": 5, "failure-ratio": 1.0, "cooldown": 2}}
     # Scrapes stay frequent (the load signal bounded load and least-loaded act on);
-    # it takes 2 s of failed rounds, not 0.15 s, to open a breaker. The simulators run
+    # it takes 2 s of failed rounds in a row, not 0.15 s, to open a breaker, and the
+    # failure ratio opens it only when every remembered round failed (by default half
+    # of them do, which a starved engine's slow /health answers reach). The simulators run
     # at a quarter of their default speed: a 70B-class model's step times (~5k prompt
     # tokens/s, ~30 ms a decode step) instead of an 8B one's, so a re-prefilled
     # conversation costs TTFT above this machine's scheduling noise.
     return {"scrape_interval": 0.2, "tick": 0.1, "stall_window": 3.0,
-            "breaker": {"consecutive-failures": 10, "cooldown": 1},
+            "breaker": {"consecutive-failures": 10, "failure-ratio": 1.0, "cooldown": 1},
             "sim_args": ("--speed", "0.25")}
 
 
