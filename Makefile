@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+# ENGINE=vllm runs the demo on real vLLM CPU engines (after `make vllm`).
+ENGINE ?= sim
 demo: setup
-	$(VENV)/bin/kvroute lab demo
+	$(VENV)/bin/kvroute lab demo --engine $(ENGINE)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -37,8 +39,10 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 # Every benchmark (under 15 minutes on 2 cores), then README's section and the plots
-# rendered from the results files.
+# rendered from the results files. HAProxy is the LLM bench's reference L7 router
+# (Debian's package).
 bench: setup
+	@command -v haproxy >/dev/null || apt-get install -y -qq haproxy >/dev/null
 	$(PY) -m lab.bench
 	$(PY) -m lab.benchreport
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lab import demo, fleet, multinode, netns, scenario, topology, traffic
+from lab import demo, fleet, multinode, netns, scenario, topology, traffic, vllm_engine
 
 
 def _fail(message: str) -> None:
@@ -22,15 +22,25 @@ def lab() -> None:
 
 
 @lab.command("demo")
-@click.option("--pods", type=click.IntRange(1, 32), default=3, show_default=True)
-@click.option("--sessions", type=click.IntRange(1, 100000), default=200, show_default=True)
-def lab_demo(pods: int, sessions: int) -> None:
-    """The whole system on one machine: engine simulators in pod namespaces, the
-    controller, two node agents; tagged sessions through the VIP, an engine killed
-    under live traffic and brought back, the maps; then everything is removed."""
+@click.option("--engine", type=click.Choice(fleet.ENGINE_KINDS), default="sim",
+              show_default=True,
+              help="Simulated vLLM engines (4), or real vLLM CPU engines (3; `make vllm` "
+                   "installs them).")
+@click.option("--seconds", type=click.FloatRange(6, 3600), default=60.0, show_default=True,
+              help="Length of each phase (kvroute, then random routing).")
+@click.option("--vllm-venv", type=click.Path(file_okay=False, path_type=Path),
+              default=vllm_engine.DEFAULT_VENV, show_default=True,
+              help="The venv `make vllm` made (with --engine vllm).")
+def lab_demo(engine: str, seconds: float, vllm_venv: Path) -> None:
+    """The whole system on one machine: engines in pod namespaces, the controller and
+    two node agents; a minute of streaming multi-turn chat through the kvroute VIP with
+    a live view, one engine killed midway and started again; the same workload under
+    random routing; a side-by-side summary. Then everything is removed."""
     if os.geteuid() != 0:
         _fail("the lab needs root (network namespaces, cgroups, eBPF)")
-    sys.exit(demo.run(pods=pods, sessions=sessions))
+    if engine == "vllm" and not vllm_engine.available(vllm_venv):
+        _fail(f"no vLLM engine installed in {vllm_venv}: run `make vllm` first")
+    sys.exit(demo.run(engine=engine, seconds=seconds, vllm_venv=vllm_venv))
 
 
 @lab.command("clean")

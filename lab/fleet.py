@@ -1,5 +1,6 @@
-"""A whole kvroute deployment on one machine, for the end-to-end tests and the
-demo: engine simulators in pod namespaces, a controller with a static
+"""A whole kvroute deployment on one machine, for the end-to-end tests, the
+demo and the LLM bench: engines in pod namespaces (simulators, or real vLLM CPU
+engines with ``engine="vllm"``), a controller with a static
 discovery file, and one agent per "node" (each node is a cgroup and a pin
 dir of its own, so two agents route the same clients independently).
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
 import signal
@@ -27,9 +29,10 @@ from typing import Any
 import httpx
 import yaml
 
-from lab import cgroup, netns, podserver, scenario, topology
+from lab import cgroup, netns, podserver, scenario, topology, vllm_engine
 
 ENGINE_PORT = topology.ENGINE_PORT
+ENGINE_KINDS = ("sim", "vllm")
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
 
 
@@ -89,9 +92,21 @@ class Fleet:
                  vip: str = "10.96.0.10",
                  port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
-                 epsilon: float = 0.25, stall_window: float = 0.75) -> None:
+                 epsilon: float = 0.25, stall_window: float = 0.75,
+                 engine: str = "sim", vllm_venv: Path = vllm_engine.DEFAULT_VENV,
+                 extra_services: Sequence[dict[str, Any]] = (),
+                 sim_args: Sequence[str] = ()) -> None:
+        if engine not in ENGINE_KINDS:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {engine!r}")
+        if engine == "vllm" and not vllm_engine.available(vllm_venv):
+            raise ValueError(f"no vLLM venv at {vllm_venv}: run `make vllm` first")
         self.lab = netns.Lab(subnet=subnet)
         self.n_engines = engines
+        self.engine_kind, self.vllm_venv = engine, vllm_venv
+        self.sim_args = list(sim_args)  # every simulator's options (e.g. --speed)
+        # More services on the same endpoints (another VIP, another affinity): each dict
+        # overrides the main service's fields; "engine": None makes it a plain Service.
+        self.extra_services = [dict(s) for s in extra_services]
         self.vip, self.port = vip, port
         self.scrape_interval, self.tick, self.fail_k = scrape_interval, tick, fail_k
         # One outcome per scrape round: 3 failed rounds in a row (150 ms at the lab's
@@ -127,7 +142,14 @@ class Fleet:
             for i in range(self.n_engines):
                 pod = self.lab.add_pod(f"gpu{i}")
                 self.engines[pod.name] = pod
-                self.start_engine(pod.name)
+            if self.engine_kind == "vllm":
+                # Start-up is mostly waiting: all at once (start_many stops the others
+                # when one fails).
+                vllm_engine.start_many([functools.partial(self._start_vllm, n)
+                                        for n in self.engines])
+            else:
+                for name in self.engines:
+                    self.start_engine(name)
             self.client = self.lab.add_client("client")
             for pod in self.engines.values():
                 podserver.wait_listening(pod, ENGINE_PORT, timeout=20)
@@ -179,18 +201,56 @@ class Fleet:
             controller_port=self.controller_port, controller_http_port=self.controller_http)
 
     def start_engine(self, name: str, *extra: str) -> None:
+        """Start (or restart) engine ``name``: a simulator, or a real vLLM CPU engine
+        (which returns once it is healthy and warmed up, tens of seconds)."""
+        if self.engine_kind == "vllm":
+            if extra:
+                raise ValueError("simulator options given to a vLLM engine")
+            self._start_vllm(name)
+            return
         pod = self.engines[name]
         (engine,) = [e for e in self.topology().engines if e.name == name]
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
         self.engine_procs[name] = pod.spawn(
-            [*topology.Topology.engine_argv(sys.executable, engine), *extra],
+            [*topology.Topology.engine_argv(sys.executable, engine), *self.sim_args, *extra],
             stdout=log, stderr=log)
+
+    def _start_vllm(self, name: str) -> vllm_engine.Engine:
+        pod = self.engines[name]
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+
+        def spawn(args: list[str], /, *, env: dict[str, str]) -> subprocess.Popen[bytes]:
+            return pod.spawn(args, env=env, stdout=log, stderr=log)
+
+        index = list(self.engines).index(name)
+        # Each engine's OMP threads on a core of their own (round robin), so engines
+        # sharing the machine's few cores do not fight over one.
+        engine = vllm_engine.start(str(pod.address), ENGINE_PORT, spawn=spawn,
+                                   venv=self.vllm_venv, cpu=index % (os.cpu_count() or 1),
+                                   log_path=self.workdir / f"{name}.log")
+        self.engine_procs[name] = engine.process  # type: ignore[assignment]
+        return engine
+
+    def kill_engine(self, name: str) -> None:
+        """SIGKILL engine ``name`` and whatever it forked: a crash, no goodbye."""
+        proc = self.engine_procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # spawn() gave it a session of its own
+        proc.wait()
 
     def write_services(self, draining: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         options: dict[str, Any] = {"epsilon": self.epsilon, "breaker": self.breaker}
         if self.move_epsilon is not None:
             options["move-epsilon"] = self.move_epsilon
         doc = self.topology().services_doc(options, frozenset(draining))
+        svc = doc["services"][0]
+        for extra in self.extra_services:
+            other = {**svc, **extra}
+            if other.get("engine") is None:
+                # A plain Service: no engine, so no load, breaker or epsilon of its own.
+                for key in ("engine", "epsilon", "metrics-port", "breaker", "move-epsilon"):
+                    other.pop(key, None)
+            doc["services"].append(other)
         self.static.write_text(yaml.safe_dump(doc))
 
     def start_controller(self) -> None:
