@@ -71,6 +71,11 @@ class Node:
     def backend(self, name: str, **kw: Any) -> dict[str, Any]:
         return {"address": str(self.pod(name).address), "port": POD_PORT, **kw}
 
+    def refused(self, name: str) -> str:
+        """The errno name a program's refusal reaches the caller with on this kernel: ``name``
+        where bpf_set_retval exists (5.18), EPERM before it (dataplane/features.py)."""
+        return name if self.datapath.plan.set_retval else "EPERM"
+
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run fn inside the client namespace and the attached cgroup."""
         return self.client.call(fn, *args, cgroup=self.lab.cgroup, timeout=300, **kwargs)
