@@ -38,7 +38,7 @@ for mod in veth bridge; do modprobe "$mod" 2>/dev/null || true; done
 
 cd "$repo" || finish 94
 step "running pytest"
-export PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # --basetemp: the repo is read-only here; the JUnit report goes to the shared folder.
 timeout --kill-after=10 "${KVR_GUEST_TIMEOUT:-900}" \
   .venv/bin/python -m pytest -p no:cacheprovider --basetemp=/tmp/kvr-pytest \
