@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "build" / "kernels"
 
 
+def _marked() -> list[str]:
+    return matrix.marked({str(p.relative_to(REPO)): p.read_text()
+                          for p in sorted((REPO / "tests" / "kernel").glob("test_*.py"))})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lab.kernels",
@@ -32,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE,
                         help=f"where images and results go (default {CACHE})")
     parser.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG",
-                        help="passed to pytest in the guest (after --), default tests/kernel")
+                        help="passed to pytest in the guest (after --); default: the "
+                             f"modules of tests/kernel that mark tests {matrix.MARKER}")
     args = parser.parse_args(argv)
     try:
         kernels = matrix.select(matrix.load(matrix.LIST.read_text()), args.only)
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(results[-1].line(), flush=True)
             continue
         print(f"kernel {kernel.name}: booting {image.release} ({image.version})", flush=True)
-        result = boot.run(image, args.cache, REPO, args.pytest_args or ["tests/kernel"],
+        result = boot.run(image, args.cache, REPO, args.pytest_args or _marked(),
                           args.timeout, args.cpus, args.memory)
         results.append(result)
         print(result.line(), flush=True)

@@ -38,9 +38,10 @@ for mod in veth bridge; do modprobe "$mod" 2>/dev/null || true; done
 
 cd "$repo" || finish 94
 step "running pytest"
-export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# Plugins are named, not discovered: hypothesis alone costs seconds to import here.
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 # --basetemp: the repo is read-only here; the JUnit report goes to the shared folder.
 timeout --kill-after=10 "${KVR_GUEST_TIMEOUT:-900}" \
-  .venv/bin/python -m pytest -p no:cacheprovider --basetemp=/tmp/kvr-pytest \
+  .venv/bin/python -m pytest -p no:cacheprovider -p pytest_timeout --basetemp=/tmp/kvr-pytest \
   --junitxml="$out/junit.xml" -o junit_family=xunit2 -m kernel_matrix "$@"
 finish $?

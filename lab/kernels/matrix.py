@@ -120,6 +120,15 @@ def release_of(package: str) -> str:
     return package.removeprefix("linux-image-")
 
 
+MARKER = "kernel_matrix"
+
+
+def marked(modules: dict[str, str]) -> list[str]:
+    """The test modules (path -> source) that mark some test ``kernel_matrix``: the guest
+    is given only those, so it never imports the others (every import is slow there)."""
+    return sorted(path for path, text in modules.items() if f"mark.{MARKER}" in text)
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     kernel: str
