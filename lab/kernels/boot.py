@@ -26,6 +26,10 @@ VIRTME_NG = "virtme-ng==1.42"
 DEBIAN_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "depmod": "kmod",
                 "busybox": "busybox-static"}
 GUEST_SCRIPT = Path(__file__).with_name("guest.sh")
+# A second, read-only share of the host's root for guest.sh to mount with the guest's page
+# cache: virtme-ng mounts its own without one, and a 9p share serves one mount at a time.
+CACHED_SHARE = ("-fsdev local,id=kvrhost,path=/,security_model=none,readonly=on,"
+                "multidevs=remap -device virtio-9p-pci,fsdev=kvrhost,mount_tag=kvrhost")
 
 
 def ensure_tools(cache: Path) -> Path:
@@ -56,6 +60,7 @@ def run(image: fetch.Image, cache: Path, repo: Path, pytest_args: list[str],
     guest_cmd = " ".join([str(GUEST_SCRIPT), str(results), str(repo), *pytest_args])
     cmd = [str(bin_dir / "vng"), "--run", str(image.vmlinuz), "--disable-kvm",
            "--cpus", str(cpus), "--memory", memory, f"--rwdir={results}",
+           f"--qemu-opts={CACHED_SHARE}",
            "--exec", guest_cmd]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
            # pytest's own time limit inside, a little under the host's

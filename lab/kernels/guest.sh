@@ -24,16 +24,24 @@ if [ -e "/lib/modules/$(uname -r)/build" ]; then
   finish 93
 fi
 
-# Reading LLVM over 9p costs ~10x a local read on every compile: copy the libraries bcc
-# maps into the guest's memory once, and bind them over the shared files.
-mkdir -p /tmp/kvr-libs
-for lib in $(ldd /usr/lib/x86_64-linux-gnu/libbcc.so.0 | awk '/LLVM|clang/ {print $3}') \
-           /usr/lib/x86_64-linux-gnu/libbcc.so.0; do
-  cp "$lib" /tmp/kvr-libs/ && mount --bind "/tmp/kvr-libs/$(basename "$lib")" "$lib" \
-    || echo "guest: could not copy $lib (slower, still correct)"
-done
-
-step "libraries copied"
+# virtme-ng mounts the host's root over 9p without a cache: every process start reads
+# Python, LLVM and the venv again, file by file, through the emulated machine. boot.py
+# adds a second share of it (tag kvrhost) to mount with the guest's page cache (the host's
+# files do not change during a run); the read-mostly trees are bound from it. /usr/lib/modules (the image's modules) and
+# the shared results folder stay as they are: the folder is reached through its own bind.
+mkdir -p /tmp/kvr-host /tmp/kvr-out
+mount --bind "$out" /tmp/kvr-out || finish 95
+out=/tmp/kvr-out
+if mount -t 9p -o ro,trans=virtio,version=9p2000.L,access=any,msize=524288,cache=loose \
+    kvrhost /tmp/kvr-host; then
+  for tree in /usr/bin /usr/lib/python3 /usr/lib/python3.11 /usr/lib/x86_64-linux-gnu \
+              /usr/lib/llvm-14 "$repo"; do
+    mount --bind "/tmp/kvr-host$tree" "$tree" || step "could not cache $tree (slower)"
+  done
+else
+  step "could not mount the host's root with a cache (slower, still correct)"
+fi
+step "host trees cached"
 for mod in veth bridge; do modprobe "$mod" 2>/dev/null || true; done
 
 cd "$repo" || finish 94

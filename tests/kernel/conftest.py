@@ -17,7 +17,6 @@ import pytest
 from dataplane import apply, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
-from lab.fleet import wait_for  # noqa: F401 - shared with the kernel tests
 
 POD_PORT = 8000
 N_PODS = 6
