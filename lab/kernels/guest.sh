@@ -50,6 +50,6 @@ step "running pytest"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 # --basetemp: the repo is read-only here; the JUnit report goes to the shared folder.
 timeout --kill-after=10 "${KVR_GUEST_TIMEOUT:-900}" \
-  .venv/bin/python -m pytest -p no:cacheprovider -p pytest_timeout --basetemp=/tmp/kvr-pytest \
+  .venv/bin/python -m pytest -p no:cacheprovider -p pytest_timeout -p lab.kernels.slow_guest --basetemp=/tmp/kvr-pytest \
   --junitxml="$out/junit.xml" -o junit_family=xunit2 -m kernel_matrix "$@"
 finish $?
