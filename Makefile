@@ -6,11 +6,20 @@ PYTEST_ARGS ?=
 # lab's VMs set it to 0: they run the kernel suite only.
 DEV_TOOLS ?= 1
 
-.PHONY: setup demo test test-unit lint bench bench-quick bench-report vllm proto clean vagrant-test
+UAPI := dataplane/_uapi/MANIFEST
 
-setup: $(VENV)/.installed
+.PHONY: setup demo test test-unit test-kernels lint bench bench-quick bench-report vllm proto clean vagrant-test
+
+setup: $(VENV)/.installed $(UAPI)
 	@bash deploy/node-setup.sh
 	@[ "$(DEV_TOOLS)" = 0 ] || bash deploy/dev-tools.sh
+
+# The UAPI header set shipped for nodes without kernel headers (dataplane/uapi.py),
+# from Debian's linux-libc-dev; made again when the programs' includes may have changed.
+$(UAPI): $(VENV)/.installed dataplane/uapigen.py dataplane/uapi.py $(wildcard bpf/*.c bpf/lib/*.h) $(wildcard bpf/uapi-stubs/*/*/*.h bpf/uapi-stubs/*/*/*/*/*.h)
+	@dpkg-query -W -f='$${Status}' linux-libc-dev 2>/dev/null | grep -q "install ok installed" || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-libc-dev >/dev/null; }
+	@$(PY) -m dataplane.uapigen
 
 # The venv comes from Debian's python3 with the system site packages, so that
 # Debian's bcc (python3-bpfcc) imports; everything else comes from PyPI.
@@ -32,6 +41,11 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# The kernel_matrix tests inside every kernel of lab/kernels/kernels.toml, booted with
+# virtme-ng (no KVM needed); KERNELS=name,name picks some. See README "Supported kernels".
+test-kernels: setup
+	$(PY) -m lab.kernels $(if $(KERNELS),--only $(KERNELS))
 
 lint: setup
 	$(VENV)/bin/ruff check dataplane controller lab tests

@@ -19,7 +19,6 @@ import pytest
 from dataplane import apply, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
-from lab.fleet import wait_for  # noqa: F401 - shared with the kernel tests
 
 POD_PORT = 8000
 N_PODS = 6
@@ -86,6 +85,11 @@ class Node:
 
     def backend(self, name: str, **kw: Any) -> dict[str, Any]:
         return {"address": str(self.pod(name).address), "port": POD_PORT, **kw}
+
+    def refused(self, name: str) -> str:
+        """The errno name a program's refusal reaches the caller with on this kernel: ``name``
+        where bpf_set_retval exists (5.18), EPERM before it (dataplane/features.py)."""
+        return name if self.datapath.plan.set_retval else "EPERM"
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run fn inside the client namespace and the attached cgroup."""

@@ -20,7 +20,8 @@ import yaml
 
 from dataplane import apply, loader
 from dataplane.maps import MapSet
-from tests.kernel.conftest import POD_PORT, connect_names, wait_for
+from lab.fleet import wait_for
+from tests.kernel.conftest import POD_PORT, connect_names
 
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
 VIP = "10.96.20.1"
