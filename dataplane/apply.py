@@ -27,18 +27,21 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from dataplane import abi, bpfsys, maglev, model
+from dataplane import abi, bpfsys, hashing, maglev, model
 from dataplane.maps import MapSet
 from dataplane.tables import TablePool
 
 # Raw map keys and values as tuples of the C fields, in declaration order.
-L4 = tuple[int, int, int]                    # kvr_l4_key minus pad
+# kvr_l4_key minus pad: (128-bit address, IPv4 as ::ffff:a.b.c.d; port; proto)
+L4 = tuple[int, int, int]
 # kvr_svc: id, table_size, tbl_group, tbl_base, aff_timeout, eps_milli, probe_milli,
-# affinity, flags, n_backends, move_eps_milli, revision
-SvcVal = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
-BeVal = tuple[int, int, int, int]            # kvr_backend
+# affinity, flags, n_backends, move_eps_milli, revision, ident
+SvcVal = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+# kvr_backend: the endpoint's L4 fields, state, and a dual-stack pod's IPv6 address (0: none)
+BeVal = tuple[int, int, int, int, int]
 _SVC_FIELDS = ("id", "table_size", "tbl_group", "tbl_base", "aff_timeout", "eps_milli",
-               "probe_milli", "affinity", "flags", "n_backends", "move_eps_milli", "revision")
+               "probe_milli", "affinity", "flags", "n_backends", "move_eps_milli", "revision",
+               "ident")
 # Endpoint -> {service name: (state, load) that service gives it}: who lists a backend.
 def _move_milli(epsilon: float | None) -> int:
     """A move bound as the kernel's x1000 u16; None -> 0, off. Zero, not EPS_OFF: the
@@ -85,7 +88,10 @@ _USABLE_KSTATES = (int(abi.BackendState.ACTIVE), int(abi.BackendState.PROBING))
 class View:
     """The user-space-owned contents of the maps (kernel-owned ones are not diffed)."""
 
-    services: dict[L4, SvcVal] = dataclasses.field(default_factory=dict)
+    services: dict[L4, SvcVal] = dataclasses.field(default_factory=dict)  # by first VIP
+    # A dual-stack service's second VIP -> its first: the kernel holds the same value
+    # under both keys, and only the first owns the table region.
+    aliases: dict[L4, L4] = dataclasses.field(default_factory=dict)
     names: dict[int, str] = dataclasses.field(default_factory=dict)
     backends: dict[int, BeVal] = dataclasses.field(default_factory=dict)
     be_addr: dict[L4, int] = dataclasses.field(default_factory=dict)  # index of backends
@@ -120,18 +126,17 @@ class Plan:
 
 
 def _l4(addr: int, port: int, proto: str) -> L4:
-    # abi.ip_to_be32/port_to_be16 inlined (this runs once per backend per apply):
-    # network order read as a native little-endian integer is a byte swap.
-    return (_NATIVE_U32(addr.to_bytes(4, "big"))[0], _HTONS(port), _PROTO[proto])
+    # abi.port_to_be16 inlined (this runs once per backend per apply); the address stays
+    # a 128-bit integer until _words turns it into the key's four __be32.
+    return (addr, _HTONS(port), _PROTO[proto])
 
 
-_NATIVE_U32 = struct.Struct("=I").unpack
 _HTONS = socket.htons
 _PROTO: dict[str, int] = dict(abi.IPPROTO)
 
 
 def _ip(text: str) -> int:
-    return int.from_bytes(socket.inet_aton(text), "big")
+    return abi.addr128(text)
 
 
 H = TypeVar("H", bound=Hashable)
@@ -179,7 +184,7 @@ def proportional(weights: tuple[int, ...], size: int) -> np.ndarray:
     return table
 
 
-_MAPS = ("backends", "members", "be_load", "svc_load", "names", "services")
+_MAPS = ("backends", "members", "be_load", "svc_load", "names", "services", "aliases")
 
 
 def _endpoints(svc: model.Service) -> list[L4]:
@@ -188,6 +193,20 @@ def _endpoints(svc: model.Service) -> list[L4]:
 
 def _service_key(svc: model.Service) -> L4:
     return _l4(_ip(svc.vip), svc.port, svc.protocol)
+
+
+def _aliases(svc: model.Service, key: L4) -> dict[L4, L4]:
+    """A dual-stack service's second VIP key -> ``key``, its first."""
+    if svc.vip6 is None:
+        return {}
+    return {_l4(_ip(svc.vip6), svc.port, svc.protocol): key}
+
+
+def _alts(svc: model.Service, eps: Sequence[L4], into: dict[L4, int]) -> None:
+    """The IPv6 addresses of a service's dual-stack backends, by endpoint."""
+    for be, ep in zip(svc.backends, eps, strict=True):
+        if be.address6_number:
+            into[ep] = be.address6_number
 
 
 def _merged(users: Mapping[str, tuple[model.BackendState, int]]) -> tuple[model.BackendState,
@@ -264,7 +283,8 @@ class _Tables:
             flags |= abi.SVC_F_FLEET
         value = (svc_id, size, group, base, svc.affinity_timeout, eps_milli,
                  round(svc.probe_share * 1000), _KAFF[svc.affinity], flags, len(svc.backends),
-                 _move_milli(svc.move_epsilon), revision)
+                 _move_milli(svc.move_epsilon), revision,
+                 hashing.svc_ident(svc.vip, svc.port, svc.protocol))
         mean = sum(loads) // len(loads) if loads else 0
         return value, members, mean
 
@@ -297,13 +317,16 @@ def plan(desired: model.DesiredState, current: View, seed: int,
     target = View()
     live_loads = live_loads or {}
     refs, eps_of = endpoint_refs(desired.services)
+    alts: dict[L4, int] = {}
+    for svc in desired.services:
+        _alts(svc, eps_of[svc.name], alts)
     be_ids = _alloc(list(refs), current.be_addr, set(current.backends))
     usable: dict[L4, bool] = {}
     trips_clear = []
     for ep, be_id in be_ids.items():
         state, load = _merged(refs[ep])
         usable[ep] = state in _IN_TABLE
-        target.backends[be_id] = (*ep, _KSTATE[state])
+        target.backends[be_id] = (*ep, _KSTATE[state], alts.get(ep, 0))
         target.be_addr[ep] = be_id
         if _trip_ends(current.backends.get(be_id), state):
             trips_clear.append(be_id)
@@ -321,6 +344,7 @@ def plan(desired: model.DesiredState, current: View, seed: int,
             svc, key, svc_id, eps_of[svc.name], be_ids.__getitem__, usable.__getitem__,
             lambda be_id: target.be_load.get(be_id, 0), current.services.get(key))
         target.services[key] = value
+        target.aliases.update(_aliases(svc, key))
         target.names[svc_id] = svc.name
         target.members.update(members)
         if mean:
@@ -350,10 +374,13 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
     old, new = before.by_name, after.by_name
     names = set(names)
     touched: Refs = {}
+    alts: dict[L4, int] = {}
     for name in names:
         for svc, listed in ((old.get(name), False), (new.get(name), True)):
             if svc is None:
                 continue
+            if listed:
+                _alts(svc, _endpoints(svc), alts)
             for be, ep in zip(svc.backends, _endpoints(svc), strict=True):
                 users = touched.get(ep)
                 if users is None:
@@ -385,8 +412,10 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
         be_ids[ep] = be_id
         state, load = _merged(users)
         usable[ep] = state in _IN_TABLE
-        row = (*ep, _KSTATE[state])
         was = current.backends.get(be_id)
+        # An endpoint listed by untouched services too keeps the IPv6 address it has.
+        alt = alts.get(ep, was[4] if was is not None and ep not in alts else 0)
+        row = (*ep, _KSTATE[state], alt)
         if was != row:
             d_be.put[be_id] = row
             if _trip_ends(was, state):
@@ -427,6 +456,12 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
         if old_val is not None and svc_old is not None:
             old_members = {(old_val[0], current.be_addr[ep]): be.weight for be, ep in
                            zip(svc_old.backends, _endpoints(svc_old), strict=True)}
+        old_aliases = _aliases(svc_old, old_key) if svc_old is not None and old_key else {}
+        new_aliases = _aliases(svc_new, key) if svc_new is not None and key else {}
+        if old_val is None:
+            old_aliases = {}
+        _diff_into(diffs["aliases"], old_aliases, new_aliases)
+        target.aliases.update(new_aliases)
         if old_val is not None and key != old_key:  # removed, or moved to another VIP
             assert old_key is not None
             diffs["services"].delete.append(old_key)
@@ -458,8 +493,9 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
             else:
                 diffs["svc_load"].delete.append(svc_id)
     # A VIP one service leaves and another takes in the same change is written, not removed.
-    diffs["services"].delete = [k for k in diffs["services"].delete
-                                if k not in diffs["services"].put]
+    written = set(diffs["services"].put) | set(diffs["aliases"].put)
+    diffs["services"].delete = [k for k in diffs["services"].delete if k not in written]
+    diffs["aliases"].delete = [k for k in diffs["aliases"].delete if k not in written]
     build_seconds = tables.build()
     return Plan(target=target, diffs=diffs, tables=tables.tables,
                 gone_services=sorted(gone_services), gone_backends=sorted(gone_backends),
@@ -487,6 +523,7 @@ def _diff(current: Mapping[Any, Any], target: Mapping[Any, Any]) -> Diff:
 # -- the kernel edge ----------------------------------------------------------------------
 
 _DT_L4 = np.dtype(abi.L4Key)
+_ADDR_DT = np.dtype(np.uint32)  # __be32 words, read natively as ctypes reads them
 _DT_SVC = np.dtype(abi.Svc)
 _DT_BE = np.dtype(abi.Backend)
 _DT_MEMBER = np.dtype(abi.MemberKey)
@@ -504,8 +541,31 @@ def _records(rows: Sequence[Sequence[int]], dtype: np.dtype, fields: tuple[str, 
     return arr
 
 
+def _words(addrs: Iterable[int], width: int) -> np.ndarray:
+    """Addresses -> rows of network-order __be32 words (``width`` bytes each)."""
+    raw = b"".join(a.to_bytes(width, "big") for a in addrs)
+    return np.frombuffer(raw, dtype=_ADDR_DT).reshape(-1, width // 4)
+
+
 def _l4_array(keys: list[L4]) -> np.ndarray:
-    return _records(keys, _DT_L4, ("addr", "port", "proto"))
+    arr = _records([k[1:] for k in keys], _DT_L4, ("port", "proto"))
+    if keys:
+        arr["addr"] = _words((k[0] for k in keys), 16)
+    return arr
+
+
+def _be_array(rows: list[BeVal]) -> np.ndarray:
+    """kvr_backend values: an IPv4 endpoint fills addr4 (and addr6 with a dual-stack
+    pod's IPv6 address), an IPv6 one addr6."""
+    arr = _records([r[1:4] for r in rows], _DT_BE, ("port", "proto", "state"))
+    if rows:
+        v4 = [model.is_v4(r[0]) for r in rows]
+        arr["addr4"] = _words((r[0] & 0xFFFFFFFF if is4 else 0 for r, is4 in zip(rows, v4,
+                                                                                  strict=True)),
+                              4)[:, 0]
+        arr["addr6"] = _words((r[4] if is4 else r[0] for r, is4 in zip(rows, v4, strict=True)),
+                              16)
+    return arr
 
 
 def _member_array(keys: list[tuple[int, int]]) -> np.ndarray:
@@ -545,9 +605,8 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
 
     # 1. Backends, their reverse index, kernel-owned entries for new ones, loads.
     if d["backends"].put:
-        _put(maps, "kvr_be_v1", _u32(d["backends"].put),
-             _records(list(d["backends"].put.values()), _DT_BE,
-                      ("addr", "port", "proto", "state")))
+        _put(maps, "kvr_be_v2", _u32(d["backends"].put),
+             _be_array(list(d["backends"].put.values())))
     if p.trips_clear:
         _delete_present(maps, "kvr_health", p.trips_clear)
     if d["be_load"].put:
@@ -577,20 +636,27 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
                        for n in d["names"].put.values())
         _put(maps, "kvr_svc_name", _u32(d["names"].put),
              np.frombuffer(raw, dtype=np.uint8).reshape(-1, _DT_NAME.itemsize))
-    if services:
-        _put(maps, "kvr_svc_v1", _l4_array(list(services)),
-             _records(list(services.values()), _DT_SVC, _SVC_FIELDS))
+    # A second VIP holds its first VIP's value: written whenever that changes.
+    aliases = {alias: p.target.services[first] for alias, first in d["aliases"].put.items()}
+    aliases.update({alias: services[first] for alias, first in p.target.aliases.items()
+                    if first in services})
+    if services or aliases:
+        both = {**services, **aliases}
+        _put(maps, "kvr_svc_v2", _l4_array(list(both)),
+             _records(list(both.values()), _DT_SVC, _SVC_FIELDS))
 
     # 4. Removals: services first (no new connect can reach them), then what they used.
+    if d["aliases"].delete:
+        _delete(maps, "kvr_svc_v2", _l4_array(d["aliases"].delete))
     if d["services"].delete:
-        _delete(maps, "kvr_svc_v1", _l4_array(d["services"].delete))
+        _delete(maps, "kvr_svc_v2", _l4_array(d["services"].delete))
         released.extend((current.services[k][2], current.services[k][3])
                         for k in d["services"].delete)
     for group, base in released:
         pool.release(group, base)
     for name, mapname, conv in (
         ("names", "kvr_svc_name", _u32), ("svc_load", "kvr_svc_load", _u32),
-        ("members", "kvr_member", _member_array), ("backends", "kvr_be_v1", _u32),
+        ("members", "kvr_member", _member_array), ("backends", "kvr_be_v2", _u32),
         ("be_load", "kvr_be_load", _u32),
     ):
         if d[name].delete:
@@ -598,7 +664,7 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
     # Kernel-created entries (counters, health) exist only for objects that saw
     # traffic, so their removal tolerates absent keys.
     if p.gone_services:
-        _delete_present(maps, "kvr_svc_cnt_v2", p.gone_services)
+        _delete_present(maps, "kvr_svc_cnt_v3", p.gone_services)
         _purge_affinity(maps, set(p.gone_services))
     if p.gone_backends:
         _delete_present(maps, "kvr_health", p.gone_backends)
@@ -619,14 +685,27 @@ def _purge_affinity(maps: MapSet, svc_ids: set[int]) -> None:
 def read_view(maps: MapSet) -> View:
     """What the maps hold now: a restarted agent starts its diff from here."""
     view = View()
-    for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
-        view.services[(key.addr, key.port, key.proto)] = tuple(
-            getattr(svc, f) for f in _SVC_FIELDS)
+    by_id: dict[int, list[L4]] = {}
+    for key, svc in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc):
+        l4 = (abi.from_words(key.addr), key.port, key.proto)
+        view.services[l4] = tuple(getattr(svc, f) for f in _SVC_FIELDS)
+        by_id.setdefault(svc.id, []).append(l4)
+    for keys in by_id.values():
+        # A dual-stack service's first VIP is its IPv4 one (model.Service.vip6).
+        keys.sort(key=lambda k: not model.is_v4(k[0]))
+        for alias in keys[1:]:
+            view.aliases[alias] = keys[0]
+            del view.services[alias]
     for k, name in maps.items("kvr_svc_name", abi.ct.c_uint32, abi.SvcName):
         view.names[k.value] = name.name.decode()
-    for k, be in maps.items("kvr_be_v1", abi.ct.c_uint32, abi.Backend):
-        view.backends[k.value] = (be.addr, be.port, be.proto, be.state)
-        view.be_addr[(be.addr, be.port, be.proto)] = k.value
+    for k, be in maps.items("kvr_be_v2", abi.ct.c_uint32, abi.Backend):
+        v6 = abi.from_words(be.addr6)
+        if be.addr4:
+            addr, alt = abi.addr128(abi.be32_to_ip(be.addr4)), v6
+        else:
+            addr, alt = v6, 0
+        view.backends[k.value] = (addr, be.port, be.proto, be.state, alt)
+        view.be_addr[(addr, be.port, be.proto)] = k.value
     for mk, w in maps.items("kvr_member", abi.MemberKey, abi.ct.c_uint32):
         view.members[(mk.svc_id, mk.be_id)] = w.value
     for k, v in maps.items("kvr_be_load", abi.ct.c_uint32, abi.ct.c_uint32):
@@ -639,7 +718,7 @@ def read_view(maps: MapSet) -> View:
 def parse_identity(identity: str) -> L4:
     """'10.0.0.5:8000/tcp' (the identity of a backend) -> its endpoint key."""
     address, port, proto = abi.parse_endpoint(identity)
-    return _l4(int(address), port, proto)
+    return _l4(abi.addr128(address), port, proto)
 
 
 class Applier:
@@ -663,7 +742,7 @@ class Applier:
         self.lock = threading.Lock()
         self.view = read_view(maps)
         self.pool = TablePool(maps)
-        self.pool.adopt(svc for _, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
+        self.pool.adopt(svc for _, svc in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc))
         self.live_loads: dict[L4, int] = {}
         self.desired: model.DesiredState | None = None
         self.refs: Refs = {}
@@ -708,7 +787,7 @@ class Applier:
         for be_id, row in p.diffs["backends"].put.items():
             view.backends[be_id] = row
             view.be_addr[row[:3]] = be_id
-        for name in ("members", "be_load", "svc_load", "names", "services"):
+        for name in ("members", "be_load", "svc_load", "names", "services", "aliases"):
             target = getattr(view, name)
             for key in p.diffs[name].delete:
                 target.pop(key, None)

@@ -140,7 +140,7 @@ _NAME = "must be lower-case letters, digits"
          "services[0].name: must be at most 63 characters, got 64"),
         (("services", 0, "name"), 7, f"services[0].name: {_NAME}"),
         (("services", 0, "vip"), "10.96.0.300", "services[0].vip: '10.96.0.300' is not an IPv4"),
-        (("services", 0, "vip"), "fd00::1", "services[0].vip: 'fd00::1' is not an IPv4 address"),
+        (("services", 0, "vip"), "fd00::g", "services[0].vip: 'fd00::g' is not an IPv6 address"),
         (("services", 0, "vip"), "10.96.0.010", "services[0].vip: '10.96.0.010' is not an IPv4"),
         (("services", 0, "vip"), "255.255.255.255", "services[0].vip: 255.255.255.255 cannot be"),
         (("services", 0, "vip"), 167772170, "services[0].vip: must be an IPv4 address string"),
