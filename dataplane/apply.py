@@ -203,10 +203,11 @@ def _aliases(svc: model.Service, key: L4) -> dict[L4, L4]:
 
 
 def _alts(svc: model.Service, eps: Sequence[L4], into: dict[L4, int]) -> None:
-    """The IPv6 addresses of a service's dual-stack backends, by endpoint."""
+    """The IPv6 addresses of a service's dual-stack backends, by endpoint, where ``into``
+    has none yet: called in service-name order, the first service naming one wins."""
     for be, ep in zip(svc.backends, eps, strict=True):
         if be.address6_number:
-            into[ep] = be.address6_number
+            into.setdefault(ep, be.address6_number)
 
 
 def _merged(users: Mapping[str, tuple[model.BackendState, int]]) -> tuple[model.BackendState,
@@ -374,13 +375,10 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
     old, new = before.by_name, after.by_name
     names = set(names)
     touched: Refs = {}
-    alts: dict[L4, int] = {}
     for name in names:
         for svc, listed in ((old.get(name), False), (new.get(name), True)):
             if svc is None:
                 continue
-            if listed:
-                _alts(svc, _endpoints(svc), alts)
             for be, ep in zip(svc.backends, _endpoints(svc), strict=True):
                 users = touched.get(ep)
                 if users is None:
@@ -413,9 +411,7 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
         state, load = _merged(users)
         usable[ep] = state in _IN_TABLE
         was = current.backends.get(be_id)
-        # An endpoint listed by untouched services too keeps the IPv6 address it has.
-        alt = alts.get(ep, was[4] if was is not None and ep not in alts else 0)
-        row = (*ep, _KSTATE[state], alt)
+        row = (*ep, _KSTATE[state], _alt_of(ep, users, new))
         if was != row:
             d_be.put[be_id] = row
             if _trip_ends(was, state):
@@ -500,6 +496,17 @@ def plan_changes(before: model.DesiredState, after: model.DesiredState,
     return Plan(target=target, diffs=diffs, tables=tables.tables,
                 gone_services=sorted(gone_services), gone_backends=sorted(gone_backends),
                 trips_clear=trips_clear, build_seconds=build_seconds, refs=touched)
+
+
+def _alt_of(ep: L4, users: Mapping[str, Any], services: Mapping[str, model.Service]) -> int:
+    """An endpoint's IPv6 address as a full plan gives it (see _alts): from the first
+    service by name that lists it with one; 0 if none does."""
+    for name in sorted(users):
+        svc = services[name]
+        for be in svc.backends:
+            if be.address6_number and _l4(be.key[0], be.port, svc.protocol) == ep:
+                return be.address6_number
+    return 0
 
 
 def _diff_into(diff: Diff, before: Mapping[Any, Any], after: Mapping[Any, Any]) -> None:
