@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("connbench.c")
+HEADER = Path(__file__).with_name("benchtime.h")  # included by every lab C client
 # lab/.cache is ignored by git: the binary is built per machine, never committed.
 CACHE = Path(__file__).with_name(".cache") / "connbench"
 MASQ_MARK = "0x4000"
@@ -90,7 +91,8 @@ def parse(text: str) -> Result:
 def build(cache: Path = CACHE, source_file: Path = SOURCE) -> Path:
     """Compile lab/connbench.c (or another of the lab's C clients) with the machine's cc
     (once per source version) and return the binary's path."""
-    source = source_file.read_bytes()
+    # The shared header is part of what is built: a change to it is a new binary.
+    source = source_file.read_bytes() + HEADER.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
     out = cache / f"{source_file.stem}-{digest}"
     if out.exists():

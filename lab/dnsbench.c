@@ -29,31 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-
-	return x < y ? -1 : x > y;
-}
-
-static uint64_t pct(const uint64_t *v, size_t n, double p)
-{
-	size_t rank = (size_t)(p / 100.0 * (double)n + 0.999999);
-
-	if (n == 0)
-		return 0;
-	if (rank < 1)
-		rank = 1;
-	return v[rank > n ? n - 1 : rank - 1];
-}
+#include "benchtime.h"
 
 /* A query for NAME, type A, class IN, recursion desired; returns its length. */
 static size_t build_query(unsigned char *buf, size_t cap, const char *name, uint16_t id)
@@ -189,8 +165,8 @@ int main(int argc, char **argv)
 	qsort(lat, (size_t)ok, sizeof(*lat), cmp_u64);
 	printf("{\"n\": %ld, \"ok\": %ld, \"errors\": %ld, \"wrong_source\": %ld, "
 	       "\"errno\": %ld, \"p50_ns\": %llu, \"p99_ns\": %llu, \"rate\": %.1f}\n",
-	       n, ok, errors, wrong, last_errno, (unsigned long long)pct(lat, (size_t)ok, 50),
-	       (unsigned long long)pct(lat, (size_t)ok, 99),
+	       n, ok, errors, wrong, last_errno, (unsigned long long)(ok ? pct(lat, (size_t)ok, 50) : 0),
+	       (unsigned long long)(ok ? pct(lat, (size_t)ok, 99) : 0),
 	       elapsed ? (double)ok * 1e9 / (double)elapsed : 0.0);
 	free(lat);
 	return ok ? 0 : 1;
