@@ -5,8 +5,9 @@ compiled client (lab/dnsbench.c) as the clients.
 dual-stack UDP service (an IPv4 and an IPv6 VIP, port 53) in front of them, checks that
 ``dig`` gets its answer from the VIP over both families, then measures queries a second
 through the VIP against the same client asking one resolver directly, alternating the two
-so the machine's load hits both alike. Needs root, dnsmasq (apt-get install dnsmasq-base),
-dig (dnsutils) and cc.
+so the machine's load hits both alike, and kvroute's own in-kernel time per query from BPF
+run-time stats (on a shared machine the steadier number). Needs root, dnsmasq (apt-get
+install dnsmasq-base), dig (dnsutils) and cc.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ import lab.cgroup
 import lab.connbench
 import lab.netns
 import lab.run
-from dataplane import apply, loader, model
+from dataplane import apply, bpfsys, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
 
@@ -129,9 +131,23 @@ def service(pods: list[lab.netns.Pod]) -> dict[str, Any]:
                           "port": DNS_PORT} for p in pods]}
 
 
+@dataclasses.dataclass
+class DnsLab:
+    lab: lab.netns.Lab
+    pods: list[lab.netns.Pod]  # the resolvers
+    client: lab.netns.Pod
+    applier: apply.Applier
+    datapath: loader.Datapath
+
+    def run_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of every attached program; counted while BPF run-time
+        stats are enabled (bpfsys.enable_stats)."""
+        return {p.name: bpfsys.prog_run_stats(self.datapath.fds[p.name])
+                for p in loader.PROGRAMS}
+
+
 @contextlib.contextmanager
-def dns_lab(resolvers: int = 2) -> Iterator[tuple[lab.netns.Lab, list[lab.netns.Pod],
-                                                   lab.netns.Pod, apply.Applier]]:
+def dns_lab(resolvers: int = 2) -> Iterator[DnsLab]:
     """A lab with ``resolvers`` dnsmasq pods and a client, kvroute attached to the client
     cgroup with the DNS service applied."""
     with lab.netns.Lab() as the_lab:
@@ -151,7 +167,7 @@ def dns_lab(resolvers: int = 2) -> Iterator[tuple[lab.netns.Lab, list[lab.netns.
                 applier = apply.Applier(maps, settings.hash_seed)
                 try:
                     applier.apply(model.desired_from_dict({"services": [service(pods)]}))
-                    yield the_lab, pods, client, applier
+                    yield DnsLab(the_lab, pods, client, applier, datapath)
                 finally:
                     applier.close()
         finally:
@@ -168,7 +184,9 @@ def bench(count: int, rounds: int) -> dict[str, Any]:
                          "(apt-get install -y dnsmasq-base dnsutils gcc)")
     binary = build()
     out: dict[str, Any] = {"queries": count, "rounds": rounds, "dig": {}, "runs": {}}
-    with dns_lab() as (the_lab, pods, client, _):
+    with dns_lab() as env, _stats() as stats_on:
+        the_lab, pods, client = env.lab, env.pods, env.client
+        out["kernel_stats"] = stats_on
         answers = {str(p.address) for p in pods} | {str(p.address6) for p in pods}
         for vip, qtype in ((VIP4, "A"), (VIP6, "AAAA")):
             seen = [client.call(dig, vip, qtype, cgroup=the_lab.cgroup) for _ in range(8)]
@@ -181,11 +199,35 @@ def bench(count: int, rounds: int) -> dict[str, Any]:
         for mode in ("reuse", "new"):
             for _ in range(rounds):
                 for label, server in targets.items():
+                    before = env.run_stats()
                     r = query(binary, client.netns, the_lab.cgroup, server, count, mode)
-                    out["runs"].setdefault(f"{label} {mode}", []).append(
-                        dataclasses.asdict(r))
+                    row = dataclasses.asdict(r)
+                    row["kernel_ns"] = kernel_ns(before, env.run_stats(), r.ok)
+                    out["runs"].setdefault(f"{label} {mode}", []).append(row)
     out["summary"] = summary(out["runs"])
     return out
+
+
+@contextlib.contextmanager
+def _stats() -> Iterator[bool]:
+    """BPF run-time stats on for the bench (False where the kernel refuses them)."""
+    try:
+        fd = bpfsys.enable_stats()
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def kernel_ns(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+              queries: int) -> float:
+    """kvroute's in-kernel time per answered query over a run: every attached program
+    (sendmsg, recvmsg, connect, release; a pick program's time is its caller's)."""
+    spent = sum(after[k][0] - before[k][0] for k in after)
+    return round(spent / queries, 1) if queries else 0.0
 
 
 def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -204,6 +246,9 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]
             d_p50 = median([r["p50_ns"] for r in direct]) / 1000
             v_p50 = median([r["p50_ns"] for r in vip]) / 1000
             out[f"{fam} {mode}"] = {
+                "vip_kernel_ns": median([r["kernel_ns"] for r in vip]),
+                # The same programs on queries to the resolver: a lookup that misses.
+                "direct_kernel_ns": median([r["kernel_ns"] for r in direct]),
                 "direct_qps": round(d_qps), "vip_qps": round(v_qps),
                 "qps_ratio": round(v_qps / d_qps, 3) if d_qps else 0.0,
                 "direct_p50_us": round(d_p50, 1), "vip_p50_us": round(v_p50, 1),
@@ -232,10 +277,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dig @{vip}: answers {', '.join(seen['answers'])}; "
               f"replied from {', '.join(seen['replied_from'])}")
     print(f"{'family/mode':<12} {'direct q/s':>11} {'VIP q/s':>9} {'ratio':>6} "
-          f"{'direct p50 us':>14} {'VIP p50 us':>11} {'ratio':>6}")
+          f"{'direct p50 us':>14} {'VIP p50 us':>11} {'ratio':>6} {'kvroute ns/q':>13} "
+          f"{'(direct)':>9}")
     for key, row in data["summary"].items():
         print(f"{key:<12} {row['direct_qps']:>11} {row['vip_qps']:>9} {row['qps_ratio']:>6} "
-              f"{row['direct_p50_us']:>14} {row['vip_p50_us']:>11} {row['p50_ratio']:>6}")
+              f"{row['direct_p50_us']:>14} {row['vip_p50_us']:>11} {row['p50_ratio']:>6} "
+              f"{row['vip_kernel_ns']:>13} {row['direct_kernel_ns']:>9}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def dns_lab() -> Iterator[Any]:
+def dns_lab() -> Iterator[dns.DnsLab]:
     if os.geteuid() != 0:
         pytest.skip("the DNS lab needs root (eBPF, cgroups, network namespaces)")
     missing = dns.tools_missing()
@@ -29,8 +28,8 @@ def dns_lab() -> Iterator[Any]:
 
 @pytest.mark.parametrize(("vip", "qtype"), [(dns.VIP4, "A"), (dns.VIP6, "AAAA")])
 def test_dig_through_the_vip_is_answered_by_both_resolvers_from_the_vip(
-        dns_lab: Any, vip: str, qtype: str) -> None:
-    the_lab, pods, client, _ = dns_lab
+        dns_lab: dns.DnsLab, vip: str, qtype: str) -> None:
+    the_lab, pods, client = dns_lab.lab, dns_lab.pods, dns_lab.client
     own = {str(p.address) if qtype == "A" else str(p.address6) for p in pods}
     seen = [client.call(dns.dig, vip, qtype, cgroup=the_lab.cgroup) for _ in range(24)]
     # dig takes an answer only from the address it asked: each one came from the VIP.
@@ -38,8 +37,8 @@ def test_dig_through_the_vip_is_answered_by_both_resolvers_from_the_vip(
     assert {answer for answer, _ in seen} == own  # each dig is a new socket: both used
 
 
-def test_compiled_client_through_the_vip_never_sees_a_backend_address(dns_lab: Any) -> None:
-    the_lab, _, client, applier = dns_lab
+def test_compiled_client_through_the_vip_never_sees_a_backend_address(dns_lab: dns.DnsLab) -> None:
+    the_lab, client, applier = dns_lab.lab, dns_lab.client, dns_lab.applier
     binary = dns.build()
     for vip in (dns.VIP4, dns.VIP6):
         for mode in ("reuse", "new"):
