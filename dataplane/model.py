@@ -51,8 +51,8 @@ from typing import Any, TypeVar
 
 PORT_MAX = 65535
 # Kernel map capacity (the agent's --max-services/--max-backends default to these; the C
-# side gets the values in force as -D flags): kvr_svc_v1 holds one entry per service,
-# kvr_member one per (service, backend) pair.
+# side gets the values in force as -D flags): kvr_svc_v2 holds one entry per VIP (room for
+# two per service: dual stack), kvr_member one per (service, backend) pair.
 MAX_SERVICES = 65536
 MAX_BACKENDS = 262144
 WEIGHT_MAX = 65535  # Maglev weight of one backend
