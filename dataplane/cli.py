@@ -278,7 +278,8 @@ def certs_command(out: Path, nodes: tuple[str, ...], server_names: tuple[str, ..
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 def check_config(path: Path) -> None:
-    """Validate a desired-state file without touching the kernel."""
+    """Validate a desired-state file without touching the kernel; says how many services
+    are UDP, dual-stack (vip and vip6) and IPv6-only."""
     from dataplane import config
     try:
         state = config.load_file(path)
@@ -286,7 +287,11 @@ def check_config(path: Path) -> None:
     except model.ModelError as exc:
         _fail(f"not valid:\n{exc}")
     n_be = sum(len(s.backends) for s in state.services)
-    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends)")
+    udp = sum(s.protocol == model.Protocol.UDP for s in state.services)
+    dual = sum(s.vip6 is not None for s in state.services)
+    only6 = sum(":" in s.vip for s in state.services)
+    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends; "
+               f"{udp} udp, {dual} dual-stack, {only6} IPv6-only)")
 
 
 @main.group()
