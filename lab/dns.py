@@ -133,7 +133,7 @@ def service(pods: list[lab.netns.Pod]) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class DnsLab:
-    lab: lab.netns.Lab
+    the_lab: lab.netns.Lab
     pods: list[lab.netns.Pod]  # the resolvers
     client: lab.netns.Pod
     applier: apply.Applier
@@ -185,7 +185,7 @@ def bench(count: int, rounds: int) -> dict[str, Any]:
     binary = build()
     out: dict[str, Any] = {"queries": count, "rounds": rounds, "dig": {}, "runs": {}}
     with dns_lab() as env, _stats() as stats_on:
-        the_lab, pods, client = env.lab, env.pods, env.client
+        the_lab, pods, client = env.the_lab, env.pods, env.client
         out["kernel_stats"] = stats_on
         answers = {str(p.address) for p in pods} | {str(p.address6) for p in pods}
         for vip, qtype in ((VIP4, "A"), (VIP6, "AAAA")):

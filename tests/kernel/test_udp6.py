@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dataplane import abi, client
+from dataplane import abi, client, model
 from dataplane.maps import MapSet
 from tests.kernel.conftest import POD_PORT, Node
 
@@ -23,6 +23,10 @@ SO_COOKIE = 57  # include/uapi/asm-generic/socket.h
 def udp_svc(name: str, vip: str, backends: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     return {"name": name, "vip": vip, "port": 53, "protocol": "udp", "backends": backends,
             **kw}
+
+
+def model_state(*services: dict[str, Any]) -> model.DesiredState:
+    return model.desired_from_dict({"services": list(services)})
 
 
 def v6(kv: Node, pod: str, **kw: Any) -> dict[str, Any]:
@@ -253,3 +257,48 @@ def test_a_closed_udp_socket_leaves_no_translation_behind(kv: Node) -> None:
     before = len(kv.maps.keys("kvr_udp_v1", abi.ct.c_uint64))
     kv.run(churn, 300)
     assert len(kv.maps.keys("kvr_udp_v1", abi.ct.c_uint64)) == before
+
+
+def _hold_open(host: str, n: int) -> None:
+    """``n`` UDP sockets to the VIP, all open at once, then closed."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(_family(host), socket.SOCK_DGRAM)
+            socks.append(s)
+            s.settimeout(2)
+            _query(s, (host, 53))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_the_lru_bound_is_counted_when_too_many_udp_sockets_are_open(lab: Any) -> None:
+    """With room for 16 UDP sockets and 40 open at once, the LRU evicts; created - freed -
+    live says how many, and once all are closed nothing is left."""
+    from dataplane import apply, inspect, loader
+    from dataplane.settings import Settings
+    from lab.cgroup import Cgroup
+
+    group = Cgroup.create(f"{lab.names}-udplru", parent=lab.cgroup.path.parent)
+    lab.own_cgroup(group)
+    pin_dir = Path(f"/sys/fs/bpf/kvrlru-{os.urandom(3).hex()}")
+    lab.own_pin_dir(pin_dir)
+    settings = Settings(pin_dir=pin_dir, udp_entries=16)
+    datapath = loader.Datapath(settings)
+    try:
+        datapath.attach(group.path)
+        with MapSet(pin_dir) as maps:
+            applier = apply.Applier(maps, settings.hash_seed)
+            pod = lab.pods["gpu0"]
+            applier.apply(model_state(udp_svc("dns", VIP4, [
+                {"address": str(pod.address), "port": POD_PORT}])))
+            lab.clients["client"].call(_hold_open, VIP4, 40, cgroup=group, timeout=120)
+            udp = inspect.stats(maps)["udp_sockets"]
+            applier.close()
+        assert udp["created"] == 40 and udp["live"] == 0
+        assert udp["freed"] <= 16 and udp["evicted"] == 40 - udp["freed"] >= 24, udp
+    finally:
+        datapath.close()
+        loader.uninstall(pin_dir)
+        group.remove()

@@ -29,7 +29,7 @@ def dns_lab() -> Iterator[dns.DnsLab]:
 @pytest.mark.parametrize(("vip", "qtype"), [(dns.VIP4, "A"), (dns.VIP6, "AAAA")])
 def test_dig_through_the_vip_is_answered_by_both_resolvers_from_the_vip(
         dns_lab: dns.DnsLab, vip: str, qtype: str) -> None:
-    the_lab, pods, client = dns_lab.lab, dns_lab.pods, dns_lab.client
+    the_lab, pods, client = dns_lab.the_lab, dns_lab.pods, dns_lab.client
     own = {str(p.address) if qtype == "A" else str(p.address6) for p in pods}
     seen = [client.call(dns.dig, vip, qtype, cgroup=the_lab.cgroup) for _ in range(24)]
     # dig takes an answer only from the address it asked: each one came from the VIP.
@@ -38,7 +38,7 @@ def test_dig_through_the_vip_is_answered_by_both_resolvers_from_the_vip(
 
 
 def test_compiled_client_through_the_vip_never_sees_a_backend_address(dns_lab: dns.DnsLab) -> None:
-    the_lab, client, applier = dns_lab.lab, dns_lab.client, dns_lab.applier
+    the_lab, client, applier = dns_lab.the_lab, dns_lab.client, dns_lab.applier
     binary = dns.build()
     for vip in (dns.VIP4, dns.VIP6):
         for mode in ("reuse", "new"):
