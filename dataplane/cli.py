@@ -334,7 +334,8 @@ def check_kernel(kernel_headers: str, as_json: bool) -> None:
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 def check_config(path: Path) -> None:
-    """Validate a desired-state file without touching the kernel."""
+    """Validate a desired-state file without touching the kernel; says how many services
+    are UDP, dual-stack (vip and vip6) and IPv6-only."""
     from dataplane import config
     try:
         state = config.load_file(path)
@@ -342,7 +343,11 @@ def check_config(path: Path) -> None:
     except model.ModelError as exc:
         _fail(f"not valid:\n{exc}")
     n_be = sum(len(s.backends) for s in state.services)
-    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends)")
+    udp = sum(s.protocol == model.Protocol.UDP for s in state.services)
+    dual = sum(s.vip6 is not None for s in state.services)
+    only6 = sum(":" in s.vip for s in state.services)
+    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends; "
+               f"{udp} udp, {dual} dual-stack, {only6} IPv6-only)")
 
 
 @main.group()
@@ -355,22 +360,24 @@ def maps() -> None:
 @json_option
 @with_maps
 def maps_services(maps: Any, as_json: bool) -> None:
-    """Services: VIP, affinity, table size M, backends, and counters: connects
-    translated (SEL), affinity hits, bounded-load spills, refused (REF: no usable
-    backend or saturated)."""
+    """Services: VIP(s) (a dual-stack service shows both, one row), affinity, table size M,
+    backends, and counters: connects and new UDP flows translated (SEL), affinity hits,
+    bounded-load spills, refused (REF: no usable backend or saturated), UDP datagrams
+    sent through the VIP (DGRAM) and replies given the VIP back as source (REPLY)."""
     from dataplane import inspect
     rows = inspect.services(maps)
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
         for col in ("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SEL", "HIT", "SPILL",
-                    "REF"):
+                    "REF", "DGRAM", "REPLY"):
             t.add_column(col, no_wrap=True)
         for s in rows:
             c = s["counters"]
-            t.add_row(str(s["id"]), s["name"], s["frontend"], s["affinity"],
+            t.add_row(str(s["id"]), s["name"], "\n".join(s["frontends"]), s["affinity"],
                       str(s["table_size"]), str(s["backends"]), str(c["selected"]),
-                      str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]))
+                      str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]),
+                      str(c["dgrams"]), str(c["replies"]))
         return t
     _emit(rows, as_json, table)
 
@@ -380,8 +387,8 @@ def maps_services(maps: Any, as_json: bool) -> None:
 @json_option
 @with_maps
 def maps_backends(maps: Any, as_json: bool) -> None:
-    """Backends: state (with the kernel's own trips), load, fleet-wide sessions (SESS)
-    and connect counters."""
+    """Backends: address(es) (a dual-stack pod shows both), state (with the kernel's own
+    trips), load, fleet-wide sessions (SESS) and connect counters."""
     from dataplane import inspect
     rows = inspect.backends(maps)
 
@@ -393,7 +400,8 @@ def maps_backends(maps: Any, as_json: bool) -> None:
         for b in rows:
             c = b["counters"]
             state = b["state"] + ("*" if b["kernel_tripped"] else "")
-            t.add_row(str(b["id"]), b["address"], state, str(b["load"]), str(b["sessions"]),
+            t.add_row(str(b["id"]), "\n".join(b["addresses"]), state, str(b["load"]),
+                      str(b["sessions"]),
                       str(c["selected"]),
                       str(c["connects"]), str(c["failed"]), str(c["established"]),
                       str(b["srtt_us"]))
@@ -426,7 +434,9 @@ def maps_affinity(maps: Any, as_json: bool, service_id: int | None) -> None:
 @json_option
 @with_maps
 def maps_stats(maps: Any, as_json: bool) -> None:
-    """All counters: per service, per backend, and the fail-open reasons."""
+    """All counters: per service, per backend, the fail-open reasons, and the UDP
+    sockets' reverse translations (created, freed as sockets closed, live, evicted by
+    the LRU bound)."""
     from dataplane import inspect
     data = inspect.stats(maps)
 
@@ -440,6 +450,8 @@ def maps_stats(maps: Any, as_json: bool) -> None:
         for reason, value in data["reasons"].items():
             if value:
                 t.add_row("kernel", "-", reason, str(value))
+        for counter, value in data["udp_sockets"].items():
+            t.add_row("udp", "sockets", counter, str(value))
         return t
     _emit(data, as_json, table)
 
@@ -452,7 +464,7 @@ def maps_stats(maps: Any, as_json: bool) -> None:
 def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
     """A service's Maglev table: slots per backend (--json adds the whole table).
 
-    SERVICE is a name or VIP:PORT[/tcp|udp].
+    SERVICE is a name or VIP:PORT[/tcp|udp] ([IPV6]:PORT for an IPv6 VIP).
     """
     from dataplane import inspect
     data = inspect.maglev(maps, service)
@@ -475,7 +487,9 @@ def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
 @with_maps
 def explain(maps: Any, as_json: bool, service: str, session: str | None,
             client_netns: str | None) -> None:
-    """Which backend a key gets for SERVICE (name or VIP:PORT), and why."""
+    """Which backend a key gets for SERVICE (name, VIP:PORT[/udp] or [IPV6]:PORT[/udp]),
+    and why. Either VIP of a dual-stack service gives the same answer: they share the
+    table and the sessions."""
     from dataplane import client, inspect
     if (session is None) == (client_netns is None):
         raise click.UsageError("give exactly one of --session ID or --client NETNS")
