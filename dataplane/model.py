@@ -282,7 +282,7 @@ def ipv4(path: str, value: object) -> int:
     except (OSError, ValueError):  # ValueError: an embedded NUL
         raise ModelError(f"{path}: {value!r} is not an IPv4 address "
                          f"(four decimal numbers 0-255, no leading zeros)") from None
-    problem = address_problem(number)
+    problem = address_problem(_V4MAPPED | number)
     if problem is not None:
         raise ModelError(f"{path}: {value} is {problem}, not a unicast destination")
     return number
