@@ -27,6 +27,10 @@ SOCKET_MAPS = ("kvr_sk",)
 PROGRAM_MAPS = ("kvr_progs", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
+# Pinned by the packet path's programs (bpf/tc_nodeport.c), when it is loaded: opened by
+# dataplane.nodeport, removed by uninstall.
+NODEPORT_MAPS = ("kvr_np_fe_v1", "kvr_np_addr", "kvr_np_local_v1", "kvr_np_cfg", "kvr_ct_v1",
+                 "kvr_np_cnt", "kvr_np_reasons", "kvr_np_progs", "kvr_np_scratch")
 # Pinned by earlier versions under names since replaced (a layout change gets a new
 # name): uninstall removes them too.
 RETIRED_MAPS = ("kvr_svc_cnt", "kvr_reasons")

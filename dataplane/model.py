@@ -116,6 +116,14 @@ class Affinity(enum.StrEnum):
     SESSION = "session"  # per session tag the client put on its socket
 
 
+class TrafficPolicy(enum.StrEnum):
+    """A Service's externalTrafficPolicy: how the packet path treats traffic from
+    outside the node (NodePort, external and LoadBalancer IPs)."""
+
+    CLUSTER = "cluster"  # any backend; one on another node is reached with SNAT
+    LOCAL = "local"  # this node's backends only, the client's address kept
+
+
 class BackendState(enum.StrEnum):
     ACTIVE = "active"
     DRAINING = "draining"  # no new sessions; pinned ones stay
@@ -302,6 +310,9 @@ class Backend:
     weight: int = DEFAULT_WEIGHT  # Maglev weight 0..WEIGHT_MAX: share of new sessions
     state: BackendState = BackendState.ACTIVE
     load: int = 0  # bounded-load units (load_units), 0..LOAD_MAX
+    # The node the endpoint runs on (Kubernetes' nodeName); None: unknown. The packet
+    # path SNATs flows to backends of other nodes and gives Local traffic its own.
+    node: str | None = None
     # (address as an integer, port): how services sort and de-duplicate backends.
     key: tuple[int, int] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -313,6 +324,8 @@ class Backend:
         if type(self.state) is not BackendState:
             set_field(self, "state", _enum("state", self.state, BackendState))
         check_int("load", self.load, 0, LOAD_MAX)
+        if self.node is not None:
+            check_text("node", self.node, IDENTITY_MAX, empty=False)
 
     @property
     def label(self) -> str:
@@ -320,7 +333,7 @@ class Backend:
 
     def to_dict(self) -> dict[str, Any]:
         return {"address": self.address, "port": self.port, "weight": self.weight,
-                "state": self.state.value, "load": self.load}
+                "state": self.state.value, "load": self.load, "node": self.node}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +354,12 @@ class Service:
     # (1 + move_epsilon) x the mean; None: sessions move only off unusable engines.
     move_epsilon: float | None = None
     backends: tuple[Backend, ...] = ()  # sorted by (address, port) whatever the input order
+    # Traffic from outside the node (the packet path, dataplane.nodeport): a NodePort
+    # answered on every node address, external (and LoadBalancer) IPs answered on
+    # `port`, and how such traffic picks its backends.
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()  # sorted, unique
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
 
     def __post_init__(self) -> None:
         _name("name", self.name)
@@ -384,6 +403,21 @@ class Service:
         set_field(self, "probe_share", check_float("probe_share", self.probe_share, 0.0, 1.0))
         check_bool("saturated", self.saturated)
         set_field(self, "backends", tuple(sorted(backends, key=_backend_key)))
+        if self.node_port is not None:
+            check_int("node_port", self.node_port, 1, PORT_MAX)
+        ips = _sequence("external_ips", self.external_ips, "IPv4 addresses")
+        numbers = {}
+        for i, ip in enumerate(ips):
+            number = ipv4(f"external_ips[{i}]", ip)
+            if number in numbers:
+                raise ModelError(f"external_ips[{i}]: {ip} listed twice")
+            if number == vip_number:
+                raise ModelError(f"external_ips[{i}]: {ip} is the service's own VIP")
+            numbers[number] = ip
+        set_field(self, "external_ips", tuple(numbers[n] for n in sorted(numbers)))
+        set_field(self, "external_traffic_policy",
+                  _enum("external_traffic_policy", self.external_traffic_policy,
+                        TrafficPolicy))
 
     @property
     def size(self) -> int:
@@ -415,7 +449,14 @@ class Service:
             "epsilon": self.epsilon, "probe_share": self.probe_share,
             "saturated": self.saturated, "move_epsilon": self.move_epsilon,
             "backends": [b.to_dict() for b in self.backends],
+            "node_port": self.node_port, "external_ips": list(self.external_ips),
+            "external_traffic_policy": self.external_traffic_policy.value,
         }
+
+    @property
+    def external(self) -> bool:
+        """Traffic from outside the node reaches it (a NodePort or an external IP)."""
+        return self.node_port is not None or bool(self.external_ips)
 
 
 def _backend_key(backend: Backend) -> tuple[int, int]:
@@ -447,6 +488,7 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
     items = _sequence(path, value, "services")
     names: set[str] = set()
     owners: dict[tuple[str, int, Protocol], str] = {}
+    frontend_owners: dict[tuple[str, int | None, Protocol], str] = {}
     for i, svc in enumerate(items):
         if not isinstance(svc, Service):
             raise ModelError(f"{path}[{i}]: must be a Service, got {svc!r}")
@@ -457,6 +499,15 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
         if other != svc.name:
             raise ModelError(f"{path}[{svc.name}].vip: {svc.vip}:{svc.port}/{svc.protocol} "
                              f"is already service {other!r}")
+        # Packet-path frontends: one service per NodePort and per external IP:port.
+        fronts = [("node_port", ("*", svc.node_port, svc.protocol))] if svc.node_port else []
+        fronts += [(f"external_ips[{ip}]", (ip, svc.port, svc.protocol))
+                   for ip in svc.external_ips]
+        for field, key in fronts:
+            other = frontend_owners.setdefault(key, svc.name)
+            if other != svc.name:
+                raise ModelError(f"{path}[{svc.name}].{field}: {key[0]}:{key[1]}/{key[2]} "
+                                 f"is already a frontend of service {other!r}")
     return tuple(sorted(items, key=lambda s: s.name))
 
 

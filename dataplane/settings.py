@@ -23,6 +23,7 @@ class Settings:
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
     sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
     events_bytes: int = 1 << 20  # kvr_events ring size: a power of two, at least a page
+    ct_entries: int = 262144     # packet-path conntrack (LRU, preallocated; 2 entries a flow)
 
     def __post_init__(self) -> None:
         problems = []
@@ -32,7 +33,8 @@ class Settings:
             problems.append("fail_k: must be between 1 and 1000")
         if not 1 <= self.candidates <= 16:
             problems.append("candidates: must be between 1 and 16")
-        for name in ("max_services", "max_backends", "affinity_entries", "sock_entries"):
+        for name in ("max_services", "max_backends", "affinity_entries", "sock_entries",
+                     "ct_entries"):
             if not 16 <= getattr(self, name) <= 1 << 24:
                 problems.append(f"{name}: must be between 16 and {1 << 24}")
         if not (4096 <= self.events_bytes <= 1 << 30
@@ -54,5 +56,6 @@ class Settings:
             f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
             f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
             f"-DKVR_EVENTS_BYTES={self.events_bytes}",
+            f"-DKVR_CT_ENTRIES={self.ct_entries}",
             f"-DKVR_MOVE_MIN_EXCESS={model.MOVE_MIN_EXCESS}",
         ]

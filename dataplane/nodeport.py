@@ -1,0 +1,318 @@
+"""The packet path's tables: frontends, the node's addresses, local backends, SNAT
+settings and conntrack (bpf/lib/abi.h, "Packet path (tc)").
+
+``frontends`` and ``local_members`` are pure: what the kernel must hold, from the model.
+``NodePortMaps`` reads and writes the pinned maps, writing only what differs.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import dataclasses
+import errno
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dataplane import abi, bpfsys, maps, model
+
+# SNAT source ports: above Linux's default ephemeral range (32768-60999), so flows the
+# node SNATs never take a port its own sockets use.
+SNAT_PORT_MIN = 61000
+SNAT_PORT_MAX = 65535
+ANY_ADDRESS = "0.0.0.0"  # a NodePort frontend's key address: any of the node's addresses
+
+FeKey = tuple[str, int, str]  # (address, port, protocol)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frontend:
+    """One address:port/protocol the packet path answers, and the service behind it."""
+
+    address: str  # ANY_ADDRESS for a NodePort
+    port: int
+    protocol: str
+    service: str  # the service's name
+    service_key: tuple[str, int, str]  # its (vip, port, protocol): kvr_svc_v1's key
+    local: bool  # externalTrafficPolicy: Local
+    node_port: bool
+
+    @property
+    def flags(self) -> int:
+        return (abi.NP_F_LOCAL if self.local else 0) | (abi.NP_F_NODEPORT if self.node_port
+                                                        else 0)
+
+    @property
+    def label(self) -> str:
+        where = "*" if self.node_port else self.address
+        return f"{where}:{self.port}/{self.protocol}"
+
+
+def frontends(services: Iterable[model.Service]) -> dict[FeKey, Frontend]:
+    """Every packet-path frontend of the services: a NodePort on any node address, and
+    each external (or LoadBalancer) IP on the service's port."""
+    out: dict[FeKey, Frontend] = {}
+    for svc in services:
+        local = svc.external_traffic_policy == model.TrafficPolicy.LOCAL
+        proto = str(svc.protocol)
+        entries = [(ip, svc.port, False) for ip in svc.external_ips]
+        if svc.node_port is not None:
+            entries.append((ANY_ADDRESS, svc.node_port, True))
+        for address, port, is_np in entries:
+            out[(address, port, proto)] = Frontend(address, port, proto, svc.name,
+                                                   (svc.vip, svc.port, proto), local, is_np)
+    return out
+
+
+def local_members(services: Iterable[model.Service],
+                  is_local: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Service name -> identities of its backends on this node (``is_local`` judges an
+    identity), for services with a frontend; at most NP_LOCAL_MAX each, in backend
+    order (the kernel's list decides SNAT and Local picks: one past the limit would be
+    SNATed although local, so it is refused in the model instead)."""
+    out: dict[str, list[str]] = {}
+    for svc in services:
+        if svc.node_port is None and not svc.external_ips:
+            continue
+        ids = [svc.identity(be) for be in svc.backends if is_local(svc.identity(be))]
+        if ids:
+            out[svc.name] = ids[:abi.NP_LOCAL_MAX]
+    return out
+
+
+def _fe_key(key: FeKey) -> abi.L4Key:
+    return abi.l4_key(*key)
+
+
+class NodePortMaps:
+    """File descriptors of the packet path's pinned maps."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.fds: dict[str, int] = {}
+        names = [n for n in maps.NODEPORT_MAPS if n not in ("kvr_np_progs", "kvr_np_scratch")]
+        try:
+            for name in names:
+                self.fds[name] = bpfsys.obj_get(pin_dir / name)
+        except OSError as exc:
+            self.close()
+            if exc.errno == errno.ENOENT:
+                raise maps.NotPinned(f"the packet path is not loaded under {pin_dir} "
+                                     "(the agent loads it with --external-interface)") from exc
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> NodePortMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _keys(self, name: str, key_t: Any) -> list[Any]:
+        fd = self.fds[name]
+        out: list[Any] = []
+        key: Any = None
+        nxt = key_t()
+        while bpfsys.next_key(fd, key, nxt):
+            cur = key_t.from_buffer_copy(nxt)
+            out.append(cur)
+            key = cur
+            nxt = key_t()
+        return out
+
+    def _sync(self, name: str, key_t: Any, want: Mapping[bytes, tuple[Any, Any]]) -> int:
+        """Make map ``name`` hold exactly ``want`` (raw key bytes -> (key, value)):
+        writes what differs, then deletes what is gone. Returns the writes."""
+        fd = self.fds[name]
+        have = {bytes(k): k for k in self._keys(name, key_t)}
+        writes = 0
+        for raw, (key, val) in want.items():
+            old = type(val)()
+            if raw in have and bpfsys.lookup(fd, key, old) and bytes(old) == bytes(val):
+                continue
+            bpfsys.update(fd, key, val)
+            writes += 1
+        for raw, key in have.items():
+            if raw not in want:
+                bpfsys.delete(fd, key)
+                writes += 1
+        return writes
+
+    # -- writes ---------------------------------------------------------------------------
+    def set_config(self, snat_addr: str | None, port_min: int = SNAT_PORT_MIN,
+                   port_max: int = SNAT_PORT_MAX) -> None:
+        if not 1 <= port_min <= port_max <= 65535:
+            raise ValueError(f"SNAT ports: need 1 <= min <= max <= 65535, got "
+                             f"{port_min}-{port_max}")
+        cfg = abi.NpConfig(snat_addr=abi.ip_to_be32(snat_addr) if snat_addr else 0,
+                           snat_min=port_min, snat_max=port_max)
+        bpfsys.update(self.fds["kvr_np_cfg"], ct.c_uint32(0), cfg)
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> int:
+        want = {}
+        for text in addresses:
+            key = ct.c_uint32(abi.ip_to_be32(text))
+            want[bytes(key)] = (key, ct.c_uint32(1))
+        return self._sync("kvr_np_addr", ct.c_uint32, want)
+
+    def set_frontends(self, fes: Mapping[FeKey, Frontend]) -> int:
+        want = {}
+        for key, fe in fes.items():
+            k = _fe_key(key)
+            val = abi.NpFrontend(svc=abi.l4_key(*fe.service_key), flags=fe.flags)
+            want[bytes(k)] = (k, val)
+        return self._sync("kvr_np_fe_v1", abi.L4Key, want)
+
+    def set_local(self, local: Mapping[int, list[int]]) -> int:
+        """Service id -> ids of its backends on this node."""
+        want = {}
+        for svc_id, be_ids in local.items():
+            if len(be_ids) > abi.NP_LOCAL_MAX:
+                raise ValueError(f"service {svc_id}: {len(be_ids)} local backends, more "
+                                 f"than the {abi.NP_LOCAL_MAX} the kernel keeps")
+            val = abi.NpLocal(n=len(be_ids))
+            for i, be_id in enumerate(be_ids):
+                val.be_id[i] = be_id
+            k = ct.c_uint32(svc_id)
+            want[bytes(k)] = (k, val)
+        return self._sync("kvr_np_local_v1", ct.c_uint32, want)
+
+    def prune_counters(self, keep: Iterable[int]) -> int:
+        """Remove the counters of services not in ``keep`` (ids are reused: a new service
+        must not inherit a removed one's counts)."""
+        keep = set(keep)
+        gone = [k for k in self._keys("kvr_np_cnt", ct.c_uint32) if k.value not in keep]
+        for key in gone:
+            bpfsys.delete(self.fds["kvr_np_cnt"], key)
+        return len(gone)
+
+    # -- reads ----------------------------------------------------------------------------
+    def config(self) -> abi.NpConfig:
+        cfg = abi.NpConfig()
+        bpfsys.lookup(self.fds["kvr_np_cfg"], ct.c_uint32(0), cfg)
+        return cfg
+
+    def frontends(self) -> list[tuple[abi.L4Key, abi.NpFrontend]]:
+        fd = self.fds["kvr_np_fe_v1"]
+        out = []
+        for key in self._keys("kvr_np_fe_v1", abi.L4Key):
+            val = abi.NpFrontend()
+            if bpfsys.lookup(fd, key, val):
+                out.append((key, val))
+        return out
+
+    def local(self, svc_id: int) -> list[int]:
+        val = abi.NpLocal()
+        if not bpfsys.lookup(self.fds["kvr_np_local_v1"], ct.c_uint32(svc_id), val):
+            return []
+        return list(val.be_id[:min(val.n, abi.NP_LOCAL_MAX)])
+
+    def conntrack(self) -> list[tuple[abi.CtKey, abi.Ct]]:
+        fd = self.fds["kvr_ct_v1"]
+        out = []
+        for key in self._keys("kvr_ct_v1", abi.CtKey):
+            val = abi.Ct()
+            if bpfsys.lookup(fd, key, val):
+                out.append((key, val))
+        return out
+
+    def counters(self, svc_id: int) -> list[int]:
+        ncpu = bpfsys.possible_cpus()
+        buf = (abi.NpCounters * ncpu)()
+        if not bpfsys.lookup(self.fds["kvr_np_cnt"], ct.c_uint32(svc_id), buf):
+            return [0] * len(abi.NpCounter)
+        return [sum(buf[cpu].c[i] for cpu in range(ncpu)) for i in range(len(abi.NpCounter))]
+
+    def reasons(self) -> dict[str, int]:
+        ncpu = bpfsys.possible_cpus()
+        out = {}
+        for reason in abi.NpReason:
+            buf = (ct.c_uint64 * ncpu)()
+            bpfsys.lookup(self.fds["kvr_np_reasons"], ct.c_uint32(reason), buf)
+            out[reason.name.lower()] = sum(buf)
+        return out
+
+
+def ct_state(val: abi.Ct, proto: int, now_ns: int | None = None) -> str:
+    """A conntrack entry's state, for people: syn (no answer yet), established, closing
+    (a FIN each way), fin (this direction's), or expired (dead, not yet removed)."""
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    if now_ns - val.last_ns > val.lifetime_s * 1_000_000_000:
+        return "expired"
+    if val.flags & abi.CT_F_CLOSING:
+        return "closing"
+    if val.flags & abi.CT_F_FIN:
+        return "fin"
+    if val.flags & abi.CT_F_SEEN_REPLY:
+        return "established"
+    return "syn" if proto == 6 else "new"
+
+
+def ct_rows(entries: Iterable[tuple[abi.CtKey, abi.Ct]],
+            now_ns: int | None = None) -> list[dict[str, Any]]:
+    """Conntrack entries as rows for the CLI: tuple as it arrives, rewrite, state, age."""
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    rows = []
+    for key, val in entries:
+        proto = abi.PROTO_NAME.get(key.proto, str(key.proto))
+
+        def ep(addr: int, port: int) -> str:
+            return f"{abi.be32_to_ip(addr)}:{abi.be16_to_port(port)}"
+
+        src, dst = ep(key.saddr[0], key.sport), ep(key.daddr[0], key.dport)
+        new_src = ep(val.nat_saddr[0], val.nat_sport) if val.flags & abi.CT_F_SRC else src
+        new_dst = ep(val.nat_daddr[0], val.nat_dport) if val.flags & abi.CT_F_DST else dst
+        rows.append({
+            "dir": "orig" if key.dir == abi.CT_ORIG else "reply", "proto": proto,
+            "src": src, "dst": dst, "to_src": new_src, "to_dst": new_dst,
+            "svc_id": val.svc_id, "be_id": val.be_id,
+            "state": ct_state(val, key.proto, now_ns),
+            "age_s": round(max(0, now_ns - val.created_ns) / 1e9, 1),
+            "idle_s": round(max(0, now_ns - val.last_ns) / 1e9, 1),
+            "packets": val.packets,
+        })
+    rows.sort(key=lambda r: (r["svc_id"], r["src"], r["dir"]))
+    return rows
+
+
+def node_addresses(netns: str | None = None) -> list[str]:
+    """The IPv4 addresses of a network namespace's interfaces (loopback's excepted): the
+    addresses a NodePort answers on."""
+    import pyroute2
+    ipr = pyroute2.NetNS(netns) if netns else pyroute2.IPRoute()
+    try:
+        out = []
+        for msg in ipr.get_addr(family=2):
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr and not ipaddress.IPv4Address(addr).is_loopback:
+                out.append(addr)
+        return sorted(set(out))
+    finally:
+        ipr.close()
+
+
+def apply(npm: NodePortMaps, services: Iterable[model.Service],
+          service_id: Callable[[str], int | None], backend_id: Callable[[str], int | None],
+          is_local: Callable[[str], bool]) -> int:
+    """Write the packet path's frontends and local backend lists for ``services`` (after
+    the services and backends themselves are in the kernel: the ids come from the
+    applier). Frontends of services without an id yet are left out. Returns the writes."""
+    services = list(services)
+    known = {s.name for s in services if service_id(s.name) is not None}
+    fes = {k: fe for k, fe in frontends(services).items() if fe.service in known}
+    local: dict[int, list[int]] = {}
+    for name, identities in local_members(services, is_local).items():
+        svc_id = service_id(name)
+        be_ids = [i for i in (backend_id(ident) for ident in identities) if i is not None]
+        if svc_id is not None and be_ids:
+            local[svc_id] = be_ids
+    # Local lists before frontends: a new Local frontend finds its backends at once.
+    writes = npm.set_local(local) + npm.set_frontends(fes)
+    svc_ids = (service_id(s.name) for s in services)
+    return writes + npm.prune_counters(i for i in svc_ids if i is not None)
