@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dataplane import abi, bpfsys, maps, model
+from dataplane import abi, bpfsys, hashing, inspect, maps, model
 
 # SNAT source ports: above Linux's default ephemeral range (32768-60999), so flows the
 # node SNATs never take a port its own sockets use.
@@ -281,20 +281,35 @@ def ct_rows(entries: Iterable[tuple[abi.CtKey, abi.Ct]],
     return rows
 
 
-def node_addresses(netns: str | None = None) -> list[str]:
-    """The IPv4 addresses of a network namespace's interfaces (loopback's excepted): the
-    addresses a NodePort answers on."""
+def _addresses(netns: str | None, ifname: str | None) -> list[str]:
     import pyroute2
     ipr = pyroute2.NetNS(netns) if netns else pyroute2.IPRoute()
     try:
+        kw = {}
+        if ifname is not None:
+            links = ipr.link_lookup(ifname=ifname)
+            if not links:
+                raise ValueError(f"no interface {ifname!r}")
+            kw["index"] = links[0]
         out = []
-        for msg in ipr.get_addr(family=2):
+        for msg in ipr.get_addr(family=2, **kw):
             addr = msg.get_attr("IFA_ADDRESS")
             if addr and not ipaddress.IPv4Address(addr).is_loopback:
                 out.append(addr)
-        return sorted(set(out))
+        return out
     finally:
         ipr.close()
+
+
+def node_addresses(netns: str | None = None) -> list[str]:
+    """The IPv4 addresses of a network namespace's interfaces (loopback's excepted): the
+    addresses a NodePort answers on."""
+    return sorted(set(_addresses(netns, None)))
+
+
+def interface_addresses(ifname: str, netns: str | None = None) -> list[str]:
+    """An interface's IPv4 addresses, in the kernel's order (the primary first)."""
+    return _addresses(netns, ifname)
 
 
 def apply(npm: NodePortMaps, services: Iterable[model.Service],
@@ -316,3 +331,85 @@ def apply(npm: NodePortMaps, services: Iterable[model.Service],
     writes = npm.set_local(local) + npm.set_frontends(fes)
     svc_ids = (service_id(s.name) for s in services)
     return writes + npm.prune_counters(i for i in svc_ids if i is not None)
+
+
+def client_key(address: str) -> int:
+    """The affinity key the packet path gives a client (KVR_AFF_KEY_IP4)."""
+    return (1 << 63) | abi.ip_to_be32(address)
+
+
+def find_frontend(mapset: maps.MapSet, npm: NodePortMaps,
+                  ref: str) -> tuple[str, abi.NpFrontend]:
+    """A frontend by ADDRESS:PORT[/proto] as a packet would hit it: an external IP, or
+    one of the node's addresses (or ``*``) and a NodePort. Raises LookupError_."""
+    text = ref.replace("*", ANY_ADDRESS, 1) if ref.startswith("*:") else ref
+    try:
+        addr, port, proto = abi.parse_endpoint(text)
+    except ValueError as exc:
+        raise inspect.LookupError_(str(exc)) from None
+    fes = {(k.addr, k.port, k.proto): v for k, v in npm.frontends()}
+    key = abi.l4_key(addr, port, proto)
+    fe = fes.get((key.addr, key.port, key.proto))
+    node_addr = ct.c_uint32(key.addr)
+    if fe is None and (str(addr) == ANY_ADDRESS or
+                       bpfsys.lookup(npm.fds["kvr_np_addr"], node_addr, ct.c_uint32())):
+        fe = fes.get((0, key.port, key.proto))
+    if fe is None:
+        raise inspect.LookupError_(f"no NodePort or external IP answers {addr}:{port}/{proto}")
+    return f"{addr}:{port}/{proto}", fe
+
+
+def explain(mapset: maps.MapSet, npm: NodePortMaps, ref: str, client: str) -> dict[str, Any]:
+    """Walk the packet path's choice for a new flow from ``client`` to frontend ``ref``
+    without sending a packet (a tracked flow keeps the backend it has)."""
+    label, fe = find_frontend(mapset, npm, ref)
+    svc_ref = abi.format_endpoint(fe.svc.addr, fe.svc.port, fe.svc.proto)
+    _, svc = inspect.find_service(mapset, svc_ref)
+    local_ids = npm.local(svc.id)
+    policy = "local" if fe.flags & abi.NP_F_LOCAL else "cluster"
+    key = client_key(client)
+    head = [{"what": "frontend", "detail": f"{label} -> service {svc_ref} "
+                                           f"(externalTrafficPolicy {policy})"},
+            {"what": "local", "detail": f"backends on this node: {local_ids or 'none'}"}]
+    if policy == "local":
+        bes = {b["id"]: b for b in inspect.backends(mapset)}
+        ident = hashing_ident(svc_ref)
+        meta = mapset.meta()
+        chosen = None
+        steps = list(head)
+        if local_ids:
+            first = local_ids[hashing.slot_hash(key, ident, 0, meta.hash_seed) % len(local_ids)]
+            for be_id in [first, *local_ids]:
+                be = bes.get(be_id)
+                ok = be is not None and be["state"] not in ("draining", "open")
+                steps.append({"what": "local pick", "detail": f"backend {be_id}: "
+                              f"{be['state'] if be else 'gone'}"})
+                if ok:
+                    chosen = be_id
+                    break
+        return {"service": svc.id, "key": f"{key:016x}", "key_kind": f"client {client}",
+                "steps": steps, "backend": bes[chosen]["address"] if chosen is not None else None,
+                "backend_id": chosen, "snat": False,
+                "reason": "local backend, client address kept" if chosen is not None
+                else "no usable local backend: packets dropped"}
+    data = inspect.explain(mapset, svc_ref, key, f"client {client}")
+    data["steps"] = head + data["steps"]
+    cfg = npm.config()
+    chosen = data["backend_id"]
+    if chosen is None:
+        data["reason"] = "no usable backend: packets dropped"
+        data["snat"] = False
+    elif chosen in local_ids:
+        data["snat"] = False
+        data["reason"] += "; on this node: client address kept"
+    else:
+        data["snat"] = True
+        snat = str(abi.be32_to_ip(cfg.snat_addr)) if cfg.snat_addr else None
+        data["reason"] += (f"; on another node: SNAT to {snat}:{cfg.snat_min}-{cfg.snat_max}"
+                           if snat else "; on another node, but no SNAT address: left alone")
+    return data
+
+
+def hashing_ident(svc_ref: str) -> int:
+    addr, port, proto = abi.parse_endpoint(svc_ref)
+    return hashing.svc_ident(str(addr), port, proto)

@@ -384,3 +384,39 @@ def test_without_a_snat_address_remote_flows_are_left_alone(pn: PacketNode) -> N
         assert pn.np.reasons()["no_snat_addr"] >= 1
     finally:
         pn.np.set_config(NODE, SNAT_MIN, SNAT_MAX)
+
+
+# -- the CLI's view ------------------------------------------------------------------------
+
+def test_cli_shows_flows_counters_and_explains_a_nodeport(pn: PacketNode) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dataplane import cli
+    pn.apply(service([be(REMOTE_BE)], affinity="client", epsilon=None))
+    _, out = pn.run(bytes(frame(CLIENT, NODE, 49000, NODE_PORT)))
+    pin = ["--pin-dir", str(pn.settings.pin_dir)]
+    runner = CliRunner()
+    res = runner.invoke(cli.main, ["maps", "conntrack", "--json", *pin])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    orig = next(r for r in rows if r["dir"] == "orig")
+    assert (orig["src"], orig["dst"]) == (f"{CLIENT}:49000", f"{NODE}:{NODE_PORT}")
+    assert orig["to_dst"] == f"{REMOTE_BE}:8080" and orig["to_src"].startswith(f"{NODE}:")
+    assert orig["state"] == "syn"
+    res = runner.invoke(cli.main, ["maps", "nodeport", *pin])
+    assert res.exit_code == 0, res.output
+    assert f"*:{NODE_PORT}/tcp" in res.output and f"{EXT_IP}:80/tcp" in res.output
+    data = json.loads(runner.invoke(cli.main, ["maps", "nodeport", "--json", *pin]).output)
+    np_row = next(r for r in data["frontends"] if r["frontend"] == f"*:{NODE_PORT}/tcp")
+    assert np_row["counters"]["new"] == 1 and np_row["counters"]["snat"] == 1
+    # explain: the same backend the packet got, and that it is SNATed.
+    for ref in (f"{NODE}:{NODE_PORT}", f"*:{NODE_PORT}", f"{EXT_IP}:80"):
+        res = runner.invoke(cli.main, ["explain", ref, "--client-ip", CLIENT, "--json", *pin])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.output)
+        assert got["backend"] == f"{REMOTE_BE}:8080/tcp" and got["snat"] is True
+    res = runner.invoke(cli.main, ["explain", "192.168.50.99:30080", "--client-ip", CLIENT,
+                                   *pin])
+    assert res.exit_code != 0 and "no NodePort or external IP" in res.output
