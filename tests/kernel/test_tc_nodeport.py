@@ -396,6 +396,7 @@ def test_cli_shows_flows_counters_and_explains_a_nodeport(pn: PacketNode) -> Non
     from dataplane import cli
     pn.apply(service([be(REMOTE_BE)], affinity="client", epsilon=None))
     _, out = pn.run(bytes(frame(CLIENT, NODE, 49000, NODE_PORT)))
+    sent_to = tuple_of(out)[2]
     pin = ["--pin-dir", str(pn.settings.pin_dir)]
     runner = CliRunner()
     res = runner.invoke(cli.main, ["maps", "conntrack", "--json", *pin])
@@ -416,7 +417,7 @@ def test_cli_shows_flows_counters_and_explains_a_nodeport(pn: PacketNode) -> Non
         res = runner.invoke(cli.main, ["explain", ref, "--client-ip", CLIENT, "--json", *pin])
         assert res.exit_code == 0, res.output
         got = json.loads(res.output)
-        assert got["backend"] == f"{REMOTE_BE}:8080/tcp" and got["snat"] is True
+        assert got["backend"] == f"{sent_to}:8080/tcp" and got["snat"] is True
     res = runner.invoke(cli.main, ["explain", "192.168.50.99:30080", "--client-ip", CLIENT,
                                    *pin])
     assert res.exit_code != 0 and "no NodePort or external IP" in res.output
