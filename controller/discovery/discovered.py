@@ -162,6 +162,10 @@ class ServiceSpec:
     metrics_path: str = DEFAULT_METRICS_PATH
     # Why the annotations were dropped (empty when they were all valid).
     problems: tuple[str, ...] = ()
+    # Traffic from outside the node (the packet path): see dataplane.model.Service.
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    external_traffic_policy: Literal["cluster", "local"] = "cluster"
 
     def __post_init__(self) -> None:
         if not isinstance(self.vip, ipaddress.IPv4Address):
@@ -184,6 +188,9 @@ class ServiceSpec:
         endpoints: tuple[Endpoint, ...] = (),
         port_name: str = "",
         problems: tuple[str, ...] = (),
+        node_port: int | None = None,
+        external_ips: tuple[str, ...] = (),
+        external_traffic_policy: Literal["cluster", "local"] = "cluster",
     ) -> ServiceSpec:
         return cls(
             name=name,
@@ -193,6 +200,9 @@ class ServiceSpec:
             endpoints=endpoints,
             port_name=port_name,
             problems=problems,
+            node_port=node_port,
+            external_ips=external_ips,
+            external_traffic_policy=external_traffic_policy,
             **{f.name: getattr(options, f.name) for f in dataclasses.fields(Options)},
         )
 
