@@ -287,6 +287,7 @@ class NpReason(enum.IntEnum):
     REWRITE = 8
     EXPIRED = 9
     NO_PROG = 10
+    NO_ROUTE = 11
 
 
 class NpFrontend(ct.Structure):

@@ -40,6 +40,7 @@ PRIORITY = 0x6B76
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7  # a translated packet routed by the program itself (np4_forward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -396,6 +396,7 @@ enum kvr_np_reason {
 	KVR_NPR_REWRITE,	/* a rewrite helper failed: dropped */
 	KVR_NPR_EXPIRED,	/* an idle entry was found dead and removed */
 	KVR_NPR_NO_PROG,	/* a tail call of a new flow failed: packet left alone */
+	KVR_NPR_NO_ROUTE,	/* no FIB route for a translated packet: left to the stack */
 	KVR_NPR_MAX,
 };
 

@@ -189,6 +189,49 @@ static __always_inline int np4_set_port(struct __sk_buff *skb, const struct kvr_
 	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
 }
 
+/* bpf_redirect_neigh as 5.11+ declares it (bcc's declaration is older). On 5.10 the
+ * helper takes (ifindex, flags): NULL lands in flags as 0, the rest is ignored. */
+static long (*kvr_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+/*
+ * np4_forward() - send a translated ingress packet on its way. A packet whose source
+ * became one of the node's own addresses (SNAT, or a reply from the node's NodePort)
+ * would be dropped by the stack's input route as a martian, so it is routed here: a
+ * FIB lookup, then bpf_redirect with the neighbour's MAC, or bpf_redirect_neigh (5.10)
+ * when the neighbour is not resolved yet. Any other packet goes to the stack, which
+ * routes it (and a packet for a local pod needs nothing more).
+ */
+static __always_inline int np4_forward(struct __sk_buff *skb, const struct kvr_ct *ct,
+				       __u8 dir, bool ingress)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if (!ingress || !(ct->flags & KVR_CT_F_SRC))
+		return TC_ACT_OK;
+	fib.family = 2;	/* AF_INET */
+	fib.l4_protocol = 0;
+	fib.ipv4_src = ct->nat_saddr[0];
+	fib.ipv4_dst = ct->flags & KVR_CT_F_DST ? ct->nat_daddr[0] : 0;
+	if (!fib.ipv4_dst) {
+		if (bpf_skb_load_bytes(skb, KVR_IP_DADDR, &fib.ipv4_dst, 4))
+			return TC_ACT_OK;
+	}
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) ||
+		    bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return kvr_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	np_reason_inc(KVR_NPR_NO_ROUTE);
+	return TC_ACT_OK;
+}
+
 /* Rewrite a packet as its conntrack entry says; checksums follow. */
 static __always_inline int np4_rewrite(struct __sk_buff *skb, const struct kvr_pkt4 *p,
 				       const struct kvr_ct *ct)
@@ -440,7 +483,7 @@ static __always_inline int np4_nat(struct __sk_buff *skb)
 		np_reason_inc(KVR_NPR_REWRITE);
 		return TC_ACT_SHOT;
 	}
-	return TC_ACT_OK;
+	return np4_forward(skb, &s->fval, KVR_CT_ORIG, true);
 }
 
 /*
@@ -449,7 +492,7 @@ static __always_inline int np4_nat(struct __sk_buff *skb)
  */
 static __always_inline int np4_follow(struct __sk_buff *skb, const struct kvr_pkt4 *p,
 				      const struct kvr_ct_key *key, struct kvr_ct *ct, __u8 dir,
-				      __u64 now)
+				      __u64 now, bool ingress)
 {
 	struct kvr_ct_key partner;
 	struct kvr_ct copy;
@@ -469,12 +512,13 @@ static __always_inline int np4_follow(struct __sk_buff *skb, const struct kvr_pk
 		np_reason_inc(KVR_NPR_REWRITE);
 		return TC_ACT_SHOT;
 	}
-	return TC_ACT_OK;
+	return np4_forward(skb, &copy, dir, ingress);
 }
 
 /*
  * np4_handle() - the packet path. @new_flows: this attach point may start flows
- * (ingress from outside); egress only translates replies of tracked flows.
+ * (ingress from outside; it also routes what it translates, np4_forward); egress only
+ * translates replies of tracked flows.
  *
  * A new flow continues through the stages tc_np4_new -> (tc_np4_pick) -> tc_np4_nat,
  * tail calls with the state in kvr_np_scratch: following flows, picking and writing
@@ -495,12 +539,12 @@ static __always_inline int np4_handle(struct __sk_buff *skb, bool new_flows)
 	ct4_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, KVR_CT_REPLY);
 	ct = kvr_ct_v1.lookup(&key);
 	if (ct && ct_alive(ct, now))
-		return np4_follow(skb, &p, &key, ct, KVR_CT_REPLY, now);
+		return np4_follow(skb, &p, &key, ct, KVR_CT_REPLY, now, new_flows);
 	key.dir = KVR_CT_ORIG;
 	ct = kvr_ct_v1.lookup(&key);
 	if (ct) {
 		if (ct_alive(ct, now))
-			return np4_follow(skb, &p, &key, ct, KVR_CT_ORIG, now);
+			return np4_follow(skb, &p, &key, ct, KVR_CT_ORIG, now, new_flows);
 		/* Dead: this packet starts a new flow (the old reply entry is replaced,
 		 * or dies on its own). */
 		kvr_ct_v1.delete(&key);

@@ -177,14 +177,17 @@ def test_an_external_ip_is_a_frontend_too_and_udp_checksums_hold(pn: PacketNode)
 def test_a_remote_backend_is_reached_with_snat_and_its_reply_goes_back_to_the_client(
         pn: PacketNode) -> None:
     pn.apply(service([be(REMOTE_BE)]))
-    _, out = pn.run(bytes(frame(CLIENT, NODE, 40001, NODE_PORT)))
+    verdict, out = pn.run(bytes(frame(CLIENT, NODE, 40001, NODE_PORT)))
+    # Routed by the program (redirect) when this machine has a route to the backend; the
+    # stack's (OK) when not: a source that is the node's own would be a martian there.
+    assert verdict in (tc.TC_ACT_OK, tc.TC_ACT_REDIRECT)
     src, sport, dst, dport = tuple_of(out)
     assert (src, dst, dport) == (NODE, REMOTE_BE, 8080)
     assert SNAT_MIN <= sport <= SNAT_MAX
     assert checksums_ok(out)
     # The other node answers this node, on the SNAT port: ingress turns it back.
     verdict, back = pn.run(bytes(frame(REMOTE_BE, NODE, 8080, sport, flags="SA")))
-    assert verdict == tc.TC_ACT_OK
+    assert verdict in (tc.TC_ACT_OK, tc.TC_ACT_REDIRECT)
     assert tuple_of(back) == (NODE, NODE_PORT, CLIENT, 40001)
     assert checksums_ok(back)
     assert pn.counters("web")["snat"] == 1
