@@ -126,7 +126,7 @@ class NodePortLab:
         """A NodePort + external IP service over the given pods (LOCAL_POD runs on node)."""
         return model.Service(
             "web", SERVICE_VIP, SERVICE_PORT, node_port=NODE_PORT, external_ips=(EXTERNAL_IP,),
-            external_traffic_policy=policy,
+            external_traffic_policy=model.TrafficPolicy(policy),
             backends=tuple(model.Backend(b, POD_PORT, node="node" if b == LOCAL_POD else "node2")
                            for b in backends), **kw)
 
