@@ -87,12 +87,12 @@ def parse(text: str) -> Result:
                   mean_ns=int(raw["mean_ns"]), rate=float(raw["rate"]))
 
 
-def build(cache: Path = CACHE) -> Path:
-    """Compile lab/connbench.c with the machine's cc (once per source version) and
-    return the binary's path."""
-    source = SOURCE.read_bytes()
+def build(cache: Path = CACHE, source_path: Path = SOURCE) -> Path:
+    """Compile a C program of the lab (lab/connbench.c unless told) with the machine's cc
+    (once per source version) and return the binary's path."""
+    source = source_path.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
-    out = cache / f"connbench-{digest}"
+    out = cache / f"{source_path.stem}-{digest}"
     if out.exists():
         return out
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -100,13 +100,13 @@ def build(cache: Path = CACHE) -> Path:
         raise BuildError("no C compiler (cc) on PATH: apt-get install -y gcc")
     cache.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed: two benches at once never run half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".connbench-")
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{source_path.stem}-")
     os.close(fd)
     try:
         done = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", tmp,
-                               str(SOURCE)], capture_output=True, text=True, check=False)
+                               str(source_path)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise BuildError(f"{cc} failed on {SOURCE}:\n{done.stderr}")
+            raise BuildError(f"{cc} failed on {source_path}:\n{done.stderr}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:

@@ -394,7 +394,8 @@ enum kvr_np_reason {
 	KVR_NPR_NO_SNAT_PORT,	/* no free SNAT port after KVR_SNAT_TRIES: dropped */
 	KVR_NPR_CT_FULL,	/* conntrack insert failed: dropped */
 	KVR_NPR_REWRITE,	/* a rewrite helper failed: dropped */
-	KVR_NPR_EXPIRED,	/* an idle entry was found dead and removed */
+	KVR_NPR_EXPIRED,	/* a dead (idle) or closed flow's entries were replaced by a
+				 * new flow on the same tuple */
 	KVR_NPR_NO_PROG,	/* a tail call of a new flow failed: packet left alone */
 	KVR_NPR_NO_ROUTE,	/* no FIB route for a translated packet: left to the stack */
 	KVR_NPR_MAX,

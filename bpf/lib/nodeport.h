@@ -527,6 +527,7 @@ static __always_inline int np4_follow(struct __sk_buff *skb, const struct kvr_pk
 static __always_inline int np4_handle(struct __sk_buff *skb, bool new_flows)
 {
 	struct kvr_ct_key key;
+	struct kvr_ct_key partner;
 	struct kvr_np_scratch *s;
 	struct kvr_pkt4 p = {};
 	struct kvr_np_fe *fe;
@@ -538,16 +539,30 @@ static __always_inline int np4_handle(struct __sk_buff *skb, bool new_flows)
 	now = bpf_ktime_get_ns();
 	ct4_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, KVR_CT_REPLY);
 	ct = kvr_ct_v1.lookup(&key);
-	if (ct && ct_alive(ct, now))
-		return np4_follow(skb, &p, &key, ct, KVR_CT_REPLY, now, new_flows);
+	if (ct && ct_alive(ct, now)) {
+		/* A SYN-ACK on a closed flow's reply tuple answers another connection
+		 * (the client reached the pod directly from the same port): not ours. */
+		if (!(p.proto == IPPROTO_TCP && (ct->flags & (KVR_CT_F_FIN | KVR_CT_F_CLOSING)) &&
+		      (p.tcp_flags & (KVR_TCP_SYN | KVR_TCP_ACK)) == (KVR_TCP_SYN | KVR_TCP_ACK)))
+			return np4_follow(skb, &p, &key, ct, KVR_CT_REPLY, now, new_flows);
+		ct4_partner(&partner, &p, ct, KVR_CT_REPLY);
+		ct4_forget(&key, &partner);
+		np_reason_inc(KVR_NPR_EXPIRED);
+		return TC_ACT_OK;
+	}
 	key.dir = KVR_CT_ORIG;
 	ct = kvr_ct_v1.lookup(&key);
 	if (ct) {
-		if (ct_alive(ct, now))
+		/* A SYN on a closed flow's tuple (the client reused its port within the
+		 * close lifetime) is a new connection: a new pick, a new SNAT port. */
+		if (ct_alive(ct, now) && !(p.proto == IPPROTO_TCP &&
+					   (ct->flags & KVR_CT_F_CLOSING) &&
+					   (p.tcp_flags & (KVR_TCP_SYN | KVR_TCP_ACK)) == KVR_TCP_SYN))
 			return np4_follow(skb, &p, &key, ct, KVR_CT_ORIG, now, new_flows);
-		/* Dead: this packet starts a new flow (the old reply entry is replaced,
-		 * or dies on its own). */
-		kvr_ct_v1.delete(&key);
+		/* Dead or closed: this packet starts a new flow. The old reply entry goes
+		 * too (it holds the SNAT port). */
+		ct4_partner(&partner, &p, ct, KVR_CT_ORIG);
+		ct4_forget(&key, &partner);
 		np_reason_inc(KVR_NPR_EXPIRED);
 	}
 	if (!new_flows)

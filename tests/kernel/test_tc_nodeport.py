@@ -424,3 +424,37 @@ def test_cli_shows_flows_counters_and_explains_a_nodeport(pn: PacketNode) -> Non
     res = runner.invoke(cli.main, ["explain", "192.168.50.99:30080", "--client-ip", CLIENT,
                                    *pin])
     assert res.exit_code != 0 and "no NodePort or external IP" in res.output
+
+
+def test_a_reused_tuple_after_close_is_a_new_flow_not_the_old_one(pn: PacketNode) -> None:
+    """A client that reuses its port within the close lifetime: its SYN to the NodePort
+    starts a new flow (new pick, new SNAT port); a SYN-ACK on the closed flow's reply
+    tuple (the client reached the pod directly from that port) is left alone."""
+    pn.apply(service([be(REMOTE_BE)]))
+
+    def close_flow(sport: int) -> int:
+        _, out = pn.run(bytes(frame(CLIENT, NODE, sport, NODE_PORT)))
+        snat_port = tuple_of(out)[1]
+        pn.run(bytes(frame(REMOTE_BE, NODE, 8080, snat_port, flags="SA")))
+        pn.run(bytes(frame(CLIENT, NODE, sport, NODE_PORT, flags="FA")))
+        pn.run(bytes(frame(REMOTE_BE, NODE, 8080, snat_port, flags="FA")))
+        assert {r["state"] for r in nodeport.ct_rows(pn.conntrack())} == {"closing"}
+        return snat_port
+
+    close_flow(50000)
+    verdict, _ = pn.run(bytes(frame(CLIENT, NODE, 50000, NODE_PORT)))
+    assert verdict in (tc.TC_ACT_OK, tc.TC_ACT_REDIRECT)
+    rows = nodeport.ct_rows(pn.conntrack())
+    assert {r["state"] for r in rows} == {"syn"} and len(rows) == 2  # the old pair is gone
+    assert pn.counters("web")["new"] == 2
+    pn.flush_conntrack()
+
+    pn.apply(service([be(LOCAL_BE)]))
+    pn.run(bytes(frame(CLIENT, NODE, 50001, NODE_PORT)))
+    pn.run(bytes(frame(LOCAL_BE, CLIENT, 8080, 50001, flags="SA")), tc.EGRESS)
+    pn.run(bytes(frame(CLIENT, NODE, 50001, NODE_PORT, flags="FA")))
+    pn.run(bytes(frame(LOCAL_BE, CLIENT, 8080, 50001, flags="FA")), tc.EGRESS)
+    direct_synack = bytes(frame(LOCAL_BE, CLIENT, 8080, 50001, flags="SA"))
+    verdict, out = pn.run(direct_synack, tc.EGRESS)
+    assert (verdict, out) == (tc.TC_ACT_OK, direct_synack)
+    assert pn.conntrack() == []
