@@ -166,6 +166,11 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
 @click.option("--snat-ip", default=None, metavar="IPV4",
               help="Source address of flows to other nodes' backends [default: the first "
                    "address of the first --external-interface].")
+@click.option("--snat-ports", default="{}-{}".format(*model.SNAT_PORTS), show_default=True,
+              metavar="MIN-MAX",
+              help="Source ports of SNATed flows (keep them out of the node's ephemeral "
+                   "range, net.ipv4.ip_local_port_range). A remote backend takes about "
+                   "(MAX - MIN + 1) new flows a second from this node.")
 @click.option("--ct-entries", type=click.IntRange(16, 1 << 24),
               default=settings.Settings.ct_entries, show_default=True,
               help="Size of the packet path's conntrack (two entries a flow, about 200 "
@@ -182,7 +187,8 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
           tls_ca: Path | None,
           tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
           hash_seed: int | None, fail_k: int, affinity_entries: int,
-          external_ifaces: tuple[str, ...], snat_ip: str | None, ct_entries: int,
+          external_ifaces: tuple[str, ...], snat_ip: str | None, snat_ports: str,
+          ct_entries: int,
           metrics_at: str | None, detach_on_exit: bool, ready_file: Path | None) -> None:
     """Run the node agent: load and attach the programs, apply the desired state.
 
@@ -222,8 +228,14 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
                 model.ipv4("--snat-ip", snat_ip)
             except model.ModelError as exc:
                 raise click.UsageError(str(exc)) from None
+        low, sep, high = snat_ports.partition("-")
+        if not (sep and low.isdigit() and high.isdigit()
+                and 1024 <= int(low) <= int(high) <= 65535):
+            raise click.UsageError(f"--snat-ports: expected MIN-MAX within 1024-65535, "
+                                   f"got {snat_ports!r}")
         external = agent_mod.ExternalOptions(tuple(external_ifaces),
-                                             node or socket_mod.gethostname(), snat_ip)
+                                             node or socket_mod.gethostname(), snat_ip,
+                                             (int(low), int(high)))
     a = agent_mod.Agent(opts, target, config_path, ready_file, controller=ctrl,
                         metrics_addr=_hostport(metrics_at, "--metrics"), external=external)
     try:

@@ -73,6 +73,10 @@ DEFAULT_TABLE_SIZE = 16381  # Maglev M when a caller asks for "the big one"
 AUTO_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
 TABLE_SLOTS_PER_BACKEND = 100
 TABLE_SIZE_MIN_AUTO = AUTO_TABLE_SIZES[0]
+# Source ports the packet path SNATs flows to other nodes' backends from (the agent's
+# --snat-ports default): above Linux's default ephemeral range (32768-60999), so they
+# never collide with the node's own sockets.
+SNAT_PORTS = (61000, 65535)
 EPSILON_MAX = 10.0
 MOVE_EPSILON_MIN = 0.001  # the kernel keeps a move bound in thousandths; 0 means "off"
 DEFAULT_EPSILON = 0.25

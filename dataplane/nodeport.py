@@ -19,10 +19,7 @@ from typing import Any
 
 from dataplane import abi, bpfsys, hashing, inspect, maps, model
 
-# SNAT source ports: above Linux's default ephemeral range (32768-60999), so flows the
-# node SNATs never take a port its own sockets use.
-SNAT_PORT_MIN = 61000
-SNAT_PORT_MAX = 65535
+SNAT_PORT_MIN, SNAT_PORT_MAX = model.SNAT_PORTS
 ANY_ADDRESS = "0.0.0.0"  # a NodePort frontend's key address: any of the node's addresses
 
 FeKey = tuple[str, int, str]  # (address, port, protocol)

@@ -18,7 +18,13 @@
 #include "conntrack.h"
 
 #ifndef KVR_SNAT_TRIES
-#define KVR_SNAT_TRIES 8	/* random SNAT ports tried before a new flow is dropped */
+#define KVR_SNAT_TRIES 32	/* random SNAT ports tried before a new flow is dropped */
+#endif
+/* A closed flow's SNAT port may go to a new flow once the closed flow has been quiet
+ * this long: its last ACK has long passed, and holding the port for the whole close
+ * lifetime capped a remote backend's new flows at range / KVR_CT_CLOSE_S a second. */
+#ifndef KVR_SNAT_REUSE_S
+#define KVR_SNAT_REUSE_S 1
 #endif
 
 #define KVR_ETH_HLEN	14
@@ -252,7 +258,8 @@ static __always_inline int np4_rewrite(struct __sk_buff *skb, const struct kvr_p
 /*
  * np4_snat_port() - reserve a source port on the SNAT address for a flow to a remote
  * backend: the reply entry is inserted only where none lives (BPF_NOEXIST), so two
- * flows never share the tuple the backend answers to. A dead entry is taken over.
+ * flows never share the tuple the backend answers to. A dead entry, or a closed flow
+ * quiet for KVR_SNAT_REUSE_S, is taken over (with the old flow's ORIG entry removed).
  * Returns the port (network order) or 0.
  */
 static __always_inline __be16 np4_snat_port(const struct kvr_np_cfg *cfg,
@@ -260,6 +267,7 @@ static __always_inline __be16 np4_snat_port(const struct kvr_np_cfg *cfg,
 					    __u64 now)
 {
 	__u32 range = cfg->snat_max >= cfg->snat_min ? cfg->snat_max - cfg->snat_min + 1 : 0;
+	struct kvr_ct_key okey;
 	struct kvr_ct *old;
 	__be16 port;
 	__u32 i;
@@ -272,7 +280,14 @@ static __always_inline __be16 np4_snat_port(const struct kvr_np_cfg *cfg,
 		if (!kvr_ct_v1.insert(rkey, rval))
 			return port;
 		old = kvr_ct_v1.lookup(rkey);
-		if (old && !ct_alive(old, now)) {
+		if (old && (!ct_alive(old, now) ||
+			    ((old->flags & KVR_CT_F_CLOSING) &&
+			     now - old->last_ns > KVR_SNAT_REUSE_S * KVR_NS_PER_SEC))) {
+			/* The old flow's ORIG entry goes with it: it would SNAT to this
+			 * port, and forgetting it later would take this flow's entry. */
+			ct4_key(&okey, old->nat_daddr[0], old->nat_saddr[0], old->nat_dport,
+				old->nat_sport, rkey->proto, KVR_CT_ORIG);
+			kvr_ct_v1.delete(&okey);
 			kvr_ct_v1.update(rkey, rval);
 			np_reason_inc(KVR_NPR_EXPIRED);
 			return port;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -458,3 +459,32 @@ def test_a_reused_tuple_after_close_is_a_new_flow_not_the_old_one(pn: PacketNode
     verdict, out = pn.run(direct_synack, tc.EGRESS)
     assert (verdict, out) == (tc.TC_ACT_OK, direct_synack)
     assert pn.conntrack() == []
+
+
+def test_snat_ports_run_out_then_a_quiet_closed_flow_gives_its_port_back(
+        pn: PacketNode) -> None:
+    pn.apply(service([be(REMOTE_BE)]))
+    pn.np.set_config(NODE, 61000, 61001)  # two ports for the whole test
+    try:
+        ports = []
+        for sport in (51000, 51001):
+            _, out = pn.run(bytes(frame(CLIENT, NODE, sport, NODE_PORT)))
+            ports.append(tuple_of(out)[1])
+            pn.run(bytes(frame(CLIENT, NODE, sport, NODE_PORT, flags="FA")))
+            pn.run(bytes(frame(REMOTE_BE, NODE, 8080, ports[-1], flags="FA")))
+        assert sorted(ports) == [61000, 61001]
+        before = pn.np.reasons()["no_snat_port"]
+        verdict, _ = pn.run(bytes(frame(CLIENT, NODE, 51002, NODE_PORT)))
+        assert verdict == tc.TC_ACT_SHOT  # both ports held by flows closed just now
+        assert pn.np.reasons()["no_snat_port"] == before + 1
+        time.sleep(1.2)  # KVR_SNAT_REUSE_S
+        verdict, out = pn.run(bytes(frame(CLIENT, NODE, 51002, NODE_PORT)))
+        assert verdict in (tc.TC_ACT_OK, tc.TC_ACT_REDIRECT)
+        taken = tuple_of(out)[1]
+        assert taken in ports
+        # The flow that held the port is gone whole: no ORIG entry still SNATs to it.
+        origs = [r for r in nodeport.ct_rows(pn.conntrack()) if r["dir"] == "orig"
+                 and r["to_src"] == f"{NODE}:{taken}"]
+        assert [r["src"] for r in origs] == [f"{CLIENT}:51002"]
+    finally:
+        pn.np.set_config(NODE, SNAT_MIN, SNAT_MAX)

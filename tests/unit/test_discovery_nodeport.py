@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from controller import reconcile
 from controller.discovery import k8sobjects
-from dataplane import model, nodeport
+from dataplane import cli, model, nodeport
 from dataplane.api import convert
 
 
@@ -111,3 +112,20 @@ def test_the_model_refuses_two_services_on_one_frontend_and_round_trips_the_fiel
         model.Service("c", "10.96.0.12", 80, external_traffic_policy="Local")
     assert convert.service_from_pb(convert.service_to_pb(a), "s") == a
     assert model.service_from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--snat-ports", "5000-4000"], "--snat-ports: expected MIN-MAX within 1024-65535"),
+    (["--snat-ports", "80-90"], "--snat-ports: expected MIN-MAX within 1024-65535"),
+    (["--snat-ip", "10.0.0.1.2"], "is not an IPv4 address"),
+])
+def test_agent_refuses_bad_packet_path_options_before_touching_anything(
+        tmp_path: Any, args: list[str], message: str) -> None:
+    res = CliRunner().invoke(cli.main, ["agent", "--config", str(tmp_path / "absent.yaml"),
+                                        "--external-interface", "eth0", *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_snat_ip_alone_is_refused() -> None:
+    res = CliRunner().invoke(cli.main, ["agent", "--config", "x.yaml", "--snat-ip", "10.0.0.1"])
+    assert res.exit_code == 2 and "--snat-ip needs --external-interface" in res.output
