@@ -488,3 +488,36 @@ def test_snat_ports_run_out_then_a_quiet_closed_flow_gives_its_port_back(
         assert [r["src"] for r in origs] == [f"{CLIENT}:51002"]
     finally:
         pn.np.set_config(NODE, SNAT_MIN, SNAT_MAX)
+
+
+# -- the ABI: ctypes mirrors against what bcc derived from bpf/lib/abi.h ----------------
+
+NP_MAP_TYPES: dict[str, tuple[Any, Any]] = {
+    "kvr_np_fe_v1": (abi.L4Key, abi.NpFrontend),
+    "kvr_np_local_v1": (ct.c_uint32, abi.NpLocal),
+    "kvr_np_cfg": (ct.c_uint32, abi.NpConfig),
+    "kvr_ct_v1": (abi.CtKey, abi.Ct),
+    "kvr_np_cnt": (ct.c_uint32, abi.NpCounters),
+}
+
+
+def _layout(t: Any) -> list[tuple[str, int, int]] | int:
+    if not hasattr(t, "_fields_"):
+        return ct.sizeof(t)
+    return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
+
+
+@pytest.mark.parametrize("name", sorted(NP_MAP_TYPES))
+def test_packet_path_mirrors_match_bcc(pnode: PacketNode, name: str) -> None:
+    table = pnode.path.bpf[name]
+    key_t, leaf_t = NP_MAP_TYPES[name]
+    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
+    assert _layout(table.Key) == _layout(key_t)
+    assert _layout(leaf) == _layout(leaf_t)
+    assert ct.sizeof(leaf) == ct.sizeof(leaf_t)
+
+
+def test_the_packet_path_pins_exactly_its_maps(pnode: PacketNode) -> None:
+    from dataplane import maps
+    pinned = {p.name for p in pnode.settings.pin_dir.iterdir() if p.is_file()}
+    assert pinned == set(maps.PINNED_MAPS) | set(maps.NODEPORT_MAPS)
