@@ -118,6 +118,8 @@ class Agent:
         if self.external:
             self._start_packet_path(self.external)
         self.registry.register(metrics.KernelCollector(self.maps))
+        if self.np is not None:
+            self.registry.register(metrics.PacketPathCollector(self.maps, self.np))
         if self.metrics_addr:
             start_http_server(self.metrics_addr[1], self.metrics_addr[0], registry=self.registry)
             log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)

@@ -521,3 +521,16 @@ def test_the_packet_path_pins_exactly_its_maps(pnode: PacketNode) -> None:
     from dataplane import maps
     pinned = {p.name for p in pnode.settings.pin_dir.iterdir() if p.is_file()}
     assert pinned == set(maps.PINNED_MAPS) | set(maps.NODEPORT_MAPS)
+
+
+def test_metrics_carry_the_packet_path_counters(pn: PacketNode) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dataplane import metrics
+    pn.apply(service([be(LOCAL_BE)]))
+    pn.run(bytes(frame(CLIENT, NODE, 52000, NODE_PORT)))
+    registry = CollectorRegistry()
+    registry.register(metrics.PacketPathCollector(pn.maps, pn.np))
+    text = generate_latest(registry).decode()
+    assert 'kvroute_agent_packet_path_total{event="new",service="web"} 1.0' in text
+    assert 'kvroute_agent_packet_path_reasons_total{reason="fragment"}' in text
