@@ -4,6 +4,7 @@ alike, while the agent runs or after it died."""
 from __future__ import annotations
 
 import ctypes as ct
+import enum
 import errno
 import os
 import time
@@ -49,18 +50,21 @@ class NotPinned(RuntimeError):
 class MapSet:
     """File descriptors of every pinned map under a pin dir."""
 
-    def __init__(self, pin_dir: Path) -> None:
+    def __init__(self, pin_dir: Path, names: Sequence[str] = MAP_NAMES,
+                 absent: str = "is the agent installed on this node? `kvroute agent` pins "
+                               "them") -> None:
+        """Open ``names`` (every map the socket programs pin, unless told); ``absent``
+        says why they might not be pinned."""
         self.pin_dir = pin_dir
         self.fds: dict[str, int] = {}
         try:
-            for name in MAP_NAMES:
+            for name in names:
                 self.fds[name] = bpfsys.obj_get(pin_dir / name)
         except OSError as exc:
             self.close()
             if exc.errno == errno.ENOENT:
-                raise NotPinned(
-                    f"kvroute maps are not pinned under {pin_dir} "
-                    "(is the agent installed on this node? `kvroute agent` pins them)") from exc
+                raise NotPinned(f"kvroute maps are not pinned under {pin_dir} ({absent})"
+                                ) from exc
             if exc.errno == errno.EPERM or exc.errno == errno.EACCES:
                 raise NotPinned(f"no permission to open {pin_dir}: kvroute needs root") from exc
             raise
@@ -118,12 +122,14 @@ class MapSet:
         width = len(buf[0].c)
         return [sum(buf[cpu].c[i] for cpu in range(ncpu)) for i in range(width)]
 
-    def reasons(self) -> dict[str, int]:
+    def reasons(self, name: str = "kvr_reasons_v2",
+                kinds: type[enum.IntEnum] = abi.Reason) -> dict[str, int]:
+        """A per-CPU array of reason counters, summed: the socket programs' unless told."""
         ncpu = bpfsys.possible_cpus()
         out = {}
-        for reason in abi.Reason:
+        for reason in kinds:
             buf = (ct.c_uint64 * ncpu)()
-            bpfsys.lookup(self.fds["kvr_reasons_v2"], U32(reason), buf)
+            bpfsys.lookup(self.fds[name], U32(reason), buf)
             out[reason.name.lower()] = sum(buf)
         return out
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import dataclasses
-import errno
 import ipaddress
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -85,25 +83,18 @@ def _fe_key(key: FeKey) -> abi.L4Key:
 
 
 class NodePortMaps:
-    """File descriptors of the packet path's pinned maps."""
+    """The packet path's pinned maps (dataplane.maps.NODEPORT_MAPS, but the programs'
+    own), with typed reads and writes."""
 
     def __init__(self, pin_dir: Path) -> None:
-        self.fds: dict[str, int] = {}
-        names = [n for n in maps.NODEPORT_MAPS if n not in ("kvr_np_progs", "kvr_np_scratch")]
-        try:
-            for name in names:
-                self.fds[name] = bpfsys.obj_get(pin_dir / name)
-        except OSError as exc:
-            self.close()
-            if exc.errno == errno.ENOENT:
-                raise maps.NotPinned(f"the packet path is not loaded under {pin_dir} "
-                                     "(the agent loads it with --external-interface)") from exc
-            raise
+        self.set = maps.MapSet(pin_dir, [n for n in maps.NODEPORT_MAPS
+                                         if n not in ("kvr_np_progs", "kvr_np_scratch")],
+                               absent="the packet path is loaded by `kvroute agent "
+                                      "--external-interface IFACE`")
+        self.fds = self.set.fds
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self.set.close()
 
     def __enter__(self) -> NodePortMaps:
         return self
@@ -111,23 +102,11 @@ class NodePortMaps:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _keys(self, name: str, key_t: Any) -> list[Any]:
-        fd = self.fds[name]
-        out: list[Any] = []
-        key: Any = None
-        nxt = key_t()
-        while bpfsys.next_key(fd, key, nxt):
-            cur = key_t.from_buffer_copy(nxt)
-            out.append(cur)
-            key = cur
-            nxt = key_t()
-        return out
-
     def _sync(self, name: str, key_t: Any, want: Mapping[bytes, tuple[Any, Any]]) -> int:
         """Make map ``name`` hold exactly ``want`` (raw key bytes -> (key, value)):
         writes what differs, then deletes what is gone. Returns the writes."""
         fd = self.fds[name]
-        have = {bytes(k): k for k in self._keys(name, key_t)}
+        have = {bytes(k): k for k in self.set.keys(name, key_t)}
         writes = 0
         for raw, (key, val) in want.items():
             old = type(val)()
@@ -184,56 +163,33 @@ class NodePortMaps:
         """Remove the counters of services not in ``keep`` (ids are reused: a new service
         must not inherit a removed one's counts)."""
         keep = set(keep)
-        gone = [k for k in self._keys("kvr_np_cnt", ct.c_uint32) if k.value not in keep]
+        gone = [k for k in self.set.keys("kvr_np_cnt", ct.c_uint32) if k.value not in keep]
         for key in gone:
             bpfsys.delete(self.fds["kvr_np_cnt"], key)
         return len(gone)
 
     # -- reads ----------------------------------------------------------------------------
     def config(self) -> abi.NpConfig:
-        cfg = abi.NpConfig()
-        bpfsys.lookup(self.fds["kvr_np_cfg"], ct.c_uint32(0), cfg)
+        cfg = self.set.get("kvr_np_cfg", ct.c_uint32(0), abi.NpConfig)
+        assert cfg is not None  # an array always has its entry
         return cfg
 
     def frontends(self) -> list[tuple[abi.L4Key, abi.NpFrontend]]:
-        fd = self.fds["kvr_np_fe_v1"]
-        out = []
-        for key in self._keys("kvr_np_fe_v1", abi.L4Key):
-            val = abi.NpFrontend()
-            if bpfsys.lookup(fd, key, val):
-                out.append((key, val))
-        return out
+        return list(self.set.items("kvr_np_fe_v1", abi.L4Key, abi.NpFrontend))
 
     def local(self, svc_id: int) -> list[int]:
-        val = abi.NpLocal()
-        if not bpfsys.lookup(self.fds["kvr_np_local_v1"], ct.c_uint32(svc_id), val):
-            return []
-        return list(val.be_id[:min(val.n, abi.NP_LOCAL_MAX)])
+        val = self.set.get("kvr_np_local_v1", ct.c_uint32(svc_id), abi.NpLocal)
+        return [] if val is None else list(val.be_id[:min(val.n, abi.NP_LOCAL_MAX)])
 
     def conntrack(self) -> list[tuple[abi.CtKey, abi.Ct]]:
-        fd = self.fds["kvr_ct_v1"]
-        out = []
-        for key in self._keys("kvr_ct_v1", abi.CtKey):
-            val = abi.Ct()
-            if bpfsys.lookup(fd, key, val):
-                out.append((key, val))
-        return out
+        return list(self.set.items("kvr_ct_v1", abi.CtKey, abi.Ct))
 
     def counters(self, svc_id: int) -> list[int]:
-        ncpu = bpfsys.possible_cpus()
-        buf = (abi.NpCounters * ncpu)()
-        if not bpfsys.lookup(self.fds["kvr_np_cnt"], ct.c_uint32(svc_id), buf):
-            return [0] * len(abi.NpCounter)
-        return [sum(buf[cpu].c[i] for cpu in range(ncpu)) for i in range(len(abi.NpCounter))]
+        got = self.set.percpu_sum("kvr_np_cnt", ct.c_uint32(svc_id), abi.NpCounters)
+        return got if got is not None else [0] * len(abi.NpCounter)
 
     def reasons(self) -> dict[str, int]:
-        ncpu = bpfsys.possible_cpus()
-        out = {}
-        for reason in abi.NpReason:
-            buf = (ct.c_uint64 * ncpu)()
-            bpfsys.lookup(self.fds["kvr_np_reasons"], ct.c_uint32(reason), buf)
-            out[reason.name.lower()] = sum(buf)
-        return out
+        return self.set.reasons("kvr_np_reasons", abi.NpReason)
 
 
 def ct_state(val: abi.Ct, proto: int, now_ns: int | None = None) -> str:

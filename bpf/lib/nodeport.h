@@ -303,6 +303,16 @@ static __always_inline struct kvr_np_scratch *np_scratch(void)
 	return kvr_np_scratch.lookup(&zero);
 }
 
+/* The service a stage works for, from the hand-over; NULL (counted) when it is gone. */
+static __always_inline struct kvr_svc *np_stage_service(struct kvr_np_scratch *s)
+{
+	struct kvr_svc *svc = kvr_svc_v1.lookup(&s->fe.svc);
+
+	if (!svc)
+		np_reason_inc(KVR_NPR_NO_SERVICE);
+	return svc;
+}
+
 /* Hand a new flow to its next stage; returns only when the tail call failed. */
 static __always_inline int np_next(struct __sk_buff *skb, __u32 stage)
 {
@@ -333,11 +343,9 @@ static __always_inline int np4_choose(struct __sk_buff *skb)
 
 	if (!s)
 		return TC_ACT_OK;
-	svc = kvr_svc_v1.lookup(&s->fe.svc);
-	if (!svc) {
-		np_reason_inc(KVR_NPR_NO_SERVICE);
+	svc = np_stage_service(s);
+	if (!svc)
 		return TC_ACT_OK;
-	}
 	s->svc_id = svc->id;
 	s->be_id = KVR_NO_BACKEND;
 	if (s->pkt.proto == IPPROTO_TCP &&
@@ -385,11 +393,9 @@ static __always_inline int np4_pick_local(struct __sk_buff *skb)
 
 	if (!s)
 		return TC_ACT_OK;
-	svc = kvr_svc_v1.lookup(&s->fe.svc);
-	if (!svc) {
-		np_reason_inc(KVR_NPR_NO_SERVICE);
+	svc = np_stage_service(s);
+	if (!svc)
 		return TC_ACT_OK;
-	}
 	s->be_id = np_pick_local(svc, kvr_np_local_v1.lookup(&s->svc_id), s->key,
 				 kvr_svc_ident(&s->fe.svc));
 	return np_next(skb, KVR_NP_PROG_NAT);
@@ -405,11 +411,9 @@ static __always_inline int np4_pick_more(struct __sk_buff *skb)
 
 	if (!s)
 		return TC_ACT_OK;
-	svc = kvr_svc_v1.lookup(&s->fe.svc);
-	if (!svc) {
-		np_reason_inc(KVR_NPR_NO_SERVICE);
+	svc = np_stage_service(s);
+	if (!svc)
 		return TC_ACT_OK;
-	}
 	pick = lb_maglev_pick(svc, s->key, kvr_svc_ident(&s->fe.svc), s->avoid,
 			      svc->flags & KVR_SVC_F_FLEET);
 	akey.svc_id = svc->id;

@@ -19,6 +19,7 @@ import pytest
 from dataplane import abi, apply, hashing, loader, model, nodeport, tc
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
+from tests.kernel.test_abi import _layout
 
 scapy = pytest.importorskip("scapy.all", reason="scapy builds the test frames (dev extra)")
 Ether, IP, TCP, UDP, Raw = scapy.Ether, scapy.IP, scapy.TCP, scapy.UDP, scapy.Raw
@@ -499,12 +500,6 @@ NP_MAP_TYPES: dict[str, tuple[Any, Any]] = {
     "kvr_ct_v1": (abi.CtKey, abi.Ct),
     "kvr_np_cnt": (ct.c_uint32, abi.NpCounters),
 }
-
-
-def _layout(t: Any) -> list[tuple[str, int, int]] | int:
-    if not hasattr(t, "_fields_"):
-        return ct.sizeof(t)
-    return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
 
 
 @pytest.mark.parametrize("name", sorted(NP_MAP_TYPES))
