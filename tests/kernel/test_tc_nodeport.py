@@ -19,7 +19,7 @@ import pytest
 from dataplane import abi, apply, hashing, loader, model, nodeport, tc
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
-from tests.kernel.test_abi import _layout
+from tests.kernel.test_abi import assert_mirrors
 
 scapy = pytest.importorskip("scapy.all", reason="scapy builds the test frames (dev extra)")
 Ether, IP, TCP, UDP, Raw = scapy.Ether, scapy.IP, scapy.TCP, scapy.UDP, scapy.Raw
@@ -504,12 +504,7 @@ NP_MAP_TYPES: dict[str, tuple[Any, Any]] = {
 
 @pytest.mark.parametrize("name", sorted(NP_MAP_TYPES))
 def test_packet_path_mirrors_match_bcc(pnode: PacketNode, name: str) -> None:
-    table = pnode.path.bpf[name]
-    key_t, leaf_t = NP_MAP_TYPES[name]
-    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
-    assert _layout(table.Key) == _layout(key_t)
-    assert _layout(leaf) == _layout(leaf_t)
-    assert ct.sizeof(leaf) == ct.sizeof(leaf_t)
+    assert_mirrors(pnode.path.bpf[name], *NP_MAP_TYPES[name])
 
 
 def test_the_packet_path_pins_exactly_its_maps(pnode: PacketNode) -> None:
