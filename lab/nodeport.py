@@ -59,7 +59,10 @@ class _Link:
 class NodePortLab:
     """The topology above, the packet path attached in ``node``, servers in the pods."""
 
-    def __init__(self) -> None:
+    def __init__(self, load: bool = True) -> None:
+        """``load``: load the packet path here and attach it in ``node``; without it the
+        topology is bare (for an agent run inside ``node`` to attach its own)."""
+        self.load = load
         self.lab = lab.netns.Lab()
         self.ns: dict[str, str] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -102,6 +105,11 @@ class NodePortLab:
         _route(ns["node2"], "192.168.77.0/24", "172.30.0.1")
         for role in ("node", "node2"):
             lab.netns.sysctl(ns[role], "net.ipv4.ip_forward", 1)
+        if self.load:
+            self._load()
+
+    def _load(self) -> None:
+        ns = self.ns
         pin_dir = Path(f"/sys/fs/bpf/kvrtest-nplab-{secrets.token_hex(3)}")
         self.lab.own_pin_dir(pin_dir)
         self.settings = Settings(pin_dir=pin_dir)

@@ -6,16 +6,23 @@ conntrack the CLI shows."""
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
-from dataplane import loader, nodeport
+from dataplane import loader, model, nodeport
 from lab import nodeport as nplab
 from lab import podserver
+from lab import run as lab_run
 
 
 def _ask_all(address: str, port: int, n: int) -> list[str]:
@@ -108,3 +115,42 @@ def test_the_node_itself_is_left_alone(npl: nplab.NodePortLab) -> None:
     assert npl.call("client", connect)
     t.join(10)
     assert result == [True]
+
+
+def test_the_agent_serves_a_nodeport_on_its_external_interface(tmp_path: Path) -> None:
+    """`kvroute agent --external-interface` inside the node namespace, from a config file:
+    a NodePort to a local pod and an external IP to a remote one (SNAT)."""
+    if os.geteuid() != 0:
+        pytest.skip("the NodePort lab needs root (namespaces, eBPF)")
+    kvroute = str(Path(sys.executable).parent / "kvroute")
+    with nplab.NodePortLab(load=False) as lab:
+        pin_dir = Path(f"/sys/fs/bpf/kvrtest-npagent-{secrets.token_hex(3)}")
+        lab.lab.own_pin_dir(pin_dir)
+        cfg = tmp_path / "kvroute.yaml"
+        local = lab.service()
+        remote = model.Service("far", "10.96.0.81", 80, external_ips=("198.51.100.21",),
+                               backends=(model.Backend(nplab.REMOTE_POD, nplab.POD_PORT,
+                                                       node="node2"),))
+        cfg.write_text(yaml.safe_dump(model.DesiredState((local, remote)).to_dict(
+            engines=False)))
+        lab.serve("pod", "pod")
+        lab.serve("rpod", "rpod")
+        ready, log = tmp_path / "ready", tmp_path / "agent.log"
+        with open(log, "wb") as out:
+            proc = lab_run.spawn(lab.ns["node"], [
+                kvroute, "agent", "--config", str(cfg), "--cgroup", str(lab.lab.cgroup.path),
+                "--pin-dir", str(pin_dir), "--ready-file", str(ready), "--node", "node",
+                "--external-interface", "ext", "--external-interface", "n2n",
+                "--detach-on-exit"], stdout=out, stderr=subprocess.STDOUT)
+        lab.procs.append(proc)
+        deadline = time.monotonic() + 90
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), log.read_text()
+        for role, ip in (("pod", nplab.LOCAL_POD), ("rpod", nplab.REMOTE_POD)):
+            lab.call(role, podserver._poll_listening, ip, nplab.POD_PORT, 10.0)
+        assert lab.call("client", _ask_all, nplab.NODE_IP, nplab.NODE_PORT, 3) == ["pod"] * 3
+        assert lab.call("client", _ask_all, "198.51.100.21", 80, 3) == ["rpod"] * 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert "SNAT to 192.168.77.1" in log.read_text()
