@@ -121,6 +121,7 @@ class _Backend:
     identity: str
     terminating: bool  # serving but terminating: draining
     address6: str | None = None  # a dual-stack pod's IPv6 address
+    node: str | None = None  # the node it runs on (the packet path's SNAT and Local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,9 @@ class _Service:
     policy: policy.PolicyConfig | None  # LLM services only
     backends: tuple[_Backend, ...]
     vip6: str | None = None  # dual stack
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    external_traffic_policy: model.TrafficPolicy = model.TrafficPolicy.CLUSTER
 
 
 class _Engine:
@@ -287,7 +291,8 @@ class Reconciler:
                 continue
             be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
                           terminating=state is discovered.State.DRAINING,
-                          address6=str(ep.address6) if ep.address6 is not None else None)
+                          address6=str(ep.address6) if ep.address6 is not None else None,
+                          node=ep.node)
             old = chosen.get((address, ep.port))
             if old is None or (old.terminating and not be.terminating):
                 chosen[(address, ep.port)] = be
@@ -318,6 +323,8 @@ class Reconciler:
             affinity_timeout=spec.affinity_timeout or model.DEFAULT_AFFINITY_TIMEOUT,
             table_size=table_size, epsilon=epsilon, move_epsilon=spec.move_epsilon,
             probe_share=probe_share, policy=pcfg, backends=backends,
+            node_port=spec.node_port, external_ips=spec.external_ips,
+            external_traffic_policy=model.TrafficPolicy(spec.external_traffic_policy),
         )
         # Whatever the snapshot would refuse (a VIP that is not unicast, ...) is found
         # here, where the service can be left out, and never in a tick.
@@ -479,7 +486,8 @@ class Reconciler:
         backends = tuple(
             model.Backend(be.address, be.port, 0 if be.terminating else PLAIN_WEIGHT,
                           model.BackendState.DRAINING if be.terminating
-                          else model.BackendState.ACTIVE, address6=be.address6)
+                          else model.BackendState.ACTIVE, address6=be.address6,
+                          node=be.node)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=False)
@@ -490,7 +498,7 @@ class Reconciler:
             # Loads travel apart (Publisher.publish_loads): a snapshot changes only when
             # a weight, state or member does, not several times a second.
             model.Backend(be.address, be.port, by_id[be.identity].weight,
-                          by_id[be.identity].state, address6=be.address6)
+                          by_id[be.identity].state, address6=be.address6, node=be.node)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=result.saturated)
@@ -503,6 +511,8 @@ class Reconciler:
             table_size=svc.table_size, epsilon=svc.epsilon, probe_share=svc.probe_share,
             saturated=saturated, move_epsilon=svc.move_epsilon, backends=backends,
             vip6=svc.vip6,
+            node_port=svc.node_port, external_ips=svc.external_ips,
+            external_traffic_policy=svc.external_traffic_policy,
         )
 
     def _build_view(self, policies: Mapping[str, policy.ServicePolicy],

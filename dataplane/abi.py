@@ -305,6 +305,97 @@ class Meta(ct.Structure):
 
 ABI_VERSION = 3
 
+
+# -- packet path (bpf/lib/abi.h, "Packet path (tc)") --------------------------------------
+
+NP_F_LOCAL = 1 << 0  # externalTrafficPolicy: Local
+NP_F_NODEPORT = 1 << 1  # a NodePort frontend: key ::ffff:0.0.0.0, any node address
+NP_LOCAL_MAX = 32  # KVR_NP_LOCAL_MAX: local backends of one service on one node
+CT_ORIG, CT_REPLY = 0, 1
+CT_F_SRC = 1 << 0
+CT_F_DST = 1 << 1
+CT_F_SEEN_REPLY = 1 << 2
+CT_F_FIN = 1 << 3
+CT_F_CLOSING = 1 << 4
+# Slots of kvr_np_progs: the stages of a new flow (KVR_NP_PROG_*).
+NP_PROG_NEW, NP_PROG_PICK, NP_PROG_NAT, NP_PROG_LOCAL = 0, 1, 2, 3
+
+
+class NpCounter(enum.IntEnum):
+    """enum kvr_np_cnt"""
+
+    NEW = 0
+    FWD = 1
+    REV = 2
+    SNAT = 3
+    LOCAL = 4
+    NO_BACKEND = 5
+    CLOSED = 6
+    MIDFLOW = 7
+    AFF_HIT = 8
+
+
+class NpReason(enum.IntEnum):
+    """enum kvr_np_reason"""
+
+    NOT_IP = 0
+    MALFORMED = 1
+    TRUNCATED = 2
+    FRAGMENT = 3
+    NO_SERVICE = 4
+    NO_SNAT_ADDR = 5
+    NO_SNAT_PORT = 6
+    CT_FULL = 7
+    REWRITE = 8
+    EXPIRED = 9
+    NO_PROG = 10
+    NO_ROUTE = 11
+
+
+class NpFrontend(ct.Structure):
+    """struct kvr_np_fe"""
+
+    _fields_ = [("svc", L4Key), ("flags", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class NpLocal(ct.Structure):
+    """struct kvr_np_local"""
+
+    _fields_ = [("n", ct.c_uint32), ("pad", ct.c_uint32),
+                ("be_id", ct.c_uint32 * NP_LOCAL_MAX)]
+
+
+class NpConfig(ct.Structure):
+    """struct kvr_np_cfg"""
+
+    _fields_ = [("snat_addr", ct.c_uint32), ("snat_min", ct.c_uint16),
+                ("snat_max", ct.c_uint16)]
+
+
+class CtKey(ct.Structure):
+    """struct kvr_ct_key"""
+
+    _fields_ = [("saddr", ct.c_uint32 * 4), ("daddr", ct.c_uint32 * 4),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("proto", ct.c_uint8),
+                ("family", ct.c_uint8), ("dir", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class Ct(ct.Structure):
+    """struct kvr_ct"""
+
+    _fields_ = [("nat_saddr", ct.c_uint32 * 4), ("nat_daddr", ct.c_uint32 * 4),
+                ("nat_sport", ct.c_uint16), ("nat_dport", ct.c_uint16),
+                ("flags", ct.c_uint32), ("svc_id", ct.c_uint32), ("be_id", ct.c_uint32),
+                ("lifetime_s", ct.c_uint32), ("pad", ct.c_uint32),
+                ("created_ns", ct.c_uint64), ("last_ns", ct.c_uint64),
+                ("packets", ct.c_uint64)]
+
+
+class NpCounters(ct.Structure):
+    """struct kvr_np_cnt_val"""
+
+    _fields_ = [("c", ct.c_uint64 * len(NpCounter))]
+
 # Every ctypes mirror with the C struct name bcc reports for it.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "kvr_l4_key": L4Key, "kvr_svc": Svc, "kvr_svc_name": SvcName, "kvr_backend": Backend,
@@ -312,4 +403,6 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "kvr_aff_val": AffVal, "kvr_sk": SkState, "kvr_sock": Sock, "kvr_svc_cnt_val": SvcCounters,
     "kvr_be_cnt_val": BeCounters, "kvr_meta": Meta, "kvr_event": Event,
     "kvr_scratch": Scratch, "kvr_udp_flow": UdpFlow, "kvr_udp": Udp,
+    "kvr_np_fe": NpFrontend, "kvr_np_local": NpLocal,
+    "kvr_np_cfg": NpConfig, "kvr_ct_key": CtKey, "kvr_ct": Ct, "kvr_np_cnt_val": NpCounters,
 }

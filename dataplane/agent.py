@@ -38,9 +38,11 @@ from dataplane import (
     loader,
     metrics,
     model,
+    nodeport,
     pins,
     probes,
     stream,
+    tc,
 )
 from dataplane.api import channel
 from dataplane.maps import PINNED_MAPS, MapSet
@@ -62,10 +64,22 @@ class ControllerOptions:
     tls: channel.TLSFiles | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ExternalOptions:
+    """The packet path (dataplane.tc): traffic from outside the node to NodePorts and
+    external IPs, on these interfaces."""
+
+    interfaces: tuple[str, ...]
+    node: str  # this node's name: backends whose `node` is it are local (no SNAT)
+    snat_ip: str | None = None  # None: the first IPv4 address of the first interface
+    snat_ports: tuple[int, int] = (nodeport.SNAT_PORT_MIN, nodeport.SNAT_PORT_MAX)
+
+
 class Agent:
     def __init__(self, settings: Settings, cgroup: Path, config_path: Path | None,
                  ready_file: Path | None = None, controller: ControllerOptions | None = None,
-                 metrics_addr: tuple[str, int] | None = None) -> None:
+                 metrics_addr: tuple[str, int] | None = None,
+                 external: ExternalOptions | None = None) -> None:
         if (config_path is None) == (controller is None):
             raise ValueError("give the agent a config file or a controller, not both")
         self.settings = settings
@@ -74,6 +88,9 @@ class Agent:
         self.ready_file = ready_file
         self.controller = controller
         self.metrics_addr = metrics_addr
+        self.external = external
+        self.packet_path: tc.PacketPath | None = None
+        self.np: nodeport.NodePortMaps | None = None
         self._mtime: float | None = None
         self.maps: MapSet | None = None
         self.datapath: loader.Datapath | None = None
@@ -108,7 +125,11 @@ class Agent:
                                      fleet=self.controller is not None)
         log.info("adopted %d services and %d backends from %s", len(self.applier.view.services),
                  len(self.applier.view.backends), self.settings.pin_dir)
+        if self.external:
+            self._start_packet_path(self.external)
         self.registry.register(metrics.KernelCollector(self.maps))
+        if self.np is not None:
+            self.registry.register(metrics.PacketPathCollector(self.maps, self.np))
         if self.metrics_addr:
             # Bound here, so a port in use fails the start; served once the loop runs.
             self._http_sock = _bind(*self.metrics_addr)
@@ -117,6 +138,21 @@ class Agent:
             self._ready()
         if self.controller:
             self._start_controller(self.controller)
+
+    def _start_packet_path(self, ext: ExternalOptions) -> None:
+        started = time.perf_counter()
+        self.packet_path = tc.PacketPath(self.settings)
+        log.info("packet path compiled and loaded in %.2fs", time.perf_counter() - started)
+        for name in ext.interfaces:
+            for line in self.packet_path.attach(tc.Interface(name)):
+                log.info("attached %s", line)
+        self.np = nodeport.NodePortMaps(self.settings.pin_dir)
+        addresses = nodeport.node_addresses()
+        snat = ext.snat_ip or next(iter(nodeport.interface_addresses(ext.interfaces[0])), None)
+        self.np.set_config(snat, *ext.snat_ports)
+        self.np.set_node_addresses(addresses)
+        log.info("NodePorts answer on %s; flows to other nodes' backends SNAT to %s",
+                 ", ".join(addresses) or "no address", snat or "nothing (left alone)")
 
     def _ready(self) -> None:
         self.applied = True
@@ -129,6 +165,16 @@ class Agent:
             self._mtime = self._current_mtime()
         with self.metrics.apply_seconds.time():
             result = self.applier.apply(desired)
+            # After the socket path's maps: frontends name services by the ids the
+            # applier gave them. Not part of its journal (the packet-path maps are the
+            # tc program's, present only with --external-interface): a failure here
+            # leaves the services applied and is retried by the next apply.
+            if self.np is not None and self.external is not None:
+                node = self.external.node
+                local = {svc.identity(be) for svc in desired.services for be in svc.backends
+                         if be.node == node}
+                nodeport.apply(self.np, desired.services, self.applier.service_id,
+                               self.applier.backend_id, local.__contains__)
         if result.cleanup_error:
             log.warning("applied %s, but removing what the kernel kept of removed services "
                         "and backends failed (retried on the next apply): %s", source,
@@ -350,6 +396,13 @@ class Agent:
             self._http_sock.close()
         if self.events:
             self.events.close()
+        if self.np:
+            self.np.close()
+        if self.packet_path:
+            self.packet_path.close()
+            if detach and self.external:
+                for name in self.external.interfaces:
+                    tc.detach(tc.Interface(name))
         if self.applier:
             self.applier.close()
         if self.maps:

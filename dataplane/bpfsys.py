@@ -40,6 +40,7 @@ ATTACH_CGROUP_INET6_GETPEERNAME = 30
 ATTACH_CGROUP_INET_SOCK_RELEASE = 34
 
 # enum bpf_prog_type values (bcc 0.26 lacks CGROUP_SOCKOPT).
+PROG_SCHED_CLS = 3  # tc programs (the packet path)
 PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
@@ -47,6 +48,8 @@ PROG_CGROUP_SOCKOPT = 25
 
 # enum bpf_func_id values of the helpers dataplane.features asks the kernel about.
 FUNC_GET_SOCKET_COOKIE = 46
+FUNC_FIB_LOOKUP = 69
+FUNC_REDIRECT_NEIGH = 152
 FUNC_SK_STORAGE_GET = 107
 FUNC_GET_NETNS_COOKIE = 122
 FUNC_RINGBUF_OUTPUT = 130
@@ -85,6 +88,7 @@ def _lib() -> ct.CDLL:
         "ring_buffer__consume": ([vp], i32),
         "ring_buffer__epoll_fd": ([vp], i32),
         "ring_buffer__free": ([vp], None),
+        "bpf_prog_test_run_opts": ([i32, vp], i32),
     }
     for fn, (argtypes, restype) in sigs.items():
         f = getattr(lib, fn)
@@ -455,3 +459,26 @@ class RingBuffer:
         if self._rb is not None:
             _lib().ring_buffer__free(self._rb)
             self._rb = None
+
+
+class TestRunOpts(ct.Structure):
+    """libbpf's struct bpf_test_run_opts (libbpf 1.x)."""
+
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
+    """BPF_PROG_TEST_RUN: run a packet program on a frame. Returns (the program's return
+    value, the frame as the program left it, mean ns per run)."""
+    data_in = ct.create_string_buffer(data, len(data))
+    out = ct.create_string_buffer(len(data) + 256)
+    opts = TestRunOpts(sz=ct.sizeof(TestRunOpts), data_in=ct.cast(data_in, ct.c_void_p),
+                       data_out=ct.cast(out, ct.c_void_p), data_size_in=len(data),
+                       data_size_out=len(out), repeat=repeat)
+    _check(_lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval, out.raw[:opts.data_size_out], opts.duration

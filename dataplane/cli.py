@@ -168,6 +168,22 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
                    "for the fleet's live sessions. Fixed when the maps are first pinned "
                    "(`kvroute uninstall` to change it).")
 @kernel_headers_option
+@click.option("--external-interface", "external_ifaces", multiple=True, metavar="IFACE",
+              help="Serve NodePorts and external IPs to traffic arriving on IFACE (repeat): "
+                   "loads the packet path (tc) there. Backends whose node is --node are "
+                   "local; flows to others' are SNATed.")
+@click.option("--snat-ip", default=None, metavar="IPV4",
+              help="Source address of flows to other nodes' backends [default: the first "
+                   "address of the first --external-interface].")
+@click.option("--snat-ports", default="{}-{}".format(*model.SNAT_PORTS), show_default=True,
+              metavar="MIN-MAX",
+              help="Source ports of SNATed flows (keep them out of the node's ephemeral "
+                   "range, net.ipv4.ip_local_port_range). A remote backend takes about "
+                   "(MAX - MIN + 1) new flows a second from this node.")
+@click.option("--ct-entries", type=click.IntRange(16, 1 << 24),
+              default=settings.Settings.ct_entries, show_default=True,
+              help="Size of the packet path's conntrack (two entries a flow, about 200 "
+                   "bytes each, preallocated). Fixed when first pinned.")
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
               help="Serve HTTP: /metrics (kernel counters read at scrape time), /readyz "
                    "(programs attached, maps pinned, first desired state applied) and /livez "
@@ -182,8 +198,9 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
           tls_ca: Path | None,
           tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
           hash_seed: int | None, fail_k: int, affinity_entries: int, kernel_headers: str,
-          metrics_at: str | None,
-          detach_on_exit: bool, ready_file: Path | None) -> None:
+          external_ifaces: tuple[str, ...], snat_ip: str | None, snat_ports: str,
+          ct_entries: int,
+          metrics_at: str | None, detach_on_exit: bool, ready_file: Path | None) -> None:
     """Run the node agent: load and attach the programs, apply the desired state.
 
     The desired state comes from --config FILE or from --controller HOST:PORT.
@@ -199,7 +216,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     try:
         opts = settings.Settings(pin_dir=pin_dir, fail_k=fail_k,
                                  affinity_entries=affinity_entries,
-                                 kernel_headers=kernel_headers,
+                                 kernel_headers=kernel_headers, ct_entries=ct_entries,
                                  **({"hash_seed": hash_seed} if hash_seed is not None else {}))
         target = cgroup or host.cgroup2_root()
     except (ValueError, host.HostError) as exc:
@@ -214,8 +231,25 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         ctrl = agent_mod.ControllerOptions(
             target=controller_target, node=node, agent_id=agent_id or f"{node}-{pin_dir.name}",
             scrape_interval=scrape_interval, stall_window=stall_window, tls=tls)
+    external = None
+    if snat_ip is not None and not external_ifaces:
+        raise click.UsageError("--snat-ip needs --external-interface")
+    if external_ifaces:
+        if snat_ip is not None:
+            try:
+                model.ipv4("--snat-ip", snat_ip)
+            except model.ModelError as exc:
+                raise click.UsageError(str(exc)) from None
+        low, sep, high = snat_ports.partition("-")
+        if not (sep and low.isdigit() and high.isdigit()
+                and 1024 <= int(low) <= int(high) <= 65535):
+            raise click.UsageError(f"--snat-ports: expected MIN-MAX within 1024-65535, "
+                                   f"got {snat_ports!r}")
+        external = agent_mod.ExternalOptions(tuple(external_ifaces),
+                                             node or socket_mod.gethostname(), snat_ip,
+                                             (int(low), int(high)))
     a = agent_mod.Agent(opts, target, config_path, ready_file, controller=ctrl,
-                        metrics_addr=_hostport(metrics_at, "--metrics"))
+                        metrics_addr=_hostport(metrics_at, "--metrics"), external=external)
     try:
         a.start()
     except model.ModelError as exc:
@@ -456,6 +490,102 @@ def maps_stats(maps: Any, as_json: bool) -> None:
     _emit(data, as_json, table)
 
 
+def _np_maps(pin_dir: Path) -> Any:
+    from dataplane import maps as maps_mod
+    from dataplane import nodeport
+    try:
+        return nodeport.NodePortMaps(pin_dir)
+    except maps_mod.NotPinned as exc:
+        _fail(str(exc))
+
+
+@maps.command("conntrack")
+@click.option("--service", "service_id", type=int, help="Only this service id.")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_conntrack(maps: Any, as_json: bool, service_id: int | None) -> None:
+    """The packet path's flows: each direction's tuple as it arrives (SRC -> DST), what
+    it is rewritten to, the backend, state (syn, established, fin, closing, expired),
+    age and idle seconds, packets."""
+    from dataplane import nodeport
+    with _np_maps(maps.pin_dir) as npm:
+        rows = [r for r in nodeport.ct_rows(npm.conntrack())
+                if service_id is None or r["svc_id"] == service_id]
+
+    def table() -> Table:
+        t = Table(box=None, pad_edge=False)
+        for col in ("SVC", "DIR", "PROTO", "SRC", "DST", "TO SRC", "TO DST", "BE", "STATE",
+                    "AGE(s)", "IDLE(s)", "PKTS"):
+            t.add_column(col, no_wrap=True)
+        for r in rows:
+            t.add_row(str(r["svc_id"]), r["dir"], r["proto"], r["src"], r["dst"],
+                      r["to_src"], r["to_dst"], str(r["be_id"]), r["state"], str(r["age_s"]),
+                      str(r["idle_s"]), str(r["packets"]))
+        return t
+    _emit(rows, as_json, table)
+
+
+@maps.command("nodeport")
+@pin_dir_option
+@json_option
+@with_maps
+def maps_nodeport(maps: Any, as_json: bool) -> None:
+    """The packet path: frontends (NodePorts on any node address, external IPs), their
+    service and policy, and per-service packet counters: flows started (NEW), packets
+    translated each way (FWD, REV), flows SNATed or to local backends, dropped for no
+    usable backend (DROP), mid-flow misses (evicted or expired entries, MISS); --json adds
+    flows closed and client-affinity hits."""
+    from dataplane import abi, inspect
+    names = {s["id"]: s["name"] for s in inspect.services(maps)}
+    with _np_maps(maps.pin_dir) as npm:
+        rows = []
+        for key, fe in npm.frontends():
+            svc = maps.get("kvr_svc_v2", fe.svc, abi.Svc)
+            svc_id = svc.id if svc else None
+            counters = npm.counters(svc_id) if svc_id is not None else []
+            rows.append({
+                "frontend": ("*" if fe.flags & abi.NP_F_NODEPORT else
+                             str(abi.be32_to_ip(key.addr)))
+                + f":{abi.be16_to_port(key.port)}/{abi.PROTO_NAME.get(key.proto, key.proto)}",
+                "service": abi.format_endpoint(fe.svc.addr, fe.svc.port, fe.svc.proto),
+                "name": names.get(svc_id, "-") if svc_id is not None else "(gone)",
+                "service_id": svc_id,
+                "policy": "local" if fe.flags & abi.NP_F_LOCAL else "cluster",
+                "local_backends": npm.local(svc_id) if svc_id is not None else [],
+                "counters": {c.name.lower(): counters[c] if counters else 0
+                             for c in abi.NpCounter},
+            })
+        cfg = npm.config()
+        data = {"frontends": sorted(rows, key=lambda r: r["frontend"]),
+                "snat": {"address": str(abi.be32_to_ip(cfg.snat_addr)) if cfg.snat_addr
+                         else None, "ports": [cfg.snat_min, cfg.snat_max]},
+                "reasons": npm.reasons(),
+                "conntrack_entries": len(npm.conntrack())}
+
+    def table() -> Table:
+        # 80 columns: the service by VIP (its name is in `maps services`), the policy
+        # as C/L; --json has every counter.
+        t = Table(box=None, pad_edge=False)
+        for col in ("FRONTEND", "SERVICE", "POL", "LOCAL", "NEW", "FWD", "REV", "SNAT",
+                    "DROP", "MISS"):
+            t.add_column(col, no_wrap=True, min_width=len(col))
+        for r in data["frontends"]:
+            c = r["counters"]
+            t.add_row(r["frontend"], r["service"], r["policy"][0].upper(),
+                      str(len(r["local_backends"])), str(c["new"]), str(c["fwd"]),
+                      str(c["rev"]), str(c["snat"]), str(c["no_backend"]), str(c["midflow"]))
+        return t
+    _emit(data, as_json, table)
+    if not as_json:
+        snat = data["snat"]
+        click.echo(f"SNAT: {snat['address'] or 'none'} ports {snat['ports'][0]}-"
+                   f"{snat['ports'][1]}; conntrack entries: {data['conntrack_entries']}")
+        for reason, value in data["reasons"].items():
+            if value:
+                click.echo(f"  {reason}: {value}")
+
+
 @maps.command("maglev")
 @click.argument("service")
 @pin_dir_option
@@ -482,23 +612,39 @@ def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
 @click.argument("service")
 @click.option("--session", help="Session ID (as in X-Session-ID) the client tags its socket with.")
 @click.option("--client", "client_netns", help="Client network namespace (name or path).")
+@click.option("--client-ip", metavar="IPV4",
+              help="A client outside the node: SERVICE is then a frontend of the packet "
+                   "path (EXTERNAL_IP:PORT, NODE_IP:NODEPORT or *:NODEPORT).")
 @pin_dir_option
 @json_option
 @with_maps
 def explain(maps: Any, as_json: bool, service: str, session: str | None,
-            client_netns: str | None) -> None:
+            client_netns: str | None, client_ip: str | None) -> None:
     """Which backend a key gets for SERVICE (name, VIP:PORT[/udp] or [IPV6]:PORT[/udp]),
     and why. Either VIP of a dual-stack service gives the same answer: they share the
-    table and the sessions."""
-    from dataplane import client, inspect
-    if (session is None) == (client_netns is None):
-        raise click.UsageError("give exactly one of --session ID or --client NETNS")
-    if session is not None:
+    table and the sessions.
+
+    With --client-ip, which backend a new flow from that address to a NodePort or
+    external IP gets, and whether it is SNATed.
+    """
+    from dataplane import client, inspect, nodeport
+    if sum(x is not None for x in (session, client_netns, client_ip)) != 1:
+        raise click.UsageError("give exactly one of --session ID, --client NETNS or "
+                               "--client-ip IPV4")
+    if client_ip is not None:
+        try:
+            model.ipv4("--client-ip", client_ip)
+        except model.ModelError as exc:
+            raise click.UsageError(str(exc)) from None
+        with _np_maps(maps.pin_dir) as npm:
+            data = nodeport.explain(maps, npm, service, client_ip)
+    elif session is not None:
         key, kind = client.session_hash(session), f"session {session!r}"
     else:
         assert client_netns is not None
         key, kind = inspect.netns_cookie(client_netns), f"client netns {client_netns!r}"
-    data = inspect.explain(maps, service, key, kind)
+    if client_ip is None:
+        data = inspect.explain(maps, service, key, kind)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

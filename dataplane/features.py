@@ -51,6 +51,9 @@ class Feature:
     # the kernel has it, and what clients see differently when it does not.
     enable_flag: str | None = None
     without: str = ""
+    # Needed by the packet path only (bpf/tc_nodeport.c, loaded with
+    # --external-interface): its absence stops that load, not the socket path's.
+    packet_path: bool = False
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -95,6 +98,16 @@ FEATURES: tuple[Feature, ...] = (
             enable_flag="ENABLE_SET_RETVAL",
             without="a refused connect() or session tag fails with EPERM, not "
                     "ECONNREFUSED / EINVAL / ENOPROTOOPT"),
+    # The packet path (NodePort, external IPs): a tc program on a clsact qdisc.
+    Feature("prog_sched_cls", "BPF_PROG_TYPE_SCHED_CLS programs (tc clsact, direct action)",
+            "4.5", Probe("prog", b.PROG_SCHED_CLS), packet_path=True),
+    Feature("helper_fib_lookup", "bpf_fib_lookup() in tc programs (routing SNATed packets)",
+            "4.18", Probe("helper", b.PROG_SCHED_CLS, helper=b.FUNC_FIB_LOOKUP),
+            packet_path=True),
+    Feature("helper_redirect_neigh", "bpf_redirect_neigh() in tc programs (a next hop "
+            "without a known MAC)", "5.10",
+            Probe("helper", b.PROG_SCHED_CLS, helper=b.FUNC_REDIRECT_NEIGH),
+            packet_path=True),
 )
 
 BY_NAME = {f.name: f for f in FEATURES}
@@ -112,6 +125,8 @@ class Plan:
     cflags: tuple[str, ...]          # -DENABLE_X for every optional feature present
     fallbacks: tuple[Feature, ...]   # optional features absent: compiled without
     missing: tuple[Feature, ...]     # required features absent: nothing can load
+    # packet-path features absent: the socket path loads, the packet path cannot
+    packet_missing: tuple[Feature, ...] = ()
 
     @property
     def set_retval(self) -> bool:
@@ -137,12 +152,26 @@ class Plan:
             f"kernel {self.release} lacks what the kvroute programs need: {needs}. "
             f"Run kvroute on Linux {newest} or newer (see README, supported kernels).")
 
+    def require_packet_path(self) -> None:
+        """Raise :class:`Unsupported` naming every missing feature of the packet path
+        (checked only when it is asked for: --external-interface)."""
+        if not self.packet_missing:
+            return
+        needs = "; ".join(f"{f.what} (Linux {f.since})" for f in self.packet_missing)
+        newest = max((f.since for f in self.packet_missing), key=_version_key)
+        raise Unsupported(
+            f"kernel {self.release} lacks what the packet path (NodePort, external IPs) "
+            f"needs: {needs}. Run it on Linux {newest} or newer, or leave out "
+            "--external-interface.")
+
 
 def rows(found: Mapping[str, bool]) -> list[dict[str, object]]:
     """Every feature with its probe answer, for people (``kvroute check-kernel``)."""
     return [{"name": f.name, "what": f.what, "since": f.since,
              "present": found.get(f.name, False),
-             "without": f.without if f.enable_flag else "cannot load"} for f in FEATURES]
+             "without": f.without if f.enable_flag
+             else "no packet path (--external-interface)" if f.packet_path
+             else "cannot load"} for f in FEATURES]
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -161,13 +190,18 @@ def decide(found: Mapping[str, bool], release: str) -> Plan:
     cflags: list[str] = []
     fallbacks: list[Feature] = []
     missing: list[Feature] = []
+    packet_missing: list[Feature] = []
     for feature in FEATURES:
         present = found.get(feature.name, False)
-        if feature.enable_flag is None:
+        if feature.packet_path:
+            if not present:
+                packet_missing.append(feature)
+        elif feature.enable_flag is None:
             if not present:
                 missing.append(feature)
         elif present:
             cflags.append(f"-D{feature.enable_flag}")
         else:
             fallbacks.append(feature)
-    return Plan(release, tuple(cflags), tuple(fallbacks), tuple(missing))
+    return Plan(release, tuple(cflags), tuple(fallbacks), tuple(missing),
+                tuple(packet_missing))

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,8 @@ def bpf_dir() -> Path:
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$')
 
 
-def assemble_source(root: Path | None = None) -> str:
-    """The entry files with their project headers inlined.
+def assemble_source(root: Path | None = None, entries: tuple[str, ...] = ENTRY_FILES) -> str:
+    """The entry files (the socket programs unless told) with their project headers inlined.
 
     bcc rewrites map calls (map.lookup(...)) only in its main file, so the
     helpers in bpf/lib/*.h must become part of it; #line keeps compiler
@@ -100,7 +100,7 @@ def assemble_source(root: Path | None = None) -> str:
         return out
 
     lines: list[str] = []
-    for entry in ENTRY_FILES:
+    for entry in entries:
         lines.extend(inline((root / entry).resolve()))
     return "\n".join(lines) + "\n"
 
@@ -144,6 +144,11 @@ def preflight(settings: Settings) -> tuple[features.Plan, uapi.Headers]:
         return kernel_plan(), headers
     except (features.Unsupported, uapi.HeadersMissing) as exc:
         raise LoadError(str(exc)) from None
+
+
+def compile_environ(headers: uapi.Headers) -> AbstractContextManager[None]:
+    """The environment bcc compiles in for ``headers`` (the packet path's object too)."""
+    return _environ(headers.environ())
 
 
 @contextmanager
@@ -302,7 +307,7 @@ def remove_pins(pin_dir: Path) -> Uninstalled:
     links_dir = pin_dir / pins.LINKS_DIR
     has_links = any(e.name == pins.LINKS_DIR and e.kind == "dir" for e in top)
     plan = pins.plan(top, _look_in(links_dir) if has_links else [],
-                     (*maps.PINNED_MAPS, *maps.RETIRED_MAPS),
+                     (*maps.PINNED_MAPS, *maps.NODEPORT_MAPS, *maps.RETIRED_MAPS),
                      [p.name for p in PROGRAMS])
     if not plan.owns_anything:
         if top:

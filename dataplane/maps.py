@@ -4,6 +4,7 @@ alike, while the agent runs or after it died."""
 from __future__ import annotations
 
 import ctypes as ct
+import enum
 import errno
 import os
 import time
@@ -27,6 +28,10 @@ SOCKET_MAPS = ("kvr_sk",)
 PROGRAM_MAPS = ("kvr_pick_c4", "kvr_pick_c6", "kvr_pick_s4", "kvr_pick_s6", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
+# Pinned by the packet path's programs (bpf/tc_nodeport.c), when it is loaded: opened by
+# dataplane.nodeport, removed by uninstall.
+NODEPORT_MAPS = ("kvr_np_fe_v1", "kvr_np_addr", "kvr_np_local_v1", "kvr_np_cfg", "kvr_ct_v1",
+                 "kvr_np_cnt", "kvr_np_reasons", "kvr_np_progs", "kvr_np_scratch")
 # Pinned by earlier versions under names since replaced (a layout change gets a new
 # name): uninstall removes them too.
 RETIRED_MAPS = ("kvr_svc_cnt", "kvr_reasons", "kvr_svc_cnt_v2", "kvr_svc_v1", "kvr_be_v1",
@@ -46,19 +51,22 @@ class NotPinned(RuntimeError):
 class MapSet:
     """File descriptors of every pinned map under a pin dir."""
 
-    def __init__(self, pin_dir: Path) -> None:
+    def __init__(self, pin_dir: Path, names: Sequence[str] = MAP_NAMES,
+                 absent: str = "is the agent installed on this node? `kvroute agent` pins "
+                               "them") -> None:
+        """Open ``names`` (every map the socket programs pin, unless told); ``absent``
+        says why they might not be pinned."""
         self.pin_dir = pin_dir
         self.fds: dict[str, int] = {}
         self._max_entries: dict[str, int] = {}
         try:
-            for name in MAP_NAMES:
+            for name in names:
                 self.fds[name] = bpfsys.obj_get(pin_dir / name)
         except OSError as exc:
             self.close()
             if exc.errno == errno.ENOENT:
-                raise NotPinned(
-                    f"kvroute maps are not pinned under {pin_dir} "
-                    "(is the agent installed on this node? `kvroute agent` pins them)") from exc
+                raise NotPinned(f"kvroute maps are not pinned under {pin_dir} ({absent})"
+                                ) from exc
             if exc.errno == errno.EPERM or exc.errno == errno.EACCES:
                 raise NotPinned(f"no permission to open {pin_dir}: kvroute needs root") from exc
             raise
@@ -123,12 +131,14 @@ class MapSet:
         width = len(buf[0].c)
         return [sum(buf[cpu].c[i] for cpu in range(ncpu)) for i in range(width)]
 
-    def reasons(self) -> dict[str, int]:
+    def reasons(self, name: str = "kvr_reasons_v2",
+                kinds: type[enum.IntEnum] = abi.Reason) -> dict[str, int]:
+        """A per-CPU array of reason counters, summed: the socket programs' unless told."""
         ncpu = bpfsys.possible_cpus()
         out = {}
-        for reason in abi.Reason:
+        for reason in kinds:
             buf = (ct.c_uint64 * ncpu)()
-            bpfsys.lookup(self.fds["kvr_reasons_v2"], U32(reason), buf)
+            bpfsys.lookup(self.fds[name], U32(reason), buf)
             out[reason.name.lower()] = sum(buf)
         return out
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dataplane import abi, inspect
+from dataplane import abi, inspect, nodeport
 from dataplane.maps import MapSet
 
 _STATES = [s.name.lower() for s in abi.BackendState]
@@ -98,6 +98,37 @@ class KernelCollector(Collector):
         for reason, value in self.maps.reasons().items():
             reasons.add_metric([reason], value)
         yield from (svc_counts, be_counts, load, state, rtt, reasons)
+
+
+class PacketPathCollector(Collector):
+    """The packet path's counters (kvr_np_cnt, kvr_np_reasons), read when Prometheus
+    scrapes."""
+
+    def __init__(self, maps: MapSet, np: nodeport.NodePortMaps) -> None:
+        self.maps = maps
+        self.np = np
+
+    def collect(self) -> Iterator[Metric]:
+        packets = CounterMetricFamily(
+            "kvroute_agent_packet_path",
+            "Packet path (NodePort, external IPs) per service: flows started, packets "
+            "translated each way, SNATed or local flows, drops, mid-flow misses, closes",
+            labels=["service", "event"])
+        for s in inspect.services(self.maps):
+            counters = self.np.counters(s["id"])
+            if not any(counters):
+                continue
+            name = s["name"] or str(s["id"])
+            for counter in abi.NpCounter:
+                packets.add_metric([name, counter.name.lower()], counters[counter])
+        reasons = CounterMetricFamily("kvroute_agent_packet_path_reasons",
+                                      "Packets the packet path left alone or dropped, by why",
+                                      labels=["reason"])
+        for reason, value in self.np.reasons().items():
+            reasons.add_metric([reason], value)
+        # No conntrack size here: walking 262,144 entries key by key at every scrape
+        # would cost seconds (`kvroute maps nodeport` counts them on demand).
+        yield from (packets, reasons)
 
 
 class AgentMetrics:

@@ -74,6 +74,10 @@ DEFAULT_TABLE_SIZE = 16381  # Maglev M when a caller asks for "the big one"
 AUTO_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
 TABLE_SLOTS_PER_BACKEND = 100
 TABLE_SIZE_MIN_AUTO = AUTO_TABLE_SIZES[0]
+# Source ports the packet path SNATs flows to other nodes' backends from (the agent's
+# --snat-ports default): above Linux's default ephemeral range (32768-60999), so they
+# never collide with the node's own sockets.
+SNAT_PORTS = (61000, 65535)
 EPSILON_MAX = 10.0
 MOVE_EPSILON_MIN = 0.001  # the kernel keeps a move bound in thousandths; 0 means "off"
 DEFAULT_EPSILON = 0.25
@@ -115,6 +119,14 @@ class Affinity(enum.StrEnum):
     NONE = "none"  # a random backend per connection
     CLIENT = "client"  # per client (its network namespace), like kube-proxy's ClientIP
     SESSION = "session"  # per session tag the client put on its socket
+
+
+class TrafficPolicy(enum.StrEnum):
+    """A Service's externalTrafficPolicy: how the packet path treats traffic from
+    outside the node (NodePort, external and LoadBalancer IPs)."""
+
+    CLUSTER = "cluster"  # any backend; one on another node is reached with SNAT
+    LOCAL = "local"  # this node's backends only, the client's address kept
 
 
 class BackendState(enum.StrEnum):
@@ -392,6 +404,9 @@ class Backend:
     state: BackendState = BackendState.ACTIVE
     load: int = 0  # bounded-load units (load_units), 0..LOAD_MAX
     address6: str | None = None  # the same pod's IPv6 address when ``address`` is IPv4
+    # The node the endpoint runs on (Kubernetes' nodeName); None: unknown. The packet
+    # path SNATs flows to backends of other nodes and gives Local traffic its own.
+    node: str | None = None
     # (address as a 128-bit integer, see model.address; port): how services sort and
     # de-duplicate backends.
     key: tuple[int, int] = dataclasses.field(init=False, repr=False, compare=False)
@@ -412,6 +427,8 @@ class Backend:
         if type(self.state) is not BackendState:
             set_field(self, "state", _enum("state", self.state, BackendState))
         check_int("load", self.load, 0, LOAD_MAX)
+        if self.node is not None:
+            check_text("node", self.node, IDENTITY_MAX, empty=False)
 
     @property
     def label(self) -> str:
@@ -429,7 +446,7 @@ class Backend:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "port": self.port,
                                "weight": self.weight, "state": self.state.value,
-                               "load": self.load}
+                               "load": self.load, "node": self.node}
         if self.address6 is not None:  # absent, not null: single-stack hashes stay as they were
             out["address6"] = self.address6
         return out
@@ -455,6 +472,12 @@ class Service:
     move_epsilon: float | None = None
     backends: tuple[Backend, ...] = ()  # sorted by (address, port) whatever the input order
     vip6: str | None = None  # dual stack: the IPv6 VIP of a service whose ``vip`` is IPv4
+    # Traffic from outside the node (the packet path, dataplane.nodeport): a NodePort
+    # answered on every node address, external (and LoadBalancer) IPs answered on
+    # `port`, and how such traffic picks its backends.
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()  # sorted, unique
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
 
     def __post_init__(self) -> None:
         _name("name", self.name)
@@ -511,6 +534,27 @@ class Service:
         set_field(self, "probe_share", check_float("probe_share", self.probe_share, 0.0, 1.0))
         check_bool("saturated", self.saturated)
         set_field(self, "backends", tuple(sorted(backends, key=_backend_key)))
+        if self.node_port is not None:
+            check_int("node_port", self.node_port, 1, PORT_MAX)
+        ips = _sequence("external_ips", self.external_ips, "IPv4 addresses")
+        numbers = {}
+        for i, ip in enumerate(ips):
+            # ipv4(): the packet path (tc_nodeport.c) parses IPv4 only.
+            number = ipv4(f"external_ips[{i}]", ip)
+            if number in numbers:
+                raise ModelError(f"external_ips[{i}]: {ip} listed twice")
+            if _V4MAPPED | number in vips:  # vips hold the maps' 128-bit form
+                raise ModelError(f"external_ips[{i}]: {ip} is the service's own VIP")
+            numbers[number] = ip
+        set_field(self, "external_ips", tuple(numbers[n] for n in sorted(numbers)))
+        set_field(self, "external_traffic_policy",
+                  _enum("external_traffic_policy", self.external_traffic_policy,
+                        TrafficPolicy))
+        if self.external and not is_v4(vip_number):
+            # The packet path translates IPv4 packets to backends' IPv4 addresses; an
+            # IPv6-only service has none to give it.
+            raise ModelError("node_port, external_ips: the packet path serves IPv4 only; "
+                             "the service's vip is IPv6")
 
     @property
     def size(self) -> int:
@@ -543,7 +587,8 @@ class Service:
         """Plain data (YAML/JSON ready), every field spelled out but an absent ``vip6`` or
         ``address6`` (left out, so a single-stack service hashes as it did before dual
         stack existed and agents of both versions agree); :func:`service_from_dict`
-        inverts it."""
+        inverts it. The packet path's fields (node_port, external_ips,
+        external_traffic_policy, a backend's node) are always spelled out."""
         out: dict[str, Any] = {
             "name": self.name, "vip": self.vip, "port": self.port,
             "protocol": self.protocol.value, "affinity": self.affinity.value,
@@ -551,10 +596,17 @@ class Service:
             "epsilon": self.epsilon, "probe_share": self.probe_share,
             "saturated": self.saturated, "move_epsilon": self.move_epsilon,
             "backends": [b.to_dict() for b in self.backends],
+            "node_port": self.node_port, "external_ips": list(self.external_ips),
+            "external_traffic_policy": self.external_traffic_policy.value,
         }
         if self.vip6 is not None:  # absent, not null: single-stack hashes stay as they were
             out["vip6"] = self.vip6
         return out
+
+    @property
+    def external(self) -> bool:
+        """Traffic from outside the node reaches it (a NodePort or an external IP)."""
+        return self.node_port is not None or bool(self.external_ips)
 
 
 def _backend_key(backend: Backend) -> tuple[int, int]:
@@ -586,6 +638,7 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
     items = _sequence(path, value, "services")
     names: set[str] = set()
     owners: dict[tuple[str, int, Protocol], str] = {}
+    frontend_owners: dict[tuple[str, int | None, Protocol], str] = {}
     for i, svc in enumerate(items):
         if not isinstance(svc, Service):
             raise ModelError(f"{path}[{i}]: must be a Service, got {svc!r}")
@@ -598,6 +651,15 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
                 field = "vip" if vip == svc.vip else "vip6"
                 raise ModelError(f"{path}[{svc.name}].{field}: {vip}:{port}/{proto} "
                                  f"is already service {other!r}")
+        # Packet-path frontends: one service per NodePort and per external IP:port.
+        fronts = [("node_port", ("*", svc.node_port, svc.protocol))] if svc.node_port else []
+        fronts += [(f"external_ips[{ip}]", (ip, svc.port, svc.protocol))
+                   for ip in svc.external_ips]
+        for field, key in fronts:
+            other = frontend_owners.setdefault(key, svc.name)
+            if other != svc.name:
+                raise ModelError(f"{path}[{svc.name}].{field}: {key[0]}:{key[1]}/{key[2]} "
+                                 f"is already a frontend of service {other!r}")
     return tuple(sorted(items, key=lambda s: s.name))
 
 

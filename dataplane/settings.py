@@ -25,6 +25,7 @@ class Settings:
     udp_entries: int = 16384     # UDP sockets with reverse translations at once (LRU, 200 B each)
     events_bytes: int = 1 << 20  # kvr_events ring size: a power of two, at least a page
     kernel_headers: str = "auto"  # auto | node | shipped: what bcc compiles against (uapi.py)
+    ct_entries: int = 262144     # packet-path conntrack (LRU, preallocated; 2 entries a flow)
 
     def __post_init__(self) -> None:
         problems = []
@@ -35,7 +36,7 @@ class Settings:
         if not 1 <= self.candidates <= 16:
             problems.append("candidates: must be between 1 and 16")
         for name in ("max_services", "max_backends", "affinity_entries", "sock_entries",
-                     "udp_entries"):
+                     "udp_entries", "ct_entries"):
             if not 16 <= getattr(self, name) <= 1 << 24:
                 problems.append(f"{name}: must be between 16 and {1 << 24}")
         if not (4096 <= self.events_bytes <= 1 << 30
@@ -60,5 +61,6 @@ class Settings:
             f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
             f"-DKVR_UDP_ENTRIES={self.udp_entries}",
             f"-DKVR_EVENTS_BYTES={self.events_bytes}",
+            f"-DKVR_CT_ENTRIES={self.ct_entries}",
             f"-DKVR_MOVE_MIN_EXCESS={model.MOVE_MIN_EXCESS}",
         ]

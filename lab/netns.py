@@ -338,6 +338,23 @@ class Lab:
         a sweep uninstalls it, removing only kvroute's pins."""
         self._own("pin_dir", str(path))
 
+    def add_netns(self, name: str) -> str:
+        """An empty network namespace of this lab, for topologies other than pods on the
+        bridge (the NodePort lab's nodes): recorded, and removed at teardown with what runs
+        in it. Returns its name."""
+        if not self._up:
+            raise LabError("call up() before adding namespaces")
+        netns = f"{self.names}-{name}"
+        self._own("netns", netns)
+        pyroute2.netns.create(netns)
+
+        def drop_netns() -> None:
+            _kill_netns_processes([netns])
+            _remove_netns(netns)
+
+        self._undo.push(f"netns {netns}", drop_netns)
+        return netns
+
     def own_cgroup(self, group: lab.cgroup.Cgroup) -> None:
         """A cgroup made for this lab: a sweep removes it (and kills what is in it)."""
         self._own("cgroup", str(group.path))

@@ -301,4 +301,170 @@ struct kvr_event {
 };
 _Static_assert(sizeof(struct kvr_event) == 24, "kvr_event size");
 
+/* ---- Packet path (tc): NodePort, externalIPs, LoadBalancer IPs --------------------------
+ * Traffic that arrives at a node from outside has no local socket to rewrite: a tc
+ * program DNATs it to a backend of the same tables and tracks the flow (bpf/lib/conntrack.h).
+ * Addresses in conntrack records are 16 bytes (an IPv4 address in word 0, the rest 0)
+ * so IPv6 can use the same records; frontends are keyed like services (kvr_l4_key, its
+ * 16-byte address form), so IPv6 frontends can share kvr_np_fe_v1 when they come.
+ */
+
+/* struct kvr_np_fe.flags */
+#define KVR_NP_F_LOCAL		(1U << 0)	/* externalTrafficPolicy: Local: local backends
+						 * only, client address kept (no SNAT) */
+#define KVR_NP_F_NODEPORT	(1U << 1)	/* a NodePort: key ::ffff:0.0.0.0, any node
+						 * address */
+
+/* Value of kvr_np_fe_v1, keyed by the frontend's kvr_l4_key (::ffff:0.0.0.0 for a
+ * NodePort, an external IP as ::ffff:a.b.c.d). */
+struct kvr_np_fe {
+	struct kvr_l4_key svc;	/* the Service's own key in kvr_svc_v2: its table, its
+				 * affinity, its hash identity (same backend as a connect) */
+	__u32	flags;		/* KVR_NP_F_* */
+	__u32	pad;
+};
+_Static_assert(sizeof(struct kvr_np_fe) == 28, "kvr_np_fe size");
+
+/* Most local backends one service has on one node (kvr_np_local_v1). */
+#define KVR_NP_LOCAL_MAX	32
+
+/* Value of kvr_np_local_v1: a service's backends on this node, by service id. Written
+ * by the agent; decides SNAT (remote backends only) and the externalTrafficPolicy: Local
+ * pick. */
+struct kvr_np_local {
+	__u32	n;		/* valid entries in be_id */
+	__u32	pad;
+	__u32	be_id[KVR_NP_LOCAL_MAX];
+};
+_Static_assert(sizeof(struct kvr_np_local) == 136, "kvr_np_local size");
+
+/* Value of kvr_np_cfg[0]: the node's packet-path settings, written by the agent. */
+struct kvr_np_cfg {
+	__be32	snat_addr;	/* source address for flows to remote backends; 0: no SNAT,
+				 * such flows are left alone (counted) */
+	__u16	snat_min;	/* SNAT source ports, host order, inclusive */
+	__u16	snat_max;
+};
+_Static_assert(sizeof(struct kvr_np_cfg) == 8, "kvr_np_cfg size");
+
+/* struct kvr_ct_key.dir */
+#define KVR_CT_ORIG	0	/* client -> frontend, as it arrives */
+#define KVR_CT_REPLY	1	/* backend -> client (or -> the SNAT address), as it arrives */
+
+/* Key of kvr_ct_v1: a packet's tuple as it arrives, before any rewrite. */
+struct kvr_ct_key {
+	__be32	saddr[4];	/* IPv4 in saddr[0], rest 0 */
+	__be32	daddr[4];
+	__be16	sport;
+	__be16	dport;
+	__u8	proto;		/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8	family;		/* 4 (6 later) */
+	__u8	dir;		/* KVR_CT_ORIG or KVR_CT_REPLY */
+	__u8	pad;
+};
+_Static_assert(sizeof(struct kvr_ct_key) == 40, "kvr_ct_key size");
+
+/* struct kvr_ct.flags */
+#define KVR_CT_F_SRC		(1U << 0)	/* rewrite the source to (nat_saddr, nat_sport) */
+#define KVR_CT_F_DST		(1U << 1)	/* rewrite the destination to (nat_daddr, nat_dport) */
+#define KVR_CT_F_SEEN_REPLY	(1U << 2)	/* ORIG: the backend has answered */
+#define KVR_CT_F_FIN		(1U << 3)	/* this direction sent a FIN */
+#define KVR_CT_F_CLOSING	(1U << 4)	/* both directions sent a FIN: close timeout */
+
+/* Value of kvr_ct_v1: what to do to the packets of one direction of a flow. */
+struct kvr_ct {
+	__be32	nat_saddr[4];	/* new source (KVR_CT_F_SRC) */
+	__be32	nat_daddr[4];	/* new destination (KVR_CT_F_DST) */
+	__be16	nat_sport;
+	__be16	nat_dport;
+	__u32	flags;		/* KVR_CT_F_* */
+	__u32	svc_id;		/* struct kvr_svc.id of the flow's service */
+	__u32	be_id;		/* backend chosen when the flow began */
+	__u32	lifetime_s;	/* idle seconds before the entry is dead */
+	__u32	pad;
+	__u64	created_ns;	/* bpf_ktime_get_ns() of the flow's first packet */
+	__u64	last_ns;	/* bpf_ktime_get_ns() of this direction's last packet */
+	__u64	packets;	/* packets of this direction (not atomic: per-CPU races may lose some) */
+};
+_Static_assert(sizeof(struct kvr_ct) == 80, "kvr_ct size");
+
+/* What the packet path parsed from an IPv4 frame (programs only; network order). */
+struct kvr_pkt4 {
+	__be32	saddr;
+	__be32	daddr;
+	__be16	sport;
+	__be16	dport;
+	__u8	proto;
+	__u8	tcp_flags;	/* 0 for UDP */
+	__u16	l4_off;		/* offset of the L4 header in the frame */
+};
+_Static_assert(sizeof(struct kvr_pkt4) == 16, "kvr_pkt4 size");
+
+/* Value of kvr_np_scratch (programs only): a new flow's state handed from tail call to
+ * tail call within one run of the program (same CPU, no preemption between them), and
+ * room for its two entries off the 512-byte BPF stack. */
+struct kvr_np_scratch {
+	struct kvr_ct_key	fkey;	/* ORIG */
+	struct kvr_ct_key	rkey;	/* REPLY */
+	struct kvr_ct		fval;
+	struct kvr_ct		rval;
+	struct kvr_pkt4		pkt;	/* the packet as parsed */
+	struct kvr_np_fe	fe;	/* the frontend it hit */
+	__u64			key;	/* the pick's key (client address or random) */
+	__u64			now;	/* bpf_ktime_get_ns() of this packet */
+	__u32			svc_id;
+	__u32			be_id;	/* the pick, or KVR_NO_BACKEND */
+	__u32			prev;	/* backend of the binding being replaced */
+	__u32			avoid;	/* backend the pick must not take */
+};
+_Static_assert(sizeof(struct kvr_np_scratch) == 320, "kvr_np_scratch size");
+
+/* Slots of kvr_np_progs. */
+#define KVR_NP_PROG_NEW		0	/* tc_np4_new: a new flow's service and pick */
+#define KVR_NP_PROG_PICK	1	/* tc_np4_pick: fleet placement, a session that moves */
+#define KVR_NP_PROG_NAT		2	/* tc_np4_nat: the entries (SNAT port) and rewrite */
+#define KVR_NP_PROG_LOCAL	3	/* tc_np4_local: externalTrafficPolicy: Local pick */
+#define KVR_NP_PROGS		4
+
+/* Per-service packet-path counter slots (kvr_np_cnt, per CPU). */
+enum kvr_np_cnt {
+	KVR_NPC_NEW = 0,	/* flows started (backend picked, conntrack written) */
+	KVR_NPC_FWD,		/* client -> backend packets translated */
+	KVR_NPC_REV,		/* backend -> client packets translated back */
+	KVR_NPC_SNAT,		/* flows SNATed (backend on another node) */
+	KVR_NPC_LOCAL,		/* flows to a backend on this node */
+	KVR_NPC_NO_BACKEND,	/* nothing usable (for Local: no usable local backend): dropped */
+	KVR_NPC_CLOSED,		/* flows closed by RST or a FIN from each side */
+	KVR_NPC_MIDFLOW,	/* a TCP packet other than SYN found no entry (evicted or expired
+				 * under a live flow): picked again as a new flow */
+	KVR_NPC_AFF_HIT,	/* client affinity reused a live binding */
+	KVR_NPC_MAX,
+};
+
+struct kvr_np_cnt_val {
+	__u64	c[KVR_NPC_MAX];
+};
+
+/* Why the packet path left a packet alone or dropped it (kvr_np_reasons, per CPU). */
+enum kvr_np_reason {
+	KVR_NPR_NOT_IP = 0,	/* not IPv4 over Ethernet */
+	KVR_NPR_MALFORMED,	/* bad IPv4 header (version, ihl, lengths) */
+	KVR_NPR_TRUNCATED,	/* the headers end before the L4 ports / TCP flags */
+	KVR_NPR_FRAGMENT,	/* an IPv4 fragment: left to the stack, never tracked */
+	KVR_NPR_NO_SERVICE,	/* frontend whose service is gone: left alone */
+	KVR_NPR_NO_SNAT_ADDR,	/* remote backend but no SNAT address set: left alone */
+	KVR_NPR_NO_SNAT_PORT,	/* no free SNAT port after KVR_SNAT_TRIES: dropped */
+	KVR_NPR_CT_FULL,	/* conntrack insert failed: dropped */
+	KVR_NPR_REWRITE,	/* a rewrite helper failed: dropped */
+	KVR_NPR_EXPIRED,	/* a dead (idle) or closed flow's entries were replaced by a
+				 * new flow on the same tuple */
+	KVR_NPR_NO_PROG,	/* a tail call of a new flow failed: packet left alone */
+	KVR_NPR_NO_ROUTE,	/* no FIB route for a translated packet: left to the stack */
+	KVR_NPR_MAX,
+};
+
+/* Affinity key of a client seen by the packet path: its IPv4 address, tagged so it
+ * never equals a network-namespace cookie (the socket path's client key). */
+#define KVR_AFF_KEY_IP4(addr)	((1ULL << 63) | (__u64)(addr))
+
 #endif /* __KVR_ABI_H */

@@ -160,4 +160,50 @@ BPF_TABLE_PINNED("array", u32, struct kvr_meta, kvr_meta, 1, KVR_PIN("kvr_meta")
 BPF_TABLE_PINNED("percpu_array", u32, u64, kvr_reasons_v2,
 		 KVR_R_MAX, KVR_PIN("kvr_reasons_v2"));
 
+#ifdef ENABLE_NODEPORT
+/* Packet-path maps: created by the tc program's load only, so a node without NodePort
+ * traffic pays no conntrack memory. */
+#ifndef KVR_CT_ENTRIES
+#define KVR_CT_ENTRIES 262144
+#endif
+
+/* (frontend address as ::ffff:a.b.c.d, ::ffff:0.0.0.0 for a NodePort; port, proto)
+ * -> the Service it reaches */
+BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_np_fe, kvr_np_fe_v1,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_np_fe_v1"), BPF_F_NO_PREALLOC);
+
+/* node IPv4 address -> 1: the addresses a NodePort answers on */
+BPF_TABLE_PINNED7("hash", __be32, u32, kvr_np_addr, 256, KVR_PIN("kvr_np_addr"),
+		  BPF_F_NO_PREALLOC);
+
+/* service id -> its backends on this node */
+BPF_TABLE_PINNED7("hash", u32, struct kvr_np_local, kvr_np_local_v1,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_np_local_v1"), BPF_F_NO_PREALLOC);
+
+/* 0 -> the node's packet-path settings (struct kvr_np_cfg) */
+BPF_TABLE_PINNED("array", u32, struct kvr_np_cfg, kvr_np_cfg, 1, KVR_PIN("kvr_np_cfg"));
+
+/* flow direction tuple -> its rewrite: every later packet and the replies follow the
+ * backend chosen at the flow's first packet. An LRU: a full table drops the least
+ * recently used flow (counted when its next packet misses, KVR_NPC_MIDFLOW). */
+BPF_TABLE_PINNED("lru_hash", struct kvr_ct_key, struct kvr_ct, kvr_ct_v1,
+		 KVR_CT_ENTRIES, KVR_PIN("kvr_ct_v1"));
+
+/* service id -> per-CPU packet-path counters (enum kvr_np_cnt) */
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_np_cnt_val, kvr_np_cnt,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_np_cnt"), BPF_F_NO_PREALLOC);
+
+/* KVR_NP_PROG_* -> the new-flow stages, tail-called in turn (written at load). Pinned, as kvr_progs: an unpinned program array empties when its last user
+ * space handle closes. */
+BPF_TABLE_PINNED("prog", u32, u32, kvr_np_progs, KVR_NP_PROGS, KVR_PIN("kvr_np_progs"));
+
+/* 0 -> per-CPU hand-over between a new flow's stages (programs only) */
+BPF_TABLE_PINNED("percpu_array", u32, struct kvr_np_scratch, kvr_np_scratch, 1,
+		 KVR_PIN("kvr_np_scratch"));
+
+/* enum kvr_np_reason -> per-CPU count */
+BPF_TABLE_PINNED("percpu_array", u32, u64, kvr_np_reasons,
+		 KVR_NPR_MAX, KVR_PIN("kvr_np_reasons"));
+#endif /* ENABLE_NODEPORT */
+
 #endif /* __KVR_MAPS_H */

@@ -176,6 +176,10 @@ class ServiceSpec:
     # Why the annotations were dropped (empty when they were all valid).
     problems: tuple[str, ...] = ()
     vip6: ipaddress.IPv6Address | None = None  # dual stack: the IPv6 VIP beside an IPv4 one
+    # Traffic from outside the node (the packet path): see dataplane.model.Service.
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    external_traffic_policy: Literal["cluster", "local"] = "cluster"
 
     def __post_init__(self) -> None:
         if not isinstance(self.vip, IPAddress):
@@ -203,6 +207,9 @@ class ServiceSpec:
         port_name: str = "",
         problems: tuple[str, ...] = (),
         vip6: ipaddress.IPv6Address | None = None,
+        node_port: int | None = None,
+        external_ips: tuple[str, ...] = (),
+        external_traffic_policy: Literal["cluster", "local"] = "cluster",
     ) -> ServiceSpec:
         return cls(
             name=name,
@@ -213,6 +220,9 @@ class ServiceSpec:
             endpoints=endpoints,
             port_name=port_name,
             problems=problems,
+            node_port=node_port,
+            external_ips=external_ips,
+            external_traffic_policy=external_traffic_policy,
             **{f.name: getattr(options, f.name) for f in dataclasses.fields(Options)},
         )
 

@@ -29,6 +29,11 @@ Rules, following kube-proxy where it has one:
   as Kubernetes documents: ``ready`` and ``serving`` nil mean true, ``terminating`` nil
   means false. An endpoint listed by two slices (during slice churn) is kept once, in
   its most useful state.
+- Traffic from outside the node: a port's ``nodePort`` (NodePort and LoadBalancer
+  services), ``spec.externalIPs`` and ``status.loadBalancer.ingress[].ip`` (both served
+  as external IPs on the service port; IPv6 ones are noted and skipped), and
+  ``spec.externalTrafficPolicy`` (``Local``, else ``Cluster``). An endpoint's
+  ``nodeName`` says which node's packet path reaches it without SNAT.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from controller.discovery import discovered
+from dataplane import model
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
@@ -57,6 +63,7 @@ class _Port:
     name: str
     port: int
     protocol: discovered.Protocol_
+    node_port: int | None = None
 
 
 def object_key(obj: object) -> tuple[str, str] | None:
@@ -100,6 +107,7 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
     specs.sort(key=lambda s: (s.name, s.port, s.protocol))
     unique: list[discovered.ServiceSpec] = []
     owners: dict[tuple[Any, ...], str] = {}
+    fronts: dict[tuple[str, int, str], str] = {}
     for spec in specs:
         other = next((owners[k] for k in spec.keys if k in owners), None)
         if other is not None and other != spec.name:
@@ -113,7 +121,7 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
             continue
         for k in spec.keys:
             owners[k] = spec.name
-        unique.append(spec)
+        unique.append(_unique_frontends(spec, fronts, notes))
     # A slice's problem shows up once per service port; say it once.
     return Result(unique, list(dict.fromkeys(notes)))
 
@@ -123,6 +131,31 @@ def is_annotated(svc: Mapping[str, Any]) -> bool:
     (a bad value still counts: the service is ours, balanced plainly, and noted)."""
     annotations = _dict(_dict(svc.get("metadata")).get("annotations"))
     return any(isinstance(k, str) and k.startswith(discovered.PREFIX) for k in annotations)
+
+
+def _unique_frontends(spec: discovered.ServiceSpec, owners: dict[tuple[str, int, str], str],
+                      notes: list[str]) -> discovered.ServiceSpec:
+    """The spec without the external frontends an earlier service holds (Kubernetes does
+    not keep two services from claiming one external IP and port; the first by name
+    keeps it, as the model allows one service per frontend)."""
+    node_port = spec.node_port
+    if node_port is not None:
+        other = owners.setdefault(("*", node_port, spec.protocol), spec.name)
+        if other != spec.name:
+            notes.append(f"service {spec.name}: nodePort {node_port}/{spec.protocol} is "
+                         f"already {other}'s; not served")
+            node_port = None
+    kept = []
+    for ip in spec.external_ips:
+        other = owners.setdefault((ip, spec.port, spec.protocol), spec.name)
+        if other != spec.name:
+            notes.append(f"service {spec.name}: external IP {ip}:{spec.port}/{spec.protocol} "
+                         f"is already {other}'s; not served")
+        else:
+            kept.append(ip)
+    if node_port == spec.node_port and len(kept) == len(spec.external_ips):
+        return spec
+    return dataclasses.replace(spec, node_port=node_port, external_ips=tuple(kept))
 
 
 def _service_specs(
@@ -157,6 +190,14 @@ def _service_specs(
         notes.extend(problems)
         notes.append(f"service {name}: annotations ignored, balanced like kube-proxy")
 
+    external_ips = _external_ips(name, spec, _dict(svc.get("status")), vip, notes)
+    local = spec.get("externalTrafficPolicy") == "Local"
+    # The packet path is IPv4 (its frontends and backends): an IPv6-only service keeps
+    # its socket path and has no NodePort or external IPs served.
+    external = isinstance(vip, ipaddress.IPv4Address)
+    if not external and (external_ips or any(p.node_port for p in ports)):
+        notes.append(f"service {name}: IPv6-only; its nodePort and external IPs are not "
+                     "served (the packet path is IPv4)")
     out = []
     for port in ports:
         families = ("IPv4", "IPv6") if vip6 is not None else (f"IPv{vip.version}",)
@@ -172,9 +213,38 @@ def _service_specs(
                 options=options,
                 endpoints=endpoints,
                 problems=problems,
+                node_port=port.node_port if external else None,
+                external_ips=external_ips if external else (),
+                external_traffic_policy="local" if local else "cluster",
             )
         )
     return out
+
+
+def _external_ips(name: str, spec: Mapping[str, Any], status: Mapping[str, Any],
+                  vip: discovered.IPAddress, notes: list[str]) -> tuple[str, ...]:
+    """spec.externalIPs and the load balancer's ingress IPs: the addresses outside
+    traffic reaches the service by, on its own port."""
+    texts = [ip for ip in _list(spec.get("externalIPs")) if isinstance(ip, str)]
+    ingress = _list(_dict(status.get("loadBalancer")).get("ingress"))
+    texts += [e["ip"] for e in ingress if isinstance(e, dict) and isinstance(e.get("ip"), str)]
+    out: list[str] = []
+    for text in texts:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            notes.append(f"service {name}: external IP {text!r} is not an IP address; skipped")
+            continue
+        if not isinstance(addr, ipaddress.IPv4Address):
+            notes.append(f"service {name}: external IP {text} is IPv6 (not served yet); "
+                         "skipped")
+        elif addr == vip or model.address_problem(model.number_of(addr)) is not None:
+            # The model's one address rule (loopback, broadcast, ... are refused there):
+            # leave the IP out here rather than have the model refuse the whole service.
+            notes.append(f"service {name}: external IP {text} cannot be a frontend; skipped")
+        elif str(addr) not in out:
+            out.append(str(addr))
+    return tuple(sorted(out, key=ipaddress.IPv4Address))
 
 
 def _cluster_ips(
@@ -236,7 +306,11 @@ def _port_of(entry: Mapping[str, Any]) -> _Port | str:
     port_name = entry.get("name") or ""
     if not isinstance(port_name, str):
         return f"has a non-string name {port_name!r}"
-    return _Port(port_name, number, "udp" if protocol == "UDP" else "tcp")
+    node_port = entry.get("nodePort")
+    if isinstance(node_port, bool) or not isinstance(node_port, int) \
+            or not 1 <= node_port <= 65535:
+        node_port = None
+    return _Port(port_name, number, "udp" if protocol == "UDP" else "tcp", node_port)
 
 
 def _endpoints_for(

@@ -25,7 +25,12 @@ _STATE = {
     model.BackendState.OPEN: pb.BACKEND_STATE_OPEN,
     model.BackendState.PROBING: pb.BACKEND_STATE_PROBING,
 }
+_POLICY = {
+    model.TrafficPolicy.CLUSTER: pb.TRAFFIC_POLICY_CLUSTER,
+    model.TrafficPolicy.LOCAL: pb.TRAFFIC_POLICY_LOCAL,
+}
 _FROM_PROTOCOL = {v: k for k, v in _PROTOCOL.items()}
+_FROM_POLICY = {v: k for k, v in _POLICY.items()}
 _FROM_AFFINITY = {v: k for k, v in _AFFINITY.items()}
 _FROM_STATE = {v: k for k, v in _STATE.items()}
 
@@ -56,10 +61,14 @@ def service_to_pb(svc: model.Service) -> pb.Service:
         saturated=svc.saturated,
         backends=[
             pb.Backend(address=b.address, port=b.port, weight=b.weight, state=_STATE[b.state],
-                       load=b.load, address6=b.address6)
+                       load=b.load, address6=b.address6, node=b.node)
             for b in svc.backends
         ],
+        external_ips=svc.external_ips,
+        external_traffic_policy=_POLICY[svc.external_traffic_policy],
     )
+    if svc.node_port is not None:
+        msg.node_port = svc.node_port
     if svc.epsilon is not None:
         msg.epsilon = svc.epsilon
     if svc.move_epsilon is not None:
@@ -79,7 +88,8 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
                 state = states.get(b.state) or _reverse("state", states, b.state)
                 backends.append(model.Backend(
                     b.address, b.port, b.weight, state, b.load,
-                    b.address6 if b.HasField("address6") else None))
+                    address6=b.address6 if b.HasField("address6") else None,
+                    node=b.node if b.HasField("node") else None))
             except model.ModelError as exc:
                 where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
                 raise exc.prefixed(where) from None
@@ -97,6 +107,10 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
             move_epsilon=msg.move_epsilon if msg.HasField("move_epsilon") else None,
             backends=tuple(backends),
             vip6=msg.vip6 if msg.HasField("vip6") else None,
+            node_port=msg.node_port if msg.HasField("node_port") else None,
+            external_ips=tuple(msg.external_ips),
+            external_traffic_policy=_reverse("external_traffic_policy", _FROM_POLICY,
+                                             msg.external_traffic_policy),
         )
     except model.ModelError as exc:
         raise exc.prefixed(label) from None

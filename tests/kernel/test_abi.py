@@ -36,15 +36,18 @@ def _layout(t: Any) -> list[tuple[str, int, int]] | int:
     return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
 
 
-@pytest.mark.parametrize("name", sorted(MAP_TYPES))
-def test_mirror_matches_bcc(node: Node, name: str) -> None:
-    table = node.datapath.bpf[name]
-    key_t, leaf_t = MAP_TYPES[name]
+def assert_mirrors(table: Any, key_t: Any, leaf_t: Any) -> None:
+    """A bcc table's key and value types have the mirrors' fields, offsets and sizes."""
     leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
     assert _layout(table.Key) == _layout(key_t)
     assert _layout(leaf) == _layout(leaf_t)
     assert ct.sizeof(table.Key) == ct.sizeof(key_t)
     assert ct.sizeof(leaf) == ct.sizeof(leaf_t)
+
+
+@pytest.mark.parametrize("name", sorted(MAP_TYPES))
+def test_mirror_matches_bcc(node: Node, name: str) -> None:
+    assert_mirrors(node.datapath.bpf[name], *MAP_TYPES[name])
 
 
 def test_udp_flow_mirror_matches_bcc(node: Node) -> None:

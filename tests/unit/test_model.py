@@ -325,9 +325,11 @@ def test_to_dict_is_the_agent_config_shape() -> None:
     (s,) = d["services"]
     assert set(s) == {"name", "vip", "port", "protocol", "affinity", "affinity_timeout",
                       "table_size", "epsilon", "probe_share", "saturated", "move_epsilon",
-                      "backends"}
+                      "backends", "node_port", "external_ips", "external_traffic_policy"}
     assert s["epsilon"] is None and s["saturated"] is True and s["move_epsilon"] is None
-    assert set(s["backends"][0]) == {"address", "port", "weight", "state", "load"}
+    assert s["node_port"] is None and s["external_ips"] == []
+    assert s["external_traffic_policy"] == "cluster"
+    assert set(s["backends"][0]) == {"address", "port", "weight", "state", "load", "node"}
 
 
 def test_the_yaml_loader_reads_the_snapshot_content() -> None:

@@ -30,6 +30,11 @@ class BackendState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_STATE_DRAINING: _ClassVar[BackendState]
     BACKEND_STATE_OPEN: _ClassVar[BackendState]
     BACKEND_STATE_PROBING: _ClassVar[BackendState]
+
+class TrafficPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAFFIC_POLICY_CLUSTER: _ClassVar[TrafficPolicy]
+    TRAFFIC_POLICY_LOCAL: _ClassVar[TrafficPolicy]
 PROTOCOL_UNSPECIFIED: Protocol
 PROTOCOL_TCP: Protocol
 PROTOCOL_UDP: Protocol
@@ -42,6 +47,8 @@ BACKEND_STATE_ACTIVE: BackendState
 BACKEND_STATE_DRAINING: BackendState
 BACKEND_STATE_OPEN: BackendState
 BACKEND_STATE_PROBING: BackendState
+TRAFFIC_POLICY_CLUSTER: TrafficPolicy
+TRAFFIC_POLICY_LOCAL: TrafficPolicy
 
 class WatchRequest(_message.Message):
     __slots__ = ("agent_id", "node", "have_version", "have_hash")
@@ -56,23 +63,25 @@ class WatchRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., have_version: _Optional[int] = ..., have_hash: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "port", "weight", "state", "load", "address6")
+    __slots__ = ("address", "port", "weight", "state", "load", "address6", "node")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS6_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     weight: int
     state: BackendState
     load: int
     address6: str
-    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., state: _Optional[_Union[BackendState, str]] = ..., load: _Optional[int] = ..., address6: _Optional[str] = ...) -> None: ...
+    node: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., state: _Optional[_Union[BackendState, str]] = ..., load: _Optional[int] = ..., address6: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends", "move_epsilon", "vip6")
+    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends", "move_epsilon", "vip6", "node_port", "external_ips", "external_traffic_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +95,9 @@ class Service(_message.Message):
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     MOVE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     VIP6_FIELD_NUMBER: _ClassVar[int]
+    NODE_PORT_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_IPS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_TRAFFIC_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     vip: str
     port: int
@@ -99,7 +111,10 @@ class Service(_message.Message):
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     move_epsilon: float
     vip6: str
-    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., move_epsilon: _Optional[float] = ..., vip6: _Optional[str] = ...) -> None: ...
+    node_port: int
+    external_ips: _containers.RepeatedScalarFieldContainer[str]
+    external_traffic_policy: TrafficPolicy
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., move_epsilon: _Optional[float] = ..., vip6: _Optional[str] = ..., node_port: _Optional[int] = ..., external_ips: _Optional[_Iterable[str]] = ..., external_traffic_policy: _Optional[_Union[TrafficPolicy, str]] = ...) -> None: ...
 
 class EngineRef(_message.Message):
     __slots__ = ("identity", "metrics_url", "health_url", "node")
