@@ -546,9 +546,10 @@ def maps_nodeport(maps: Any, as_json: bool) -> None:
             counters = npm.counters(svc_id) if svc_id is not None else []
             rows.append({
                 "frontend": ("*" if fe.flags & abi.NP_F_NODEPORT else
-                             str(abi.be32_to_ip(key.addr)))
+                             abi.format_host(abi.ip_of(abi.from_words(key.addr))))
                 + f":{abi.be16_to_port(key.port)}/{abi.PROTO_NAME.get(key.proto, key.proto)}",
-                "service": abi.format_endpoint(fe.svc.addr, fe.svc.port, fe.svc.proto),
+                "service": abi.format_endpoint(abi.from_words(fe.svc.addr), fe.svc.port,
+                                               fe.svc.proto),
                 "name": names.get(svc_id, "-") if svc_id is not None else "(gone)",
                 "service_id": svc_id,
                 "policy": "local" if fe.flags & abi.NP_F_LOCAL else "cluster",

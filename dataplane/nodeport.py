@@ -300,13 +300,16 @@ def find_frontend(mapset: maps.MapSet, npm: NodePortMaps,
         addr, port, proto = abi.parse_endpoint(text)
     except ValueError as exc:
         raise inspect.LookupError_(str(exc)) from None
-    fes = {(k.addr, k.port, k.proto): v for k, v in npm.frontends()}
+    if addr.version != 4:
+        raise inspect.LookupError_(f"{ref}: the packet path serves IPv4 frontends only")
+    # Frontend keys hold the maps' 128-bit form (np4_frontend): compare in it.
+    fes = {(abi.from_words(k.addr), k.port, k.proto): v for k, v in npm.frontends()}
     key = abi.l4_key(addr, port, proto)
-    fe = fes.get((key.addr, key.port, key.proto))
-    node_addr = ct.c_uint32(key.addr)
+    fe = fes.get((abi.addr128(addr), key.port, key.proto))
+    node_addr = ct.c_uint32(abi.ip_to_be32(str(addr)))  # kvr_np_addr holds bare IPv4
     if fe is None and (str(addr) == ANY_ADDRESS or
                        bpfsys.lookup(npm.fds["kvr_np_addr"], node_addr, ct.c_uint32())):
-        fe = fes.get((0, key.port, key.proto))
+        fe = fes.get((abi.addr128(ANY_ADDRESS), key.port, key.proto))
     if fe is None:
         raise inspect.LookupError_(f"no NodePort or external IP answers {addr}:{port}/{proto}")
     return f"{addr}:{port}/{proto}", fe
@@ -316,7 +319,7 @@ def explain(mapset: maps.MapSet, npm: NodePortMaps, ref: str, client: str) -> di
     """Walk the packet path's choice for a new flow from ``client`` to frontend ``ref``
     without sending a packet (a tracked flow keeps the backend it has)."""
     label, fe = find_frontend(mapset, npm, ref)
-    svc_ref = abi.format_endpoint(fe.svc.addr, fe.svc.port, fe.svc.proto)
+    svc_ref = abi.format_endpoint(abi.from_words(fe.svc.addr), fe.svc.port, fe.svc.proto)
     _, svc = inspect.find_service(mapset, svc_ref)
     local_ids = npm.local(svc.id)
     policy = "local" if fe.flags & abi.NP_F_LOCAL else "cluster"
@@ -326,7 +329,7 @@ def explain(mapset: maps.MapSet, npm: NodePortMaps, ref: str, client: str) -> di
             {"what": "local", "detail": f"backends on this node: {local_ids or 'none'}"}]
     if policy == "local":
         bes = {b["id"]: b for b in inspect.backends(mapset)}
-        ident = hashing_ident(svc_ref)
+        ident = svc.ident  # the kernel's own: what np_pick_local hashes with
         meta = mapset.meta()
         chosen = None
         steps = list(head)
@@ -362,7 +365,3 @@ def explain(mapset: maps.MapSet, npm: NodePortMaps, ref: str, client: str) -> di
                            if snat else "; on another node, but no SNAT address: left alone")
     return data
 
-
-def hashing_ident(svc_ref: str) -> int:
-    addr, port, proto = abi.parse_endpoint(svc_ref)
-    return hashing.svc_ident(str(addr), port, proto)

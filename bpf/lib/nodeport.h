@@ -376,7 +376,7 @@ static __always_inline int np4_choose(struct __sk_buff *skb)
 		}
 	}
 	if (how == LB_AFF_NEW && !(svc->flags & KVR_SVC_F_FLEET)) {
-		pick = lb_maglev_pick(svc, key, kvr_svc_ident(&s->fe.svc), KVR_NO_BACKEND, false);
+		pick = lb_maglev_pick(svc, key, svc->ident, KVR_NO_BACKEND, false);
 		if (pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE)
 			lb_affinity_bind(svc, &akey, pick.be_id, KVR_NO_BACKEND, s->now);
 		s->be_id = pick.be_id;
@@ -403,7 +403,7 @@ static __always_inline int np4_pick_local(struct __sk_buff *skb)
 	if (!svc)
 		return TC_ACT_OK;
 	s->be_id = np_pick_local(svc, kvr_np_local_v1.lookup(&s->svc_id), s->key,
-				 kvr_svc_ident(&s->fe.svc));
+				 svc->ident);
 	return np_next(skb, KVR_NP_PROG_NAT);
 }
 
@@ -420,7 +420,7 @@ static __always_inline int np4_pick_more(struct __sk_buff *skb)
 	svc = np_stage_service(s);
 	if (!svc)
 		return TC_ACT_OK;
-	pick = lb_maglev_pick(svc, s->key, kvr_svc_ident(&s->fe.svc), s->avoid,
+	pick = lb_maglev_pick(svc, s->key, svc->ident, s->avoid,
 			      svc->flags & KVR_SVC_F_FLEET);
 	akey.svc_id = svc->id;
 	akey.key = s->key;

@@ -265,7 +265,7 @@ def test_client_affinity_keys_on_the_client_address_like_the_python_prediction(
         client = f"203.0.113.{100 + i}"
         key = (1 << 63) | abi.ip_to_be32(client)  # KVR_AFF_KEY_IP4
         want_id = table[hashing.slot_hash(key, ident, 0, pn.settings.hash_seed) % len(table)]
-        want = abi.be32_to_ip(pn.maps.get("kvr_be_v1", ct.c_uint32(want_id), abi.Backend).addr)
+        want = abi.be32_to_ip(pn.maps.get("kvr_be_v2", ct.c_uint32(want_id), abi.Backend).addr4)
         got = {tuple_of(pn.run(bytes(frame(client, NODE, sport, NODE_PORT)))[1])[2]
                for sport in (46000, 46001, 46002)}
         assert got == {str(want)}
@@ -274,7 +274,7 @@ def test_client_affinity_keys_on_the_client_address_like_the_python_prediction(
 
 def _service(pn: PacketNode) -> tuple[abi.L4Key, abi.Svc]:
     key = abi.l4_key(VIP, 80, "tcp")
-    svc = pn.maps.get("kvr_svc_v1", key, abi.Svc)
+    svc = pn.maps.get("kvr_svc_v2", key, abi.Svc)
     assert svc is not None
     return key, svc
 
