@@ -216,7 +216,8 @@ Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[st
 def benches(quick: bool) -> dict[str, Bench]:
     """Every benchmark by name, in the order `make bench` runs them, sized for a full run
     or a quick one."""
-    rounds, per_round = (8, 1000) if quick else (40, 2000)
+    # 30 rounds: the connect bench is most of `make bench` (15 minutes on 2 idle cores)
+    rounds, per_round = (8, 1000) if quick else (30, 2000)
     counts = (10, 1_000) if quick else (10, 1_000, 10_000)
     return {"maglev": lambda: bench_maglev(quick),
             # its targets are for 10,000 services; the quick run leaves session out
