@@ -273,6 +273,9 @@ def run(agents: int = 1000, engines: int = 1000, phases: Sequence[Phase] = PHASE
         raise ValueError("the first phase must send nothing: the idle baseline")
     if engines < 2 or agents < 1 or procs < 1:
         raise ValueError("need engines >= 2, agents >= 1, procs >= 1")
+    if seconds < 2:
+        raise ValueError("need seconds >= 2: bytes are counted over whole seconds inside "
+                         "a phase")
     if any(rate < 0 or not 0 <= k <= engines for rate, k in phases):
         raise ValueError(f"phases: reports/s >= 0 and 0..{engines} engines a report")
     port = fleet.free_port()
