@@ -7,7 +7,9 @@ ratios mean more than absolute times).
    beside kube-proxy's iptables and nftables shapes (lab/bench_connect.py; the rows go
    to bench/results/connect.json too);
 2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
-3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
+3. Maglev builds of one table, M=16381 and 65537 x 10, 100, 1,000 backends, with the
+   controller's weights against equal weights (target <= 50 ms at 65537 x 1,000), and of
+   10,000 services' tables at once (lab/bench_maglev.py);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
    2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
    a binding on one node to the last agent; lab/bench_bindings.py);
