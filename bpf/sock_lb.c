@@ -9,6 +9,7 @@
 #include <uapi/linux/errno.h>
 
 #include "lib/abi.h"
+#include "lib/compat.h"
 #include "lib/maps.h"
 #include "lib/lb.h"
 
@@ -49,7 +50,7 @@ static __always_inline int sock4_xlate_to(struct bpf_sock_addr *ctx, const struc
 
 	if (be_id == KVR_NO_BACKEND) {
 		kvr_svc_inc(svc->id, KVR_SC_NO_BACKEND);
-		bpf_set_retval(-ECONNREFUSED);
+		kvr_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
 	}
 	be = kvr_be_v1.lookup(&be_id);
@@ -104,7 +105,7 @@ static __always_inline int __sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 
 	if (svc->flags & KVR_SVC_F_SATURATED) {
 		kvr_svc_inc(svc->id, KVR_SC_SATURATED);
-		bpf_set_retval(-ECONNREFUSED);
+		kvr_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
 	}
 
@@ -243,25 +244,25 @@ int sock_setsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optname != KVR_SO_SESSION || ctx->optlen != sizeof(__u64) ||
 	    optval + sizeof(__u64) > optval_end) {
 		kvr_reason_inc(KVR_R_BAD_SOCKOPT);
-		bpf_set_retval(-EINVAL);
+		kvr_set_retval(-EINVAL);
 		return SYS_REJECT;
 	}
 	session = *(__u64 *)optval;
 	if (!ctx->sk || (ctx->sk->family != KVR_AF_INET &&
 			    ctx->sk->family != KVR_AF_INET6)) {
 		kvr_reason_inc(KVR_R_BAD_SOCKOPT);
-		bpf_set_retval(-ENOPROTOOPT);
+		kvr_set_retval(-ENOPROTOOPT);
 		return SYS_REJECT;
 	}
 	if (session == 0 || ctx->sk->state != BPF_TCP_CLOSE) {
 		kvr_reason_inc(KVR_R_BAD_SOCKOPT);
-		bpf_set_retval(-EINVAL);
+		kvr_set_retval(-EINVAL);
 		return SYS_REJECT;
 	}
 	sks = sock4_storage(ctx->sk, true);
 	if (!sks) {
 		kvr_reason_inc(KVR_R_NO_SK_STORAGE);
-		bpf_set_retval(-ENOMEM);
+		kvr_set_retval(-ENOMEM);
 		return SYS_REJECT;
 	}
 	sks->session = session;

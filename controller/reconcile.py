@@ -50,7 +50,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import ipaddress
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -61,7 +60,6 @@ from dataplane import enginemetrics, model, reports, scraper
 
 PLAIN_WEIGHT = model.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
 HEALTH_PATH = "/health"
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _EVENTS_MAX = 4096  # undrained breaker events kept (oldest dropped first)
 _HASH_CHARS = 8
 _UNSAFE = re.compile(r"[^a-z0-9.-]+")
@@ -273,10 +271,10 @@ class Reconciler:
             if state is discovered.State.EXCLUDED:
                 continue
             address = str(ep.address)
-            if ep.address.is_unspecified or ep.address.is_multicast or ep.address == _BROADCAST:
+            why = model.backend_problem(int(ep.address), int(spec.vip))
+            if why is not None:
                 problems.append(f"service {spec.name} port {spec.port}/{spec.protocol}: "
-                                f"endpoint {address}:{ep.port} is not a unicast address, "
-                                f"left out")
+                                f"endpoint {address}:{ep.port} is {why}, left out")
                 continue
             be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
                           terminating=state is discovered.State.DRAINING)

@@ -5,7 +5,10 @@ it computes the target contents of every map (ids, values, tables) and the
 difference. `execute` writes only that difference, with batch updates, in an
 order that keeps every connect() consistent: backends before the tables that
 name them, tables before the services that use them, removals last. Nothing
-is written before the whole plan exists, so bad input changes nothing.
+is written before the whole plan exists and fits the maps, so bad input
+changes nothing; a write the kernel refuses is undone with every write before
+it (in reverse, which is connect-safe too), so the maps hold the old state or
+the new one, never a mix.
 
 Tables: services with client or session affinity get a weighted Maglev table
 (a key keeps its backend across nodes and across most changes); services
@@ -516,12 +519,27 @@ def _u32(values: Any) -> np.ndarray:
     return np.fromiter(values, dtype=_U32)
 
 
-def _put(maps: MapSet, name: str, keys: np.ndarray, vals: np.ndarray) -> None:
-    bpfsys.update_batch(maps.fd(name), keys, vals)
+def _name_rows(names: Sequence[str]) -> np.ndarray:
+    raw = b"".join(n.encode()[:63].ljust(_DT_NAME.itemsize, b"\0") for n in names)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, _DT_NAME.itemsize)
 
 
-def _delete(maps: MapSet, name: str, keys: np.ndarray) -> None:
-    bpfsys.delete_batch(maps.fd(name), keys)
+# Each user-space-owned View field: its kernel map and how its keys and values are packed.
+_CODECS: dict[str, tuple[str, Callable[[list[Any]], np.ndarray],
+                         Callable[[list[Any]], np.ndarray]]] = {
+    "backends": ("kvr_be_v1", _u32,
+                 lambda rows: _records(rows, _DT_BE, ("addr", "port", "proto", "state"))),
+    "be_load": ("kvr_be_load", _u32, _u32),
+    "svc_load": ("kvr_svc_load", _u32, _u32),
+    "members": ("kvr_member", _member_array, _u32),
+    "names": ("kvr_svc_name", _u32, _name_rows),
+    "services": ("kvr_svc_v1", _l4_array, lambda rows: _records(rows, _DT_SVC, _SVC_FIELDS)),
+}
+
+
+def _put(maps: MapSet, field: str, entries: Mapping[Any, Any]) -> None:
+    mapname, keys, values = _CODECS[field]
+    bpfsys.update_batch(maps.fd(mapname), keys(list(entries)), values(list(entries.values())))
 
 
 def _delete_present(maps: MapSet, name: str, ids: list[int]) -> None:
@@ -530,35 +548,182 @@ def _delete_present(maps: MapSet, name: str, ids: list[int]) -> None:
         bpfsys.delete(fd, abi.ct.c_uint32(i))
 
 
+class ApplyError(RuntimeError):
+    """A write to the maps failed. ``rolled_back``: the maps hold what they held before
+    (retry the apply); otherwise the undo failed too and the applier re-read the maps."""
+
+    def __init__(self, message: str, rolled_back: bool) -> None:
+        super().__init__(message)
+        self.rolled_back = rolled_back
+
+
+class _Journal:
+    """The writes of one change to the user-space-owned maps, undone newest first on
+    failure, each key back to what the view the change started from holds (the caller
+    changes that view only once every write succeeded, so the forward path pays nothing
+    for the undo). The forward order is connect-safe (what a value names is written
+    before the value), so its reverse is too: services go back to their old tables
+    before anything only the new ones name goes away."""
+
+    def __init__(self, maps: MapSet, current: View) -> None:
+        self.maps = maps
+        self.current = current
+        self._undo: list[Callable[[], None]] = []
+
+    def put(self, field: str, entries: Mapping[Any, Any]) -> None:
+        if not entries:
+            return
+        self._undo.append(functools.partial(self._restore, field, entries.keys()))
+        _put(self.maps, field, entries)
+
+    def delete(self, field: str, keys: Sequence[Any]) -> None:
+        if not keys:
+            return
+        self._undo.append(functools.partial(self._restore, field, keys))
+        mapname, pack, _ = _CODECS[field]
+        bpfsys.delete_batch(self.maps.fd(mapname), pack(list(keys)))
+
+    def undo_with(self, step: Callable[[], None]) -> None:
+        """Undo ``step`` at this point of the order (the table pool's own rollback)."""
+        self._undo.append(step)
+
+    def _restore(self, field: str, keys: Iterable[Any]) -> None:
+        before: Mapping[Any, Any] = getattr(self.current, field)
+        old = {k: before[k] for k in keys if k in before}
+        new = [k for k in keys if k not in before]
+        # A batch cut short wrote only some keys: remove the new ones present or not.
+        if new:
+            mapname, pack, _ = _CODECS[field]
+            bpfsys.delete_each(self.maps.fd(mapname), pack(new))
+        if old:
+            _put(self.maps, field, old)
+
+    def rollback(self) -> list[str]:
+        """Undo every step, newest first; the steps that could not be undone."""
+        failed = []
+        for step in reversed(self._undo):
+            try:
+                step()
+            except OSError as exc:
+                failed.append(str(exc))
+        self._undo.clear()
+        return failed
+
+
 @dataclasses.dataclass
 class ApplyResult:
     summary: dict[str, int]
     build_seconds: float
     write_seconds: float
+    # Removing kernel-made entries (counters, health, affinity) of what the change removed
+    # failed: routing is as desired; the applier runs ``leftover`` first thing next time.
+    cleanup_error: str | None = None
+    leftover: Cleanup | None = None
+
+
+@dataclasses.dataclass
+class Cleanup:
+    """Kernel-made entries to remove once the change that made them stale is written:
+    trips user space ended, and what the kernel keeps for removed services and backends."""
+
+    trips_clear: list[int] = dataclasses.field(default_factory=list)
+    gone_services: list[int] = dataclasses.field(default_factory=list)
+    gone_backends: list[int] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.trips_clear or self.gone_services or self.gone_backends)
+
+    def run(self, maps: MapSet) -> None:
+        """Idempotent: absent entries are fine, so a cleanup cut short is run again whole."""
+        _delete_present(maps, "kvr_health", self.trips_clear)
+        if self.gone_services:
+            _delete_present(maps, "kvr_svc_cnt_v2", self.gone_services)
+            _purge_affinity(maps, set(self.gone_services))
+        for name in ("kvr_health", "kvr_be_cnt", "kvr_be_sess"):
+            _delete_present(maps, name, self.gone_backends)
+
+
+# Maps a change may grow, by View field: checked against the kernel's max_entries before
+# the first write, since every new entry is written before any old one is removed.
+_GROWN = ("backends", "be_load", "svc_load", "members", "names", "services")
+
+
+def check_room(p: Plan, maps: MapSet, current: View) -> None:
+    """Raise :class:`model.ModelError` when a map would overflow part-way through the
+    change: the new entries are all written before the old ones go, so a map holds both
+    for a moment (what :func:`model.check_capacity` checks is the end state only)."""
+    problems = []
+    for field in _GROWN:
+        diff = p.diffs[field]
+        before = getattr(current, field)
+        peak = len(before) + sum(1 for k in diff.put if k not in before)
+        if peak <= len(before):
+            continue
+        mapname = _CODECS[field][0]
+        limit = maps.max_entries(mapname)
+        if peak > limit:
+            problems.append(f"{mapname}: the change holds {peak} entries at once (the "
+                            f"{len(before)} there now and the new ones written before the old "
+                            f"go), more than the map's {limit}; apply it in smaller steps")
+    if problems:
+        raise model.ModelError(problems)
 
 
 def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResult:
     """Write a plan's difference to the maps, in a connect-safe order. Fills in where
-    each new table went (p.target.services)."""
-    started = time.perf_counter()
-    d = p.diffs
+    each new table went (p.target.services).
 
-    # 1. Backends, their reverse index, kernel-owned entries for new ones, loads.
-    if d["backends"].put:
-        _put(maps, "kvr_be_v1", _u32(d["backends"].put),
-             _records(list(d["backends"].put.values()), _DT_BE,
-                      ("addr", "port", "proto", "state")))
-    if p.trips_clear:
-        _delete_present(maps, "kvr_health", p.trips_clear)
-    if d["be_load"].put:
-        _put(maps, "kvr_be_load", _u32(d["be_load"].put), _u32(d["be_load"].put.values()))
-    if d["svc_load"].put:
-        _put(maps, "kvr_svc_load", _u32(d["svc_load"].put), _u32(d["svc_load"].put.values()))
-    if d["members"].put:
-        _put(maps, "kvr_member", _member_array(list(d["members"].put)),
-             _u32(d["members"].put.values()))
+    All or nothing for what routing reads: a write that fails is undone with everything
+    written before it, newest first (see :class:`_Journal`), and :class:`ApplyError` is
+    raised. The kernel-made entries of what the change removed go last, once routing is
+    as desired; their removal failing is reported in the result, not undone."""
+    started = time.perf_counter()
+    check_room(p, maps, current)
+    journal = _Journal(maps, current)
+    pool.begin()
+    try:
+        released = _write(p, journal, pool, current)
+    except OSError as exc:
+        failed = journal.rollback()
+        try:
+            pool.rollback()  # a no-op once the journal did it; ends the pool's change
+        except OSError as undo:
+            failed.append(str(undo))
+        if failed:
+            raise ApplyError(f"writing the maps failed ({exc}), and so did undoing it "
+                             f"({'; '.join(failed)}): the maps were re-read, the next apply "
+                             f"plans from what they hold", rolled_back=False) from None
+        raise ApplyError(f"writing the maps failed ({exc}): every write was undone, the "
+                         f"maps hold the previous state", rolled_back=True) from None
+    pool.commit()
+    for group, base in released:
+        pool.release(group, base)
+    result = ApplyResult(p.summary(), p.build_seconds, 0.0)
+    cleanup = Cleanup(p.trips_clear, p.gone_services, p.gone_backends)
+    try:
+        cleanup.run(maps)
+    except OSError as exc:
+        result.cleanup_error, result.leftover = str(exc), cleanup
+    try:
+        pool.collect()  # empty groups; any left are collected by a later change
+    except OSError as exc:
+        result.cleanup_error = result.cleanup_error or str(exc)
+    result.write_seconds = time.perf_counter() - started
+    return result
+
+
+def _write(p: Plan, journal: _Journal, pool: TablePool, current: View
+           ) -> list[tuple[int, int]]:
+    """The writes of execute, in order; the table regions the change gave up."""
+    d = p.diffs
+    # 1. Backends, loads and memberships: nothing names a new one yet.
+    journal.put("backends", d["backends"].put)
+    journal.put("be_load", d["be_load"].put)
+    journal.put("svc_load", d["svc_load"].put)
+    journal.put("members", d["members"].put)
 
     # 2. New tables into free regions; the service values below publish them.
+    journal.undo_with(pool.rollback)
     services = d["services"].put
     released = []
     for key, table in p.tables.items():
@@ -568,44 +733,19 @@ def execute(p: Plan, maps: MapSet, pool: TablePool, current: View) -> ApplyResul
         old = current.services.get(key)
         if old is not None:
             released.append((old[2], old[3]))
-
     pool.publish()
 
     # 3. Services last: a new service appears only once its table exists.
-    if d["names"].put:
-        raw = b"".join(n.encode()[:63].ljust(_DT_NAME.itemsize, b"\0")
-                       for n in d["names"].put.values())
-        _put(maps, "kvr_svc_name", _u32(d["names"].put),
-             np.frombuffer(raw, dtype=np.uint8).reshape(-1, _DT_NAME.itemsize))
-    if services:
-        _put(maps, "kvr_svc_v1", _l4_array(list(services)),
-             _records(list(services.values()), _DT_SVC, _SVC_FIELDS))
+    journal.put("names", d["names"].put)
+    journal.put("services", services)
 
     # 4. Removals: services first (no new connect can reach them), then what they used.
-    if d["services"].delete:
-        _delete(maps, "kvr_svc_v1", _l4_array(d["services"].delete))
-        released.extend((current.services[k][2], current.services[k][3])
-                        for k in d["services"].delete)
-    for group, base in released:
-        pool.release(group, base)
-    for name, mapname, conv in (
-        ("names", "kvr_svc_name", _u32), ("svc_load", "kvr_svc_load", _u32),
-        ("members", "kvr_member", _member_array), ("backends", "kvr_be_v1", _u32),
-        ("be_load", "kvr_be_load", _u32),
-    ):
-        if d[name].delete:
-            _delete(maps, mapname, conv(d[name].delete))
-    # Kernel-created entries (counters, health) exist only for objects that saw
-    # traffic, so their removal tolerates absent keys.
-    if p.gone_services:
-        _delete_present(maps, "kvr_svc_cnt_v2", p.gone_services)
-        _purge_affinity(maps, set(p.gone_services))
-    if p.gone_backends:
-        _delete_present(maps, "kvr_health", p.gone_backends)
-        _delete_present(maps, "kvr_be_cnt", p.gone_backends)
-        _delete_present(maps, "kvr_be_sess", p.gone_backends)
-    pool.collect()
-    return ApplyResult(p.summary(), p.build_seconds, time.perf_counter() - started)
+    journal.delete("services", d["services"].delete)
+    released.extend((current.services[k][2], current.services[k][3])
+                    for k in d["services"].delete)
+    for field in ("names", "svc_load", "members", "backends", "be_load"):
+        journal.delete(field, d[field].delete)
+    return released
 
 
 def _purge_affinity(maps: MapSet, svc_ids: set[int]) -> None:
@@ -667,6 +807,7 @@ class Applier:
         self.live_loads: dict[L4, int] = {}
         self.desired: model.DesiredState | None = None
         self.refs: Refs = {}
+        self.leftover = Cleanup()  # kernel-made entries a change failed to remove
 
     def changed(self, desired: model.DesiredState) -> set[str] | None:
         """Names of the services that differ from the applied state; None: plan it all."""
@@ -681,9 +822,19 @@ class Applier:
 
     def apply(self, desired: model.DesiredState) -> ApplyResult:
         """Raises :class:`model.ModelError`, writing nothing, for a state the maps cannot
-        hold."""
+        hold, and :class:`ApplyError` when a write failed: the maps and this applier then
+        keep the state applied before, and applying again retries."""
         model.check_capacity(desired, *self.capacity)
         with self.lock:
+            if self.leftover:
+                # Before any plan: it may give a new object an id whose old entries these are.
+                try:
+                    self.leftover.run(self.maps)
+                except OSError as exc:
+                    raise ApplyError(f"removing the kernel's entries of removed services "
+                                     f"and backends failed ({exc}); nothing else was "
+                                     f"written", rolled_back=True) from None
+                self.leftover = Cleanup()
             names = self.changed(desired)
             if names is None:
                 p = plan(desired, self.view, self.seed, self.live_loads, self.fleet)
@@ -691,13 +842,30 @@ class Applier:
                 assert self.desired is not None
                 p = plan_changes(self.desired, desired, names, self.view, self.refs,
                                  self.seed, self.live_loads, self.fleet)
-            result = execute(p, self.maps, self.pool, self.view)
+            try:
+                result = execute(p, self.maps, self.pool, self.view)
+            except ApplyError as exc:
+                if not exc.rolled_back:
+                    self._reread()
+                raise
             if names is None:
                 self.view, self.refs = p.target, p.refs
             else:
                 self._patch(p)
             self.desired = desired
+            if result.leftover is not None:
+                self.leftover = result.leftover
             return result
+
+    def _reread(self) -> None:
+        """Start over from what the maps hold, as a restarted agent does: the next apply
+        is a full plan against them."""
+        self.view = read_view(self.maps)
+        self.pool.close()
+        self.pool = TablePool(self.maps)
+        self.pool.adopt(svc for _, svc in self.maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
+        self.desired = None
+        self.refs = {}
 
     def _patch(self, p: Plan) -> None:
         """Bring the view and refs to what an incremental plan wrote."""
@@ -747,11 +915,10 @@ class Applier:
                     touched.update(self.refs.get(key, ()))
             if not changed_be:
                 return 0
-            for be_id, load in changed_be.items():
-                if load:
-                    view.be_load[be_id] = load
-                else:
-                    view.be_load.pop(be_id, None)
+
+            def load_of(be_id: int) -> int:
+                return changed_be[be_id] if be_id in changed_be else view.be_load.get(be_id, 0)
+
             means: dict[int, int] = {}
             by_name = self.desired.by_name if self.desired is not None else {}
             for name in touched:
@@ -763,18 +930,29 @@ class Applier:
                 for ep in _endpoints(svc):
                     be_id = view.be_addr[ep]
                     if view.backends[be_id][3] in _USABLE_KSTATES:
-                        usable.append(view.be_load.get(be_id, 0))
+                        usable.append(load_of(be_id))
                 if usable:
                     means[value[0]] = sum(usable) // len(usable)
             zero = [be_id for be_id, load in changed_be.items() if not load]
             put = {be_id: load for be_id, load in changed_be.items() if load}
-            if put:
-                _put(self.maps, "kvr_be_load", _u32(put), _u32(put.values()))
-            if zero:
-                _delete_present(self.maps, "kvr_be_load", zero)
-            if means:
-                _put(self.maps, "kvr_svc_load", _u32(means), _u32(means.values()))
-                view.svc_load.update(means)
+            # The view changes only once the kernel took every write (or none).
+            journal = _Journal(self.maps, view)
+            try:
+                journal.put("be_load", put)
+                journal.delete("be_load", zero)
+                journal.put("svc_load", means)
+            except OSError as exc:
+                failed = journal.rollback()
+                if failed:
+                    self._reread()
+                raise ApplyError(f"writing engine loads failed ({exc})"
+                                 + (f", and so did undoing it ({'; '.join(failed)})"
+                                    if failed else "; nothing changed"),
+                                 rolled_back=not failed) from None
+            view.be_load.update(put)
+            for be_id in zero:
+                del view.be_load[be_id]
+            view.svc_load.update(means)
             return len(changed_be) + len(means)
 
     def counters(self, identities: set[str] | None = None) -> dict[str, list[int]]:

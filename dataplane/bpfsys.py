@@ -20,6 +20,9 @@ from typing import TypeVar
 import numpy as np
 
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_HASH_OF_MAPS = 13
+BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_INNER_MAP = 1 << 12
 BPF_ANY = 0
 
@@ -33,6 +36,13 @@ ATTACH_CGROUP_INET4_GETPEERNAME = 29
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
+
+# enum bpf_func_id values of the helpers dataplane.features asks the kernel about.
+FUNC_GET_SOCKET_COOKIE = 46
+FUNC_SK_STORAGE_GET = 107
+FUNC_GET_NETNS_COOKIE = 122
+FUNC_RINGBUF_OUTPUT = 130
+FUNC_SET_RETVAL = 187
 
 
 # int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
@@ -59,6 +69,9 @@ def _lib() -> ct.CDLL:
         "bpf_link_detach": ([i32], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ct.POINTER(u32)], i32),
         "bpf_enable_stats": ([i32], i32),
+        "bpf_prog_load": ([u32, ct.c_char_p, ct.c_char_p, vp, ct.c_size_t, vp], i32),
+        "libbpf_probe_bpf_helper": ([u32, u32, vp], i32),
+        "libbpf_probe_bpf_map_type": ([u32, vp], i32),
         "ring_buffer__new": ([i32, RINGBUF_SAMPLE_FN, vp, vp], vp),
         "ring_buffer__poll": ([vp, i32], i32),
         "ring_buffer__consume": ([vp], i32),
@@ -161,6 +174,20 @@ def delete_batch(fd: int, keys: np.ndarray) -> None:
     n = ct.c_uint32(len(keys))
     _check(_lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None),
            "map batch delete")
+
+
+def delete_each(fd: int, keys: np.ndarray) -> int:
+    """Delete the entries of packed keys one by one, those absent included (a batch
+    delete stops at the first absent key): for undoing a write that may have been cut
+    short. Returns how many were there."""
+    stride = keys.strides[0] if keys.ndim else 0
+    gone = 0
+    for i in range(len(keys)):
+        ret = _lib().bpf_map_delete_elem(fd, ct.c_void_p(keys.ctypes.data + i * stride))
+        if ret != -errno.ENOENT:
+            _check(ret, "map delete")
+            gone += 1
+    return gone
 
 
 def map_fd_by_id(map_id: int) -> int:
@@ -272,6 +299,69 @@ def obj_kind(fd: int) -> str:
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf link create")
+
+
+# -- feature probes (dataplane.features says what is asked, and why) ----------------------
+
+class _ProgLoadOpts(ct.Structure):
+    """The head of libbpf's struct bpf_prog_load_opts: libbpf reads only the ``sz`` bytes
+    a caller declares, so the fields after expected_attach_type may stay off."""
+
+    _fields_ = [("sz", ct.c_size_t), ("attempts", ct.c_int),
+                ("expected_attach_type", ct.c_uint32)]
+
+
+# r0 = 1; exit: the smallest program every program type accepts.
+_RETURN_ONE = bytes([0xB7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+
+
+def _probe_result(ret: int, what: str, absent: tuple[int, ...]) -> bool:
+    if ret >= 0:
+        return True
+    if -ret in absent:
+        return False
+    raise OSError(-ret, f"probing {what}: {os.strerror(-ret)}")
+
+
+def probe_prog(prog_type: int, attach_type: int | None) -> bool:
+    """Does a program of this type (expected to attach at ``attach_type``) load?"""
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts),
+                         expected_attach_type=attach_type or 0)
+    insns = ct.create_string_buffer(_RETURN_ONE, len(_RETURN_ONE))
+    fd = _lib().bpf_prog_load(prog_type, b"kvr_probe", b"GPL", insns, len(_RETURN_ONE) // 8,
+                              ct.byref(opts) if attach_type is not None else None)
+    if fd >= 0:
+        os.close(fd)
+    # EINVAL: unknown type or attach type; E2BIG: attr fields this kernel predates.
+    return _probe_result(fd, f"program type {prog_type}", (errno.EINVAL, errno.E2BIG))
+
+
+def probe_helper(prog_type: int, helper: int) -> bool:
+    """May a program of this type call helper number ``helper``? (libbpf reads the
+    verifier's "unknown func" / "invalid func" answer.)"""
+    ret = _lib().libbpf_probe_bpf_helper(prog_type, helper, None)
+    return _probe_result(ret, f"helper {helper}", (errno.EINVAL,)) and ret == 1
+
+
+def probe_map(map_type: int, flags: int) -> bool:
+    """Can a map of this type (with these flags) be created?"""
+    if flags:
+        # libbpf's probe takes no flags: create the smallest such map ourselves.
+        fd = _create_map(map_type, "kvr_probe", 4, 4, 1, flags)
+        if fd >= 0:
+            os.close(fd)
+        return _probe_result(fd, f"map type {map_type} flags {flags:#x}", (errno.EINVAL,))
+    ret = _lib().libbpf_probe_bpf_map_type(map_type, None)
+    return _probe_result(ret, f"map type {map_type}", (errno.EINVAL,)) and ret == 1
+
+
+def probe_link() -> bool:
+    """Does the kernel have BPF_LINK_CREATE? Asked with no program: a kernel that knows
+    the command looks the program fd up (EBADF); one that does not says EINVAL."""
+    ret = _lib().bpf_link_create(-1, -1, ATTACH_CGROUP_INET4_CONNECT, None)
+    if ret == -errno.EBADF:
+        return True
+    return _probe_result(ret, "BPF_LINK_CREATE", (errno.EINVAL,))
 
 
 def link_update(link_fd: int, prog_fd: int) -> None:

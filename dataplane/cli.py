@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dataplane import host, model, settings
+from dataplane import host, model, settings, uapi
 from dataplane.api import channel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,6 +38,14 @@ def pin_dir_option(f: F) -> F:
         "--pin-dir", type=click.Path(path_type=Path), default=settings.DEFAULT_PIN_DIR,
         show_default=True, envvar="KVROUTE_PIN_DIR", callback=_checked_pin_dir,
         help="bpffs folder holding kvroute's pinned maps and links.")(f)
+
+
+def kernel_headers_option(f: F) -> F:
+    return click.option(
+        "--kernel-headers", type=click.Choice(uapi.MODES), default="auto", show_default=True,
+        help="What bcc compiles the programs against: the node's kernel headers "
+             "(/lib/modules/$(uname -r)/build), the UAPI header set shipped in the "
+             "package, or (auto) the node's when it has them, else the shipped set.")(f)
 
 
 def json_option(f: F) -> F:
@@ -159,8 +167,11 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
                    "holds every live session of the fleet (about 100 bytes each): size it "
                    "for the fleet's live sessions. Fixed when the maps are first pinned "
                    "(`kvroute uninstall` to change it).")
+@kernel_headers_option
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
-              help="Serve Prometheus metrics (kernel counters read at scrape time).")
+              help="Serve HTTP: /metrics (kernel counters read at scrape time), /readyz "
+                   "(programs attached, maps pinned, first desired state applied) and /livez "
+                   "(the agent's loop and its tasks run).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Detach the programs and remove the maps when the agent exits "
                    "(default: leave them routing, so a restart is hitless).")
@@ -170,7 +181,8 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
           agent_id: str | None, scrape_interval: float, stall_window: float,
           tls_ca: Path | None,
           tls_cert: Path | None, tls_key: Path | None, cgroup: Path | None, pin_dir: Path,
-          hash_seed: int | None, fail_k: int, affinity_entries: int, metrics_at: str | None,
+          hash_seed: int | None, fail_k: int, affinity_entries: int, kernel_headers: str,
+          metrics_at: str | None,
           detach_on_exit: bool, ready_file: Path | None) -> None:
     """Run the node agent: load and attach the programs, apply the desired state.
 
@@ -179,7 +191,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     import socket as socket_mod
 
     from dataplane import agent as agent_mod
-    from dataplane import loader
+    from dataplane import apply, loader
     if (config_path is None) == (controller_target is None):
         raise click.UsageError("give exactly one of --config FILE or --controller HOST:PORT")
     if any((tls_ca, tls_cert, tls_key)) and not all((tls_ca, tls_cert, tls_key)):
@@ -187,6 +199,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     try:
         opts = settings.Settings(pin_dir=pin_dir, fail_k=fail_k,
                                  affinity_entries=affinity_entries,
+                                 kernel_headers=kernel_headers,
                                  **({"hash_seed": hash_seed} if hash_seed is not None else {}))
         target = cgroup or host.cgroup2_root()
     except (ValueError, host.HostError) as exc:
@@ -207,7 +220,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         a.start()
     except model.ModelError as exc:
         _fail(f"not applied, nothing changed:\n{exc}")
-    except (host.HostError, loader.LoadError, OSError) as exc:
+    except (host.HostError, loader.LoadError, OSError, apply.ApplyError) as exc:
         _fail(str(exc))
     try:
         a.run()
@@ -273,6 +286,49 @@ def certs_command(out: Path, nodes: tuple[str, ...], server_names: tuple[str, ..
         _fail(str(exc))
     for path in written:
         click.echo(str(path))
+
+
+@main.command("check-kernel")
+@kernel_headers_option
+@json_option
+def check_kernel(kernel_headers: str, as_json: bool) -> None:
+    """Show what the running kernel offers the programs and which headers bcc would use.
+
+    Each feature is probed by loading a tiny program or creating a tiny map (root
+    needed); a missing one is named with the Linux release that brought it. Exits 1 when
+    the programs cannot load on this node.
+    """
+    from dataplane import features, loader
+    if os.geteuid() != 0:
+        _fail("probing the kernel needs root (it loads tiny test programs)")
+    try:
+        found = loader.probe_kernel()
+    except loader.LoadError as exc:
+        _fail(str(exc))
+    plan = features.decide(found, os.uname().release)
+    problems = [f"{f.what} (Linux {f.since})" for f in plan.missing]
+    try:
+        chosen = uapi.find(kernel_headers)
+        headers = f"{chosen.kind}: {chosen.path}"
+    except uapi.HeadersMissing as exc:
+        headers = str(exc)
+        problems.append(headers)
+    rows = features.rows(found)
+    data = {"kernel": plan.release, "features": rows, "cflags": list(plan.cflags),
+            "headers": headers, "ok": not problems}
+
+    def table() -> Table:
+        t = Table(title=f"kernel {plan.release}; headers {headers}")
+        for col in ("feature", "since", "here", "without it"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(str(r["what"]), str(r["since"]), "yes" if r["present"] else "NO",
+                      str(r["without"]))
+        return t
+
+    _emit(data, as_json, table)
+    if problems:
+        _fail("the programs cannot load here: " + "; ".join(problems))
 
 
 @main.command("check-config")

@@ -106,12 +106,3 @@ def check_cgroup(path: Path) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise HostError("kvroute needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) for this")
-
-
-def require_kernel_headers() -> None:
-    build = Path("/lib/modules") / os.uname().release / "build"
-    if not (build / "include").exists():
-        raise HostError(
-            f"no kernel headers at {build}; bcc compiles the programs at load time "
-            "(run deploy/node-setup.sh, or install the node's linux-headers package)"
-        )

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dataplane import abi, bpfsys, host, maps, pins
+from dataplane import abi, bpfsys, features, host, maps, pins, uapi
 from dataplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,19 +95,74 @@ def assemble_source(root: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preflight(settings: Settings) -> None:
-    """Every host requirement, checked before anything is touched."""
+def probe_kernel() -> dict[str, bool]:
+    """Ask the running kernel about every feature in dataplane.features (root needed)."""
+    found: dict[str, bool] = {}
+    for feature in features.FEATURES:
+        p = feature.probe
+        try:
+            if p.kind == "prog":
+                found[feature.name] = bpfsys.probe_prog(p.prog_type, p.attach_type)
+            elif p.kind == "helper":
+                found[feature.name] = bpfsys.probe_helper(p.prog_type, p.helper)
+            elif p.kind == "map":
+                found[feature.name] = bpfsys.probe_map(p.map_type, p.map_flags)
+            else:
+                found[feature.name] = bpfsys.probe_link()
+        except OSError as exc:
+            raise LoadError(f"cannot ask the kernel whether it has {feature.what}: "
+                            f"{exc.strerror}") from exc
+    return found
+
+
+def kernel_plan() -> features.Plan:
+    """What this kernel offers, as a build plan; raises features.Unsupported (naming each
+    missing feature and the Linux release that has it) when the programs cannot load."""
+    plan = features.decide(probe_kernel(), os.uname().release)
+    plan.require()
+    return plan
+
+
+def preflight(settings: Settings) -> tuple[features.Plan, uapi.Headers]:
+    """Every host requirement, checked before anything is touched: what the kernel offers
+    (and so how to build for it) and which headers bcc compiles against."""
     host.require_root()
-    host.require_kernel_headers()
     host.check_pin_dir(settings.pin_dir)
     host.cgroup2_root()
+    try:
+        headers = uapi.find(settings.kernel_headers)
+        return kernel_plan(), headers
+    except (features.Unsupported, uapi.HeadersMissing) as exc:
+        raise LoadError(str(exc)) from None
+
+
+@contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in os.environ while bcc compiles (it reads BCC_KERNEL_SOURCE there)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Datapath:
     """The compiled programs, loaded into the kernel; maps pinned and adopted."""
 
-    def __init__(self, settings: Settings) -> None:
-        preflight(settings)
+    def __init__(self, settings: Settings, plan: features.Plan | None = None) -> None:
+        """``plan``: build for it instead of the running kernel's (tests use it to run a
+        fallback on a kernel that needs none)."""
+        probed, self.headers = preflight(settings)
+        self.plan = plan or probed
+        for note in self.plan.notes():
+            log.warning("fallback: %s", note)
+        log.info("compiling against the %s kernel headers in %s", self.headers.kind,
+                 self.headers.path)
         try:
             from bcc import BPF  # Debian's python3-bpfcc
         except ImportError as exc:
@@ -117,14 +172,19 @@ class Datapath:
         self.settings = settings
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.bpf: Any = BPF(text=assemble_source(), cflags=[*settings.cflags(),
-                                                                 "-Wno-unused-function"])
+            with _environ(self.headers.environ()):
+                self.bpf: Any = BPF(text=assemble_source(), cflags=[
+                    *settings.cflags(), *self.plan.cflags, "-Wno-unused-function"])
             self.fds = {
                 p.name: self.bpf.load_func(p.name, p.prog_type, attach_type=p.attach_type).fd
                 for p in (*PROGRAMS, *(prog for _, prog in TAIL_CALLS))
             }
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
-            raise LoadError(f"loading the eBPF programs failed: {exc}") from exc
+            raise LoadError(
+                f"loading the eBPF programs failed: {exc} (kernel {self.plan.release}, which "
+                f"has every feature kvroute probes for; compiled against the "
+                f"{self.headers.kind} headers in {self.headers.path}; bcc printed the "
+                "compiler or verifier output above: please report it)") from exc
         # Before any link points at the new connect4: it must find its tail call.
         progs_fd = self.bpf["kvr_progs"].map_fd
         for slot, prog in TAIL_CALLS:

@@ -48,6 +48,7 @@ class MapSet:
     def __init__(self, pin_dir: Path) -> None:
         self.pin_dir = pin_dir
         self.fds: dict[str, int] = {}
+        self._max_entries: dict[str, int] = {}
         try:
             for name in MAP_NAMES:
                 self.fds[name] = bpfsys.obj_get(pin_dir / name)
@@ -74,6 +75,13 @@ class MapSet:
 
     def fd(self, name: str) -> int:
         return self.fds[name]
+
+    def max_entries(self, name: str) -> int:
+        """The map's capacity, as the kernel holds it (the programs' build options)."""
+        known = self._max_entries.get(name)
+        if known is None:
+            known = self._max_entries[name] = bpfsys.map_max_entries(self.fds[name])
+        return known
 
     # -- generic typed operations ---------------------------------------------------------
     def items(self, name: str, key_t: type[K], val_t: type[V]) -> Iterator[tuple[K, V]]:

@@ -225,11 +225,37 @@ def check_text(path: str, value: object, limit: int, *, empty: bool = True) -> s
 
 _BROADCAST = 0xFFFFFFFF
 _MULTICAST_NET, _MULTICAST_MASK = 0xE0000000, 0xF0000000
+_LOOPBACK_NET, _LOOPBACK_MASK = 0x7F000000, 0xFF000000
+
+
+def address_problem(number: int) -> str | None:
+    """Why an IPv4 address (as an integer) can be neither a VIP nor a backend, or None.
+    The one rule: the model refuses these, the controller leaves such endpoints out."""
+    if number == 0:
+        # connect() to 0.0.0.0 reaches the client's own host.
+        return "the unspecified address"
+    if number & _LOOPBACK_MASK == _LOOPBACK_NET:
+        # Every host answers 127/8 itself: a backend there is the client's own localhost,
+        # a VIP there would take over local services' connections.
+        return "a loopback address"
+    if number == _BROADCAST:
+        return "the broadcast address"
+    if number & _MULTICAST_MASK == _MULTICAST_NET:
+        return "a multicast address"
+    return None
+
+
+def backend_problem(address: int, vip: int) -> str | None:
+    """Why an address cannot be a backend of a service on ``vip``, or None."""
+    if address == vip:
+        # A connect to the VIP rewritten to the VIP again reaches nothing.
+        return "the service's own VIP"
+    return address_problem(address)
 
 
 def ipv4(path: str, value: object) -> int:
     """The address as an integer; refuses anything but a canonical dotted quad that can
-    be a unicast destination."""
+    be a VIP or a backend (see :func:`address_problem`)."""
     if not isinstance(value, str):
         raise ModelError(f"{path}: must be an IPv4 address string, got {value!r}")
     try:
@@ -237,8 +263,9 @@ def ipv4(path: str, value: object) -> int:
     except (OSError, ValueError):  # ValueError: an embedded NUL
         raise ModelError(f"{path}: {value!r} is not an IPv4 address "
                          f"(four decimal numbers 0-255, no leading zeros)") from None
-    if number == 0 or number == _BROADCAST or number & _MULTICAST_MASK == _MULTICAST_NET:
-        raise ModelError(f"{path}: {value} cannot be a unicast destination")
+    problem = address_problem(number)
+    if problem is not None:
+        raise ModelError(f"{path}: {value} is {problem}, not a unicast destination")
     return number
 
 
@@ -364,9 +391,9 @@ class Service:
             if not is_prime(self.table_size):
                 raise ModelError(f"table_size: must be a prime number, got {self.table_size}")
         for be in backends:
-            if be.key[0] == vip_number:
-                # A connect to the VIP rewritten to the VIP again reaches nothing.
-                raise ModelError(f"backends[{be.label}]: is the service's own VIP")
+            problem = backend_problem(be.key[0], vip_number)
+            if problem is not None:  # the address itself was checked by Backend
+                raise ModelError(f"backends[{be.label}]: is {problem}")
         if len(backends) > self.size:
             raise ModelError(f"backends: {len(backends)} backends do not fit a table of "
                              f"{self.size} slots")

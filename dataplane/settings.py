@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dataplane import hashing, model
+from dataplane import hashing, model, uapi
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/kvroute")
 
@@ -23,6 +23,7 @@ class Settings:
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
     sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
     events_bytes: int = 1 << 20  # kvr_events ring size: a power of two, at least a page
+    kernel_headers: str = "auto"  # auto | node | shipped: what bcc compiles against (uapi.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -38,6 +39,8 @@ class Settings:
         if not (4096 <= self.events_bytes <= 1 << 30
                 and self.events_bytes & (self.events_bytes - 1) == 0):
             problems.append("events_bytes: must be a power of two between 4096 and 2**30")
+        if self.kernel_headers not in uapi.MODES:
+            problems.append(f"kernel_headers: must be one of {', '.join(uapi.MODES)}")
         if not self.pin_dir.is_absolute():
             problems.append("pin_dir: must be an absolute path under a bpffs mount")
         if problems:

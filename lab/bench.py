@@ -18,7 +18,10 @@ ratios mean more than absolute times).
    lab/bench_fanout.py);
 6. failover: failed new connects and time to recovery after an engine dies, measured in
    the lab fleet, beside kube-proxy's and Envoy's timelines modelled from their
-   documented defaults at the measured rate (lab/bench_failover.py).
+   documented defaults at the measured rate (lab/bench_failover.py);
+7. the LLM workload: multi-turn streaming chat (the openai client) under random,
+   least-loaded, kvroute and HAProxy routing, on simulated engines and on real vLLM
+   CPU engines when installed (lab/bench_llm.py).
 
 Each benchmark's rows go to bench/results/NAME.json (quick/NAME.json with --quick);
 `python -m lab.benchreport` renders README's section and the plots from them.
@@ -212,6 +215,12 @@ def bench_failover(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return bf.run(rate=200, engines=4, before=2, after=5 if quick else 10)
 
 
+def bench_llm(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_llm as bl
+    result = bl.run(quick, results=None)
+    return bl.rows(result), {"detail": result}
+
+
 Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]"]
 
 
@@ -227,7 +236,8 @@ def benches(quick: bool) -> dict[str, Bench]:
             "connect": lambda: bench_connect(counts, rounds, per_round),
             "bindings": lambda: bench_bindings(quick),
             "fanout": lambda: bench_fanout(quick),
-            "failover": lambda: bench_failover(quick)}
+            "failover": lambda: bench_failover(quick),
+            "llm": lambda: bench_llm(quick)}
 
 
 def main(argv: list[str] | None = None) -> int:

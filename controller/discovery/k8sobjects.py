@@ -8,6 +8,9 @@ note (returned, for the caller to log), never raised.
 
 Rules, following kube-proxy where it has one:
 
+- Beside kube-proxy (``annotated_only``), only services carrying a ``kvroute.io/``
+  annotation are balanced: the others stay kube-proxy's. Replacing kube-proxy, every
+  service is.
 - Only services with an IPv4 cluster IP are balanced (the first IPv4 address in
   ``spec.clusterIPs``, else ``spec.clusterIP``). Headless (``None``) and ``ExternalName``
   services are skipped silently, as kube-proxy does; a missing cluster IP is noted.
@@ -59,7 +62,8 @@ def object_key(obj: object) -> tuple[str, str] | None:
     return (namespace, name)
 
 
-def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]]) -> Result:
+def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]],
+          annotated_only: bool = False) -> Result:
     notes: list[str] = []
     by_service: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for sl in slices:
@@ -77,6 +81,8 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
             notes.append("skipping a Service without metadata.name")
             continue
         name = f"{key[0]}/{key[1]}"
+        if annotated_only and not is_annotated(svc):
+            continue  # kube-proxy's, not ours
         try:
             own_slices = sorted(by_service.get(key, []), key=lambda s: object_key(s) or ("", ""))
             specs.extend(_service_specs(name, svc, own_slices, notes))
@@ -102,6 +108,13 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
         unique.append(spec)
     # A slice's problem shows up once per service port; say it once.
     return Result(unique, list(dict.fromkeys(notes)))
+
+
+def is_annotated(svc: Mapping[str, Any]) -> bool:
+    """The service opted into kvroute: it carries at least one ``kvroute.io/`` annotation
+    (a bad value still counts: the service is ours, balanced plainly, and noted)."""
+    annotations = _dict(_dict(svc.get("metadata")).get("annotations"))
+    return any(isinstance(k, str) and k.startswith(discovered.PREFIX) for k in annotations)
 
 
 def _service_specs(

@@ -4,9 +4,11 @@ network namespaces serving their own names."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,6 @@ import pytest
 from dataplane import apply, loader, model
 from dataplane.maps import MapSet
 from dataplane.settings import Settings
-from lab.fleet import wait_for  # noqa: F401 - shared with the kernel tests
 
 POD_PORT = 8000
 N_PODS = 6
@@ -26,6 +27,20 @@ N_PODS = 6
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("kernel tests need root (eBPF, cgroups, network namespaces)")
+
+
+@contextlib.contextmanager
+def private_bpffs(folder: Path) -> Iterator[Path]:
+    """A bpffs instance of its own mounted on ``folder`` (every mount is a new, empty
+    instance): pins made there are nobody else's, and go with the unmount."""
+    if os.geteuid() != 0:
+        pytest.skip("bpffs tests need root")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +85,11 @@ class Node:
 
     def backend(self, name: str, **kw: Any) -> dict[str, Any]:
         return {"address": str(self.pod(name).address), "port": POD_PORT, **kw}
+
+    def refused(self, name: str) -> str:
+        """The errno name a program's refusal reaches the caller with on this kernel: ``name``
+        where bpf_set_retval exists (5.18), EPERM before it (dataplane/features.py)."""
+        return name if self.datapath.plan.set_retval else "EPERM"
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run fn inside the client namespace and the attached cgroup."""

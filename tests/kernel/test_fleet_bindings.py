@@ -85,6 +85,7 @@ def test_fleet_flag_follows_the_applier(fleet: Node) -> None:
     assert not s.flags & abi.SVC_F_FLEET
 
 
+@pytest.mark.kernel_matrix  # the ring buffer and the tail call, in every kernel
 def test_a_new_session_is_announced_once(fleet: Node, ring: Ring) -> None:
     fleet.apply([svc([fleet.backend(p) for p in PODS])])
     svc_id, ids = _ids(fleet)

@@ -496,6 +496,21 @@ def test_build_from_recorded_objects() -> None:
     assert len(result.notes) == len(set(result.notes))
 
 
+def test_beside_kube_proxy_only_annotated_services_are_taken() -> None:
+    services = fixture("services.json")["items"]
+    slices = fixture("endpointslices.json")["items"]
+    every = {s.name for s in k8sobjects.build(services, slices).specs}
+    annotated = {s.name for s in k8sobjects.build(services, slices, annotated_only=True).specs}
+    expected = {f"{s['metadata'].get('namespace', '')}/{s['metadata']['name']}"
+                for s in services if k8sobjects.is_annotated(s)}
+    # The recorded objects hold both kinds, so the test can fail either way.
+    assert annotated and every - annotated
+    assert annotated == every & expected
+    assert "kube-system/kube-dns" in every - annotated  # kube-proxy keeps DNS
+    # A typo in a kvroute.io/ key still opts the service in (balanced plainly, noted).
+    assert "team-a/typo" in annotated
+
+
 def test_build_survives_any_shape() -> None:
     junk: list[Any] = [
         {},

@@ -485,16 +485,25 @@ def test_conflicting_specs_are_left_out_with_a_reason() -> None:
 
 
 def test_addresses_the_snapshot_would_refuse_never_reach_a_tick() -> None:
-    eps = (ep("10.0.0.1"), ep("0.0.0.0"), ep("224.0.0.5"), ep("255.255.255.255"))
-    rec = make(spec(endpoints=eps), spec("bad-vip", vip="239.1.2.3"))
+    eps = (ep("10.0.0.1"), ep("0.0.0.0"), ep("224.0.0.5"), ep("255.255.255.255"),
+           ep("127.0.0.1"), ep("127.3.2.1"), ep("10.96.0.10"))
+    rec = make(spec(endpoints=eps), spec("bad-vip", vip="239.1.2.3"),
+               spec("loop-vip", vip="127.0.0.53"))
     snap = tick(rec, 0)
     assert [s.name for s in snap.services] == [NAME]
     assert [b.address for b in snap.services[0].backends] == ["10.0.0.1"]
     assert [e.identity for e in snap.engines] == [E1]
     problems = "\n".join(rec.problems())
-    assert "0.0.0.0:8000 is not a unicast" in problems
-    assert "224.0.0.5:8000 is not a unicast" in problems
-    assert "bad-vip" in problems and "left out" in problems
+    for line in ("0.0.0.0:8000 is the unspecified address, left out",
+                 "224.0.0.5:8000 is a multicast address, left out",
+                 "255.255.255.255:8000 is the broadcast address, left out",
+                 "127.0.0.1:8000 is a loopback address, left out",
+                 "127.3.2.1:8000 is a loopback address, left out",
+                 "10.96.0.10:8000 is the service's own VIP, left out",
+                 "vip: 239.1.2.3 is a multicast address",
+                 "vip: 127.0.0.53 is a loopback address"):
+        assert line in problems
+    assert "bad-vip" in problems and "loop-vip" in problems
 
 
 def test_a_table_too_small_for_the_endpoints_grows() -> None:
