@@ -33,7 +33,7 @@ from tests.kernel.conftest import private_bpffs
 # Small map capacities, so that a change too big to fit at once is cheap to build.
 MAX_SERVICES, MAX_BACKENDS = 16, 64
 SEED = 7
-KERNEL_MAPS = ("kvr_health", "kvr_be_sess", "kvr_be_cnt", "kvr_svc_cnt_v2")
+KERNEL_MAPS = ("kvr_health", "kvr_be_sess", "kvr_be_cnt", "kvr_svc_cnt_v3")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ class Faults:
 
 def raw(maps: MapSet) -> dict[str, Any]:
     """Everything, ids included: for "exactly as they began"."""
-    svcs = list(maps.items("kvr_svc_v1", abi.L4Key, abi.Svc))
+    svcs = list(maps.items("kvr_svc_v2", abi.L4Key, abi.Svc))
     return {
         "view": apply.read_view(maps),
         "tables": {(k.addr, k.port, k.proto): tables.read(maps, s) for k, s in svcs},
@@ -173,7 +173,7 @@ def routing(maps: MapSet) -> dict[str, Any]:
     ep = {be_id: row[:3] for be_id, row in view.backends.items()}
     name = view.names
     svcs = {}
-    for k, s in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
+    for k, s in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc):
         value = view.services[(k.addr, k.port, k.proto)]
         table = tables.read(maps, s)
         assert table is not None, f"service {name[s.id]} names no table"
@@ -194,7 +194,7 @@ def kernel_made(maps: MapSet) -> dict[str, Any]:
     ep = {be_id: row[:3] for be_id, row in view.backends.items()}
     out: dict[str, Any] = {}
     for mapname, names in (("kvr_health", ep), ("kvr_be_sess", ep), ("kvr_be_cnt", ep),
-                           ("kvr_svc_cnt_v2", view.names)):
+                           ("kvr_svc_cnt_v3", view.names)):
         out[mapname] = sorted(map(repr, (names.get(k.value, ("gone", k.value))
                                          for k in maps.keys(mapname, ct.c_uint32))))
     out["kvr_affinity"] = sorted(repr(view.names.get(k.svc_id, ("gone", k.svc_id)))
@@ -218,7 +218,7 @@ def seed_kernel_entries(maps: MapSet) -> None:
         bpfsys.update(maps.fd("kvr_be_cnt"), key, (abi.BeCounters * ncpu)())
     for svc_id in view.names:
         key = ct.c_uint32(svc_id)
-        bpfsys.update(maps.fd("kvr_svc_cnt_v2"), key, (abi.SvcCounters * ncpu)())
+        bpfsys.update(maps.fd("kvr_svc_cnt_v3"), key, (abi.SvcCounters * ncpu)())
         bpfsys.update(maps.fd("kvr_affinity"), abi.AffKey(svc_id=svc_id, key=svc_id * 7),
                       abi.AffVal(be_id=next(iter(view.backends), 0)))
 

@@ -585,3 +585,26 @@ def test_a_move_epsilon_not_above_epsilon_leaves_the_service_out_in_the_models_w
     rec = make(spec(epsilon=0.5, move_epsilon=0.5))
     assert tick(rec, 0).service(NAME) is None
     assert any("move_epsilon: must be greater than epsilon (0.5)" in p for p in rec.problems())
+
+
+def test_dual_stack_and_ipv6_specs_become_services_with_both_families() -> None:
+    """A dual-stack spec: one service with both VIPs, each backend with both addresses,
+    engines named (and scraped) by their IPv4 address; an IPv6-only one: bracketed URLs."""
+    pair = discovered.Endpoint(ipaddress.IPv4Address("10.0.0.1"), 53, True, True, False,
+                               address6=ipaddress.IPv6Address("fd00::1"))
+    dual = discovered.ServiceSpec(name="kube-system/dns", vip=ipaddress.IPv4Address("10.96.0.10"),
+                                  vip6=ipaddress.IPv6Address("fd00:96::a"), port=53,
+                                  protocol="udp", endpoints=(pair,))
+    only6 = discovered.ServiceSpec(
+        name="default/llm6", vip=ipaddress.IPv6Address("fd00:96::b"), port=80, protocol="tcp",
+        endpoints=(discovered.Endpoint(ipaddress.IPv6Address("fd00::2"), 8000, True, True,
+                                       False),), llm=True)
+    rec = make(dual, only6)
+    snap = rec.tick(0.0)
+    assert snap is not None and rec.problems() == ()
+    dns = snap.service("kube-system.dns.53-udp")
+    assert dns is not None and (dns.vip, dns.vip6, dns.protocol) == ("10.96.0.10",
+                                                                      "fd00:96::a", "udp")
+    assert [(b.address, b.address6) for b in dns.backends] == [("10.0.0.1", "fd00::1")]
+    ref = snap.engine("[fd00::2]:8000/tcp")
+    assert ref is not None and ref.metrics_url == "http://[fd00::2]:8000/metrics"
