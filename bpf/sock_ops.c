@@ -16,7 +16,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 	__u64 cookie;
 	__u32 be_id;
 
-	if (skops->family != 2 /* AF_INET */)
+	if (skops->family != 2 /* AF_INET */ && skops->family != 10 /* AF_INET6 */)
 		return 1;
 	cookie = bpf_get_socket_cookie(skops);
 	be_id = ops4_backend(cookie);
@@ -42,7 +42,7 @@ int sock_ops(struct bpf_sock_ops *skops)
 			ops4_connect_failed(be_id);
 		else
 			kvr_be_inc(be_id, KVR_BC_CLOSED);
-		kvr_sock.delete(&cookie);
+		kvr_sock_v2.delete(&cookie);
 		break;
 	}
 	return 1;

@@ -316,6 +316,12 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 @click.option("--kubeconfig", type=click.Path(dir_okay=False),
               help="With --kubernetes: kubeconfig (default: in-cluster or ~/.kube/config).")
 @click.option("--namespace", help="With --kubernetes: only this namespace.")
+@click.option("--services", "service_scope", type=click.Choice(["all", "annotated"]),
+              default="all", show_default=True,
+              help="With --kubernetes: which ClusterIP Services kvroute balances. 'all' "
+                   "replaces kube-proxy (unannotated Services are balanced as kube-proxy "
+                   "would); 'annotated' runs beside it, taking only Services with a "
+                   "kvroute.io/ annotation and leaving the rest to kube-proxy.")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_address,
               help="gRPC address agents connect to. Without the --tls-* files only loopback "
                    "is allowed (see --insecure-listen).")
@@ -350,7 +356,7 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
                    "refused, so made-up ids cannot grow memory and /metrics.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
-            namespace: str | None, listen: str, insecure_listen: bool,
+            namespace: str | None, service_scope: str, listen: str, insecure_listen: bool,
             metrics_addr: str | None, tls_ca: str | None, tls_cert: str | None,
             tls_key: str | None, tick: float,
             leader_elect: bool | None, lease_name: str, lease_namespace: str | None,
@@ -360,8 +366,8 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
     reports, stream snapshots to agents."""
     if bool(static_file) == kubernetes:
         raise click.UsageError("give exactly one of --static FILE or --kubernetes")
-    if not kubernetes and (kubeconfig or namespace):
-        raise click.UsageError("--kubeconfig and --namespace go with --kubernetes")
+    if not kubernetes and (kubeconfig or namespace or service_scope != "all"):
+        raise click.UsageError("--kubeconfig, --namespace and --services go with --kubernetes")
     tls_parts = (tls_ca, tls_cert, tls_key)
     if any(tls_parts) and not all(tls_parts):
         raise click.UsageError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
@@ -381,7 +387,8 @@ def command(static_file: str | None, kubernetes: bool, kubeconfig: str | None,
     try:
         asyncio.run(_serve(static_file, kubeconfig, namespace, listen, metrics_addr, tls, tick,
                            leader_elect, lease_name, lease_namespace, max_removal_share,
-                           insecure_listen, agent_ttl, max_agents))
+                           insecure_listen, agent_ttl, max_agents,
+                           annotated_only=service_scope == "annotated"))
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -392,7 +399,8 @@ async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str
                  max_removal_share: float = discovered.DEFAULT_MAX_REMOVAL_SHARE,
                  insecure_listen: bool = False,
                  agent_ttl: float = grpc_server.DEFAULT_AGENT_TTL,
-                 max_agents: int = grpc_server.DEFAULT_MAX_AGENTS) -> None:
+                 max_agents: int = grpc_server.DEFAULT_MAX_AGENTS,
+                 annotated_only: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -408,7 +416,8 @@ async def _serve(static_file: str | None, kubeconfig: str | None, namespace: str
         from controller.discovery import k8s
 
         api = k8s.api_client(kubeconfig)
-        kd = k8s.KubernetesDiscovery(api, k8s.Settings(namespace=namespace))
+        kd = k8s.KubernetesDiscovery(api, k8s.Settings(namespace=namespace,
+                                                        annotated_only=annotated_only))
         cleanups.append(kd.close)
         discovery = kd
     reconciler = reconcile.Reconciler(first_version=int(time.time() * 1000))

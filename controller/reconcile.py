@@ -50,7 +50,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import ipaddress
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -61,7 +60,6 @@ from dataplane import enginemetrics, model, reports, scraper
 
 PLAIN_WEIGHT = model.DEFAULT_WEIGHT  # kube-proxy mode: every ready endpoint the same
 HEALTH_PATH = "/health"
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _EVENTS_MAX = 4096  # undrained breaker events kept (oldest dropped first)
 _HASH_CHARS = 8
 _UNSAFE = re.compile(r"[^a-z0-9.-]+")
@@ -122,6 +120,7 @@ class _Backend:
     port: int
     identity: str
     terminating: bool  # serving but terminating: draining
+    address6: str | None = None  # a dual-stack pod's IPv6 address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +140,7 @@ class _Service:
     probe_share: float
     policy: policy.PolicyConfig | None  # LLM services only
     backends: tuple[_Backend, ...]
+    vip6: str | None = None  # dual stack
 
 
 class _Engine:
@@ -217,8 +217,10 @@ class Reconciler:
             if name in services:
                 problems.append(f"{where}: snapshot name already used, left out")
                 continue
-            l4 = (str(spec.vip), spec.port, spec.protocol)
-            if l4 in owners:
+            taken = [(str(v), p, proto) for v, p, proto in spec.keys
+                     if (str(v), p, proto) in owners]
+            if taken:
+                l4 = taken[0]
                 problems.append(f"{where}: {l4[0]}:{l4[1]}/{l4[2]} is already service "
                                 f"{owners[l4]}, left out")
                 continue
@@ -229,7 +231,8 @@ class Reconciler:
             except (ValueError, TypeError) as exc:  # TypeError: an unknown breaker field
                 problems.append(f"{where}: {exc}; left out")
                 continue
-            owners[l4] = name
+            for v, p, proto in spec.keys:
+                owners[(str(v), p, proto)] = name
             services[name] = svc
             if not spec.llm:
                 continue
@@ -238,10 +241,11 @@ class Reconciler:
                 if be.identity in refs:
                     continue  # listed by an earlier service: its URLs and breaker win
                 mport = spec.metrics_port or be.port
+                host = f"[{be.address}]" if ":" in be.address else be.address
                 refs[be.identity] = model.EngineRef(
                     identity=be.identity,
-                    metrics_url=f"http://{be.address}:{mport}{spec.metrics_path}",
-                    health_url=f"http://{be.address}:{be.port}{HEALTH_PATH}",
+                    metrics_url=f"http://{host}:{mport}{spec.metrics_path}",
+                    health_url=f"http://{host}:{be.port}{HEALTH_PATH}",
                     node=nodes.get((be.address, be.port)) or None,
                 )
                 breakers[be.identity] = cfg
@@ -273,13 +277,17 @@ class Reconciler:
             if state is discovered.State.EXCLUDED:
                 continue
             address = str(ep.address)
-            if ep.address.is_unspecified or ep.address.is_multicast or ep.address == _BROADCAST:
+            vips = {model.number_of(v) for v in (spec.vip, spec.vip6) if v is not None}
+            why = model.backend_problem(model.number_of(ep.address), vips)
+            if why is None and ep.address6 is not None:
+                why = model.backend_problem(model.number_of(ep.address6), vips)
+            if why is not None:
                 problems.append(f"service {spec.name} port {spec.port}/{spec.protocol}: "
-                                f"endpoint {address}:{ep.port} is not a unicast address, "
-                                f"left out")
+                                f"endpoint {address}:{ep.port} is {why}, left out")
                 continue
             be = _Backend(address, ep.port, backend_identity(address, ep.port, spec.protocol),
-                          terminating=state is discovered.State.DRAINING)
+                          terminating=state is discovered.State.DRAINING,
+                          address6=str(ep.address6) if ep.address6 is not None else None)
             old = chosen.get((address, ep.port))
             if old is None or (old.terminating and not be.terminating):
                 chosen[(address, ep.port)] = be
@@ -305,6 +313,7 @@ class Reconciler:
             epsilon = min(max(pcfg.epsilon, 0.0), model.EPSILON_MAX)
         svc = _Service(
             name=name, llm=spec.llm, vip=str(spec.vip), port=spec.port,
+            vip6=str(spec.vip6) if spec.vip6 is not None else None,
             protocol=model.Protocol(spec.protocol), affinity=model.Affinity(spec.affinity),
             affinity_timeout=spec.affinity_timeout or model.DEFAULT_AFFINITY_TIMEOUT,
             table_size=table_size, epsilon=epsilon, move_epsilon=spec.move_epsilon,
@@ -470,7 +479,7 @@ class Reconciler:
         backends = tuple(
             model.Backend(be.address, be.port, 0 if be.terminating else PLAIN_WEIGHT,
                           model.BackendState.DRAINING if be.terminating
-                          else model.BackendState.ACTIVE)
+                          else model.BackendState.ACTIVE, address6=be.address6)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=False)
@@ -481,7 +490,7 @@ class Reconciler:
             # Loads travel apart (Publisher.publish_loads): a snapshot changes only when
             # a weight, state or member does, not several times a second.
             model.Backend(be.address, be.port, by_id[be.identity].weight,
-                          by_id[be.identity].state)
+                          by_id[be.identity].state, address6=be.address6)
             for be in svc.backends
         )
         return self._state(svc, backends, saturated=result.saturated)
@@ -493,6 +502,7 @@ class Reconciler:
             affinity=svc.affinity, affinity_timeout=svc.affinity_timeout,
             table_size=svc.table_size, epsilon=svc.epsilon, probe_share=svc.probe_share,
             saturated=saturated, move_epsilon=svc.move_epsilon, backends=backends,
+            vip6=svc.vip6,
         )
 
     def _build_view(self, policies: Mapping[str, policy.ServicePolicy],

@@ -17,10 +17,15 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import socket
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+import prometheus_client
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from dataplane import (
     apply,
@@ -33,10 +38,12 @@ from dataplane import (
     loader,
     metrics,
     model,
+    pins,
+    probes,
     stream,
 )
 from dataplane.api import channel
-from dataplane.maps import MapSet
+from dataplane.maps import PINNED_MAPS, MapSet
 from dataplane.settings import Settings
 
 log = logging.getLogger("kvroute.agent")
@@ -77,6 +84,9 @@ class Agent:
         self.watcher: engines.EngineWatcher | None = None
         self.binder: binder.Binder | None = None
         self.events: events.EventReader | None = None
+        self.applied = False  # the first desired state is in the kernel (readiness)
+        self._http_sock: socket.socket | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
         # Validate the desired state before touching the kernel: a bad file at
@@ -100,8 +110,8 @@ class Agent:
                  len(self.applier.view.backends), self.settings.pin_dir)
         self.registry.register(metrics.KernelCollector(self.maps))
         if self.metrics_addr:
-            start_http_server(self.metrics_addr[1], self.metrics_addr[0], registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)
+            # Bound here, so a port in use fails the start; served once the loop runs.
+            self._http_sock = _bind(*self.metrics_addr)
         if desired is not None:
             self._apply(desired, f"{self.config_path}")
             self._ready()
@@ -109,6 +119,7 @@ class Agent:
             self._start_controller(self.controller)
 
     def _ready(self) -> None:
+        self.applied = True
         if self.ready_file and not self.ready_file.exists():
             self.ready_file.write_text("ready\n")
 
@@ -118,6 +129,10 @@ class Agent:
             self._mtime = self._current_mtime()
         with self.metrics.apply_seconds.time():
             result = self.applier.apply(desired)
+        if result.cleanup_error:
+            log.warning("applied %s, but removing what the kernel kept of removed services "
+                        "and backends failed (retried on the next apply): %s", source,
+                        result.cleanup_error)
         changes = ", ".join(f"{k}={v}" for k, v in sorted(result.summary.items())) or "no change"
         # Load-only updates arrive several times a second with a controller: keep
         # them out of the log unless asked (-v).
@@ -131,7 +146,13 @@ class Agent:
 
         def on_snapshot(snap: model.Snapshot) -> bool:
             # Validated on receipt (the model's constructors): applied as it is.
-            self._apply(snap.desired, f"snapshot {snap.version}")
+            try:
+                self._apply(snap.desired, f"snapshot {snap.version}")
+            except (model.ModelError, apply.ApplyError) as exc:
+                # The maps keep the state applied before; the stream retries this one.
+                log.error("snapshot %d not applied, keeping the current state: %s",
+                          snap.version, exc)
+                return False
             self.metrics.snapshot_version.set(snap.version)
             self._ready()
             return True
@@ -154,7 +175,10 @@ class Agent:
             # heard of them: only the others' loads are taken from the stream.
             mine = {t.identity for t in watcher.mine()}
             assert self.applier is not None
-            self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
+            try:
+                self.applier.set_loads({i: v for i, v in loads.items() if i not in mine})
+            except apply.ApplyError as exc:  # the controller's next loads carry them again
+                log.error("could not write engine loads: %s", exc)
 
         assert self.maps is not None
         relay = binder.Binder(self.applier, self.maps)
@@ -182,6 +206,11 @@ class Agent:
             self._mtime = self._current_mtime()
             log.error("not applied, keeping the current state: %s", exc)
             return False
+        except apply.ApplyError as exc:
+            # The file is fine, the kernel refused a write: try again at the next poll.
+            self._mtime = None
+            log.error("not applied, keeping the current state: %s", exc)
+            return False
         return True
 
     def _current_mtime(self) -> float | None:
@@ -202,26 +231,87 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
-        tasks = []
+        work: dict[str, Coroutine[Any, Any, None]] = {}
         if self.stream is not None:
-            tasks.append(asyncio.create_task(self.stream.run(), name="controller-stream"))
+            work["controller-stream"] = self.stream.run()
         if self.watcher is not None:
-            tasks.append(asyncio.create_task(self.watcher.run(), name="engine-scrapes"))
+            work["engine-scrapes"] = self.watcher.run()
         if self.events is not None:
-            tasks.append(asyncio.create_task(self._relay_events(), name="kernel-bindings"))
+            work["kernel-bindings"] = self._relay_events()
         if self.config_path is not None:
-            tasks.append(asyncio.create_task(self._follow_file(reload, poll_interval),
-                                             name="config-file"))
+            work["config-file"] = self._follow_file(reload, poll_interval)
+        self._tasks = {name: asyncio.create_task(coro, name=name) for name, coro in work.items()}
+        tasks = list(self._tasks.values())
         stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-        done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopping and task.exception() is not None:
-                log.error("task %s failed: %r", task.get_name(), task.exception())
-        if self.stream is not None:
-            self.stream.close()
-        for task in [stopping, *tasks]:
-            task.cancel()
-        await asyncio.gather(stopping, *tasks, return_exceptions=True)
+        runner = None
+        try:
+            if self._http_sock is not None:
+                runner = await self._serve_http()
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopping and task.exception() is not None:
+                    log.error("task %s failed: %r", task.get_name(), task.exception())
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            if self.stream is not None:
+                self.stream.close()
+            for task in [stopping, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+
+    # -- HTTP: /metrics, /readyz, /livez ------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_page)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/livez", self._livez)
+        return app
+
+    async def _serve_http(self) -> web.AppRunner:
+        assert self._http_sock is not None
+        runner = web.AppRunner(self._app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, self._http_sock).start()
+        host, port = self._http_sock.getsockname()[:2]
+        log.info("HTTP on %s:%d (/metrics /readyz /livez)", host, port)
+        return runner
+
+    def facts(self) -> probes.Facts:
+        """What readiness is judged on, read from the pin dir now: a pin removed under a
+        running agent (``kvroute uninstall``) makes it unready."""
+        def names(folder: Path) -> frozenset[str]:
+            try:
+                return frozenset(p.name for p in folder.iterdir())
+            except OSError:
+                return frozenset()
+        pin_dir = self.settings.pin_dir
+        return probes.Facts(links=names(pin_dir / pins.LINKS_DIR), maps=names(pin_dir),
+                            applied=self.applied)
+
+    def readiness(self) -> probes.Verdict:
+        return probes.readiness(self.facts(), [p.name for p in loader.PROGRAMS], PINNED_MAPS)
+
+    def liveness(self) -> probes.Verdict:
+        return probes.liveness({name: not t.done() for name, t in self._tasks.items()})
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        # The kernel collector walks every map: off the loop, so scrapes and applies
+        # never wait for a Prometheus scrape of a large node.
+        body = await asyncio.to_thread(prometheus_client.generate_latest, self.registry)
+        return web.Response(body=body,
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    @staticmethod
+    def _verdict(verdict: probes.Verdict) -> web.Response:
+        return web.Response(status=200 if verdict.ok else 503, text=verdict.text())
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return self._verdict(self.readiness())
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return self._verdict(self.liveness())
 
     async def _relay_events(self) -> None:
         """Drain the kernel's binding events as they come (the ring's epoll fd on the
@@ -256,6 +346,8 @@ class Agent:
                 self.reload()
 
     def close(self, detach: bool) -> None:
+        if self._http_sock is not None:
+            self._http_sock.close()
         if self.events:
             self.events.close()
         if self.applier:
@@ -270,3 +362,15 @@ class Agent:
             log.info("detached: kvroute no longer routes on this node")
         else:
             log.info("exiting; programs stay attached and keep routing from the pinned maps")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"--metrics {host}:{port}: {exc.strerror}") from None
+    return sock

@@ -29,10 +29,18 @@ BPF_ANY = 0
 # enum bpf_attach_type values used by kvroute (uapi/linux/bpf.h).
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_INET6_CONNECT = 11
+ATTACH_CGROUP_UDP4_SENDMSG = 14
+ATTACH_CGROUP_UDP6_SENDMSG = 15
+ATTACH_CGROUP_UDP4_RECVMSG = 19
+ATTACH_CGROUP_UDP6_RECVMSG = 20
 ATTACH_CGROUP_SETSOCKOPT = 22
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
+ATTACH_CGROUP_INET6_GETPEERNAME = 30
+ATTACH_CGROUP_INET_SOCK_RELEASE = 34
 
 # enum bpf_prog_type values (bcc 0.26 lacks CGROUP_SOCKOPT).
+PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
@@ -174,6 +182,20 @@ def delete_batch(fd: int, keys: np.ndarray) -> None:
     n = ct.c_uint32(len(keys))
     _check(_lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None),
            "map batch delete")
+
+
+def delete_each(fd: int, keys: np.ndarray) -> int:
+    """Delete the entries of packed keys one by one, those absent included (a batch
+    delete stops at the first absent key): for undoing a write that may have been cut
+    short. Returns how many were there."""
+    stride = keys.strides[0] if keys.ndim else 0
+    gone = 0
+    for i in range(len(keys)):
+        ret = _lib().bpf_map_delete_elem(fd, ct.c_void_p(keys.ctypes.data + i * stride))
+        if ret != -errno.ENOENT:
+            _check(ret, "map delete")
+            gone += 1
+    return gone
 
 
 def map_fd_by_id(map_id: int) -> int:

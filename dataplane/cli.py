@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dataplane import host, model, settings, uapi
@@ -169,7 +170,9 @@ def _hostport(value: str | None, what: str) -> tuple[str, int] | None:
                    "(`kvroute uninstall` to change it).")
 @kernel_headers_option
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
-              help="Serve Prometheus metrics (kernel counters read at scrape time).")
+              help="Serve HTTP: /metrics (kernel counters read at scrape time), /readyz "
+                   "(programs attached, maps pinned, first desired state applied) and /livez "
+                   "(the agent's loop and its tasks run).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Detach the programs and remove the maps when the agent exits "
                    "(default: leave them routing, so a restart is hitless).")
@@ -189,7 +192,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
     import socket as socket_mod
 
     from dataplane import agent as agent_mod
-    from dataplane import loader
+    from dataplane import apply, loader
     if (config_path is None) == (controller_target is None):
         raise click.UsageError("give exactly one of --config FILE or --controller HOST:PORT")
     if any((tls_ca, tls_cert, tls_key)) and not all((tls_ca, tls_cert, tls_key)):
@@ -218,7 +221,7 @@ def agent(config_path: Path | None, controller_target: str | None, node: str | N
         a.start()
     except model.ModelError as exc:
         _fail(f"not applied, nothing changed:\n{exc}")
-    except (host.HostError, loader.LoadError, OSError) as exc:
+    except (host.HostError, loader.LoadError, OSError, apply.ApplyError) as exc:
         _fail(str(exc))
     try:
         a.run()
@@ -332,7 +335,8 @@ def check_kernel(kernel_headers: str, as_json: bool) -> None:
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 def check_config(path: Path) -> None:
-    """Validate a desired-state file without touching the kernel."""
+    """Validate a desired-state file without touching the kernel; says how many services
+    are UDP, dual-stack (vip and vip6) and IPv6-only."""
     from dataplane import config
     try:
         state = config.load_file(path)
@@ -340,7 +344,11 @@ def check_config(path: Path) -> None:
     except model.ModelError as exc:
         _fail(f"not valid:\n{exc}")
     n_be = sum(len(s.backends) for s in state.services)
-    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends)")
+    udp = sum(s.protocol == model.Protocol.UDP for s in state.services)
+    dual = sum(s.vip6 is not None for s in state.services)
+    only6 = sum(":" in s.vip for s in state.services)
+    click.echo(f"{path}: ok ({len(state.services)} services, {n_be} backends; "
+               f"{udp} udp, {dual} dual-stack, {only6} IPv6-only)")
 
 
 @main.group()
@@ -353,20 +361,25 @@ def maps() -> None:
 @json_option
 @with_maps
 def maps_services(maps: Any, as_json: bool) -> None:
-    """Services: VIP, affinity, table size M, backends, and counters: connects
-    translated (SEL), affinity hits, bounded-load spills, refused (REF: no usable
-    backend or saturated)."""
+    """Services: VIP(s) (a dual-stack service shows both, one row), affinity, table size M,
+    backends, and counters: connects and new UDP flows translated (SEL), affinity hits,
+    bounded-load spills, refused (REF: no usable backend or saturated). --json (and
+    `maps stats`) add every counter, UDP datagrams sent through the VIP (dgrams) and
+    replies given the VIP back as source (replies) among them."""
     from dataplane import inspect
     rows = inspect.services(maps)
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
+        # An address is never cut short: other columns give way to it.
+        widest = max((len(f) for s in rows for f in s["frontends"]), default=8)
         for col in ("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SEL", "HIT", "SPILL",
                     "REF"):
-            t.add_column(col, no_wrap=True)
+            t.add_column(col, no_wrap=True, min_width=widest if col == "FRONTEND" else None)
         for s in rows:
             c = s["counters"]
-            t.add_row(str(s["id"]), s["name"], s["frontend"], s["affinity"],
+            # escape: rich would read "[fd00::a]" as markup and drop it.
+            t.add_row(str(s["id"]), s["name"], escape("\n".join(s["frontends"])), s["affinity"],
                       str(s["table_size"]), str(s["backends"]), str(c["selected"]),
                       str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]))
         return t
@@ -378,20 +391,22 @@ def maps_services(maps: Any, as_json: bool) -> None:
 @json_option
 @with_maps
 def maps_backends(maps: Any, as_json: bool) -> None:
-    """Backends: state (with the kernel's own trips), load, fleet-wide sessions (SESS)
-    and connect counters."""
+    """Backends: address(es) (a dual-stack pod shows both), state (with the kernel's own
+    trips), load, fleet-wide sessions (SESS) and connect counters."""
     from dataplane import inspect
     rows = inspect.backends(maps)
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
+        widest = max((len(a) for b in rows for a in b["addresses"]), default=7)
         for col in ("ID", "ADDRESS", "STATE", "LOAD", "SESS", "SEL", "CONN", "FAIL", "EST",
                     "RTT(us)"):
-            t.add_column(col, no_wrap=True)
+            t.add_column(col, no_wrap=True, min_width=widest if col == "ADDRESS" else None)
         for b in rows:
             c = b["counters"]
             state = b["state"] + ("*" if b["kernel_tripped"] else "")
-            t.add_row(str(b["id"]), b["address"], state, str(b["load"]), str(b["sessions"]),
+            t.add_row(str(b["id"]), escape("\n".join(b["addresses"])), state, str(b["load"]),
+                      str(b["sessions"]),
                       str(c["selected"]),
                       str(c["connects"]), str(c["failed"]), str(c["established"]),
                       str(b["srtt_us"]))
@@ -424,7 +439,9 @@ def maps_affinity(maps: Any, as_json: bool, service_id: int | None) -> None:
 @json_option
 @with_maps
 def maps_stats(maps: Any, as_json: bool) -> None:
-    """All counters: per service, per backend, and the fail-open reasons."""
+    """All counters: per service, per backend, the fail-open reasons, and the UDP
+    sockets' reverse translations (created, freed as sockets closed, live, evicted by
+    the LRU bound)."""
     from dataplane import inspect
     data = inspect.stats(maps)
 
@@ -438,6 +455,8 @@ def maps_stats(maps: Any, as_json: bool) -> None:
         for reason, value in data["reasons"].items():
             if value:
                 t.add_row("kernel", "-", reason, str(value))
+        for counter, value in data["udp_sockets"].items():
+            t.add_row("udp", "sockets", counter, str(value))
         return t
     _emit(data, as_json, table)
 
@@ -450,16 +469,16 @@ def maps_stats(maps: Any, as_json: bool) -> None:
 def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
     """A service's Maglev table: slots per backend (--json adds the whole table).
 
-    SERVICE is a name or VIP:PORT[/tcp|udp].
+    SERVICE is a name or VIP:PORT[/tcp|udp] ([IPV6]:PORT for an IPv6 VIP).
     """
     from dataplane import inspect
     data = inspect.maglev(maps, service)
 
     def table() -> Table:
-        t = Table("BACKEND", "SLOTS", "SHARE", box=None, title=f"{data['frontend']} "
-                  f"M={data['table_size']}")
+        t = Table("BACKEND", "SLOTS", "SHARE", box=None, title=escape(
+            f"{data['frontend']} M={data['table_size']}"))
         for be, n in data["slots"].items():
-            t.add_row(be, str(n), f"{100 * n / max(data['table_size'], 1):.2f}%")
+            t.add_row(escape(be), str(n), f"{100 * n / max(data['table_size'], 1):.2f}%")
         return t
     _emit(data, as_json, table)
 
@@ -473,7 +492,9 @@ def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
 @with_maps
 def explain(maps: Any, as_json: bool, service: str, session: str | None,
             client_netns: str | None) -> None:
-    """Which backend a key gets for SERVICE (name or VIP:PORT), and why."""
+    """Which backend a key gets for SERVICE (name, VIP:PORT[/udp] or [IPV6]:PORT[/udp]),
+    and why. Either VIP of a dual-stack service gives the same answer: they share the
+    table and the sessions."""
     from dataplane import client, inspect
     if (session is None) == (client_netns is None):
         raise click.UsageError("give exactly one of --session ID or --client NETNS")

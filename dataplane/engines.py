@@ -104,7 +104,7 @@ class EngineWatcher:
                      if r.ok and r.load is not None}
             try:
                 written = self.applier.set_loads(loads)
-            except OSError as exc:
+            except apply.ApplyError as exc:  # the next round writes them again
                 log.error("could not write engine loads: %s", exc)
             news = bool(written) or any(ident not in before or before[ident].ok != r.ok
                                         for ident, r in results.items())

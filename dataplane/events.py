@@ -15,7 +15,7 @@ from dataplane.maps import MapSet
 
 
 class Event(NamedTuple):
-    """One struct kvr_event. Ids are this node's (kvr_svc_name, kvr_be_v1)."""
+    """One struct kvr_event. Ids are this node's (kvr_svc_name, kvr_be_v2)."""
 
     kind: int  # abi.EV_BIND or abi.EV_TOUCH
     svc_id: int

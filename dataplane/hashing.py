@@ -25,9 +25,16 @@ def mix64(x: int) -> int:
 
 
 def svc_ident(vip: str, port: int, proto: str) -> int:
-    """kvr_svc_ident: built from the key's raw (network-order) fields."""
+    """A service's identity in the slot hash (struct kvr_svc.ident), from its first VIP's
+    raw (network-order) fields: the same on every node, and shared by a dual-stack
+    service's second VIP, so a session hashes alike whichever family its client uses. An
+    IPv6 VIP folds its four words into one; an IPv4 VIP gives what kvroute gave before
+    IPv6 existed, so IPv4 services keep their tables."""
     key = abi.l4_key(vip, port, proto)
-    return ((key.addr << 32) | (key.port << 8) | key.proto) & _MASK
+    words = tuple(key.addr)
+    folded = words[3] if abi.addr128(vip) >> 32 == 0xFFFF else (
+        words[0] ^ words[1] ^ words[2] ^ words[3])
+    return ((folded << 32) | (key.port << 8) | key.proto) & _MASK
 
 
 def slot_hash(key: int, ident: int, n: int, seed: int = DEFAULT_SEED) -> int:

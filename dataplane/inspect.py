@@ -21,14 +21,40 @@ class LookupError_(LookupError):
     """A named service or backend is not in the maps."""
 
 
-def services(maps: MapSet) -> list[dict[str, Any]]:
-    names = {k.value: v.name.decode() for k, v in maps.items("kvr_svc_name", U32, abi.SvcName)}
+def frontend(key: abi.L4Key) -> str:
+    """A service map key as text: '10.96.0.10:53/udp', '[fd00::a]:53/udp'."""
+    return abi.format_endpoint(abi.from_words(key.addr), key.port, key.proto)
+
+
+def backend_addresses(be: abi.Backend) -> list[str]:
+    """A backend's endpoint(s): one per address it has, IPv4 first."""
     out = []
-    for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
-        counters = maps.percpu_sum("kvr_svc_cnt_v2", U32(svc.id), abi.SvcCounters) or []
+    proto = abi.PROTO_NAME.get(be.proto, str(be.proto))
+    port = abi.be16_to_port(be.port)
+    if be.addr4:
+        out.append(f"{abi.be32_to_ip(be.addr4)}:{port}/{proto}")
+    v6 = abi.from_words(be.addr6)
+    if v6:
+        out.append(f"[{abi.ip_of(v6)}]:{port}/{proto}")
+    return out
+
+
+def services(maps: MapSet) -> list[dict[str, Any]]:
+    """One row per service; a dual-stack service lists both VIPs."""
+    names = {k.value: v.name.decode() for k, v in maps.items("kvr_svc_name", U32, abi.SvcName)}
+    vips: dict[int, list[str]] = {}
+    values: dict[int, abi.Svc] = {}
+    for key, svc in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc):
+        vips.setdefault(svc.id, []).append(frontend(key))
+        values[svc.id] = svc
+    out = []
+    for svc_id, svc in values.items():
+        # IPv4 first, as the model names them (vip, then vip6).
+        fronts = sorted(vips[svc_id], key=lambda f: f.startswith("["))
+        counters = maps.percpu_sum("kvr_svc_cnt_v3", U32(svc.id), abi.SvcCounters) or []
         out.append({
             "id": svc.id, "name": names.get(svc.id, ""),
-            "frontend": abi.format_endpoint(key.addr, key.port, key.proto),
+            "frontend": fronts[0], "frontends": fronts,
             "affinity": abi.Affinity(svc.affinity).name.lower(),
             "affinity_timeout": svc.aff_timeout, "table_size": svc.table_size,
             "epsilon": None if svc.eps_milli == abi.EPS_OFF else svc.eps_milli / 1000,
@@ -47,14 +73,15 @@ def backends(maps: MapSet) -> list[dict[str, Any]]:
     for mk, _ in maps.items("kvr_member", abi.MemberKey, U32):
         members.setdefault(mk.be_id, []).append(mk.svc_id)
     out = []
-    for k, be in maps.items("kvr_be_v1", U32, abi.Backend):
+    for k, be in maps.items("kvr_be_v2", U32, abi.Backend):
         health = maps.get("kvr_health", k, abi.Health) or abi.Health()
         load = maps.get("kvr_be_load", k, U32)
         sessions = maps.get("kvr_be_sess", k, U32)
         counters = maps.percpu_sum("kvr_be_cnt", k, abi.BeCounters) or []
         tripped = bool(health.flags & abi.HEALTH_TRIPPED)
+        addresses = backend_addresses(be)
         out.append({
-            "id": k.value, "address": abi.format_endpoint(be.addr, be.port, be.proto),
+            "id": k.value, "address": addresses[0] if addresses else "", "addresses": addresses,
             "state": "open" if tripped else abi.BackendState(be.state).name.lower(),
             "configured_state": abi.BackendState(be.state).name.lower(),
             "kernel_tripped": tripped, "consecutive_failures": health.consec_fail,
@@ -80,10 +107,17 @@ def affinity(maps: MapSet, svc_id: int | None = None) -> list[dict[str, Any]]:
 
 
 def stats(maps: MapSet) -> dict[str, Any]:
+    reasons = maps.reasons()
+    live = len(maps.keys("kvr_udp_v1", ct.c_uint64))
     return {
         "services": {s["name"] or str(s["id"]): s["counters"] for s in services(maps)},
         "backends": {b["address"]: b["counters"] for b in backends(maps)},
-        "reasons": maps.reasons(),
+        "reasons": reasons,
+        # UDP sockets' reverse translations: made, freed as sockets closed, open now, and
+        # what the LRU evicted (made - freed - open: its bound was reached).
+        "udp_sockets": {"created": reasons["udp_new"], "freed": reasons["udp_freed"],
+                        "live": live,
+                        "evicted": max(0, reasons["udp_new"] - reasons["udp_freed"] - live)},
     }
 
 
@@ -92,13 +126,13 @@ def find_service(maps: MapSet, ref: str) -> tuple[abi.L4Key, abi.Svc]:
     if ":" in ref:
         addr, port, proto = abi.parse_endpoint(ref)
         key = abi.l4_key(addr, port, proto)
-        svc = maps.get("kvr_svc_v1", key, abi.Svc)
+        svc = maps.get("kvr_svc_v2", key, abi.Svc)
         if svc is None:
-            raise LookupError_(f"no service at {addr}:{port}/{proto}")
+            raise LookupError_(f"no service at {abi.format_host(addr)}:{port}/{proto}")
         return key, svc
     for k, name in maps.items("kvr_svc_name", U32, abi.SvcName):
         if name.name.decode() == ref:
-            for key, svc in maps.items("kvr_svc_v1", abi.L4Key, abi.Svc):
+            for key, svc in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc):
                 if svc.id == k.value:
                     return key, svc
     raise LookupError_(f"no service named {ref!r}")
@@ -112,7 +146,7 @@ def maglev(maps: MapSet, ref: str) -> dict[str, Any]:
         counts[be_id] = counts.get(be_id, 0) + 1
     addr = {b["id"]: b["address"] for b in backends(maps)}
     return {
-        "service": svc.id, "frontend": abi.format_endpoint(key.addr, key.port, key.proto),
+        "service": svc.id, "frontend": frontend(key),
         "table_size": len(table),
         "slots": {addr.get(b, str(b)) if b != abi.NO_BACKEND else "none": n
                   for b, n in sorted(counts.items())},
@@ -159,7 +193,7 @@ class Step:
 
 def explain(maps: MapSet, ref: str, key: int, key_kind: str) -> dict[str, Any]:
     """Walk the connect hook's decision for `key` without connecting."""
-    l4, svc = find_service(maps, ref)
+    _, svc = find_service(maps, ref)
     meta = maps.meta()
     bes = {b["id"]: b for b in backends(maps)}
     mean = maps.get("kvr_svc_load", U32(svc.id), U32)
@@ -204,8 +238,7 @@ def explain(maps: MapSet, ref: str, key: int, key_kind: str) -> dict[str, Any]:
                 chosen, how = aff.be_id, f"affinity hit (idle {idle:.1f}s)"
     if chosen is None:
         table = maps.table(svc) or []
-        ident = hashing.svc_ident(str(abi.be32_to_ip(l4.addr)), abi.be16_to_port(l4.port),
-                                  abi.PROTO_NAME[l4.proto])
+        ident = svc.ident  # the service's, whichever of its VIPs was named
         seen: list[int] = []
         fallback: tuple[int, int] | None = None
         for n in range(32):

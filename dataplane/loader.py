@@ -33,19 +33,29 @@ class Program:
     attach_type: int
 
 
+_SOCK_ADDR = bpfsys.PROG_CGROUP_SOCK_ADDR
 PROGRAMS = (
-    Program("sock4_connect", bpfsys.PROG_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
-    Program("sock4_getpeername", bpfsys.PROG_CGROUP_SOCK_ADDR,
-            bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    Program("sock4_connect", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    Program("sock6_connect", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
+    Program("sock4_sendmsg", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP4_SENDMSG),
+    Program("sock6_sendmsg", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP6_SENDMSG),
+    Program("sock4_recvmsg", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP4_RECVMSG),
+    Program("sock6_recvmsg", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP6_RECVMSG),
+    Program("sock4_getpeername", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    Program("sock6_getpeername", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
+    Program("sock_release", bpfsys.PROG_CGROUP_SOCK, bpfsys.ATTACH_CGROUP_INET_SOCK_RELEASE),
     Program("sock_setsockopt", bpfsys.PROG_CGROUP_SOCKOPT, bpfsys.ATTACH_CGROUP_SETSOCKOPT),
     Program("sock_ops", bpfsys.PROG_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )
 
-# Loaded and reached by tail call (kvr_progs[slot]), never attached: the table walk
-# has a verifier budget of its own (see bpf/sock_lb.c).
+# Loaded and reached by tail call (slot abi.PROG_PICK of the named program array), never
+# attached: the table walk has a verifier budget of its own (see bpf/lib/sock.h). One
+# per attach type: the kernel refuses tail calls between programs of different ones.
 TAIL_CALLS = (
-    (abi.PROG_PICK, Program("sock4_pick", bpfsys.PROG_CGROUP_SOCK_ADDR,
-                            bpfsys.ATTACH_CGROUP_INET4_CONNECT)),
+    ("kvr_pick_c4", Program("sock4_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT)),
+    ("kvr_pick_c6", Program("sock6_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT)),
+    ("kvr_pick_s4", Program("udp4_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP4_SENDMSG)),
+    ("kvr_pick_s6", Program("udp6_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP6_SENDMSG)),
 )
 
 
@@ -190,10 +200,10 @@ class Datapath:
                 f"has every feature kvroute probes for; compiled against the "
                 f"{self.headers.kind} headers in {self.headers.path}; bcc printed the "
                 "compiler or verifier output above: please report it)") from exc
-        # Before any link points at the new connect4: it must find its tail call.
-        progs_fd = self.bpf["kvr_progs"].map_fd
-        for slot, prog in TAIL_CALLS:
-            bpfsys.update(progs_fd, abi.ct.c_uint32(slot), abi.ct.c_uint32(self.fds[prog.name]))
+        # Before any link points at a new entry point: it must find its tail call.
+        for array, prog in TAIL_CALLS:
+            bpfsys.update(self.bpf[array].map_fd, abi.ct.c_uint32(abi.PROG_PICK),
+                          abi.ct.c_uint32(self.fds[prog.name]))
         meta = abi.Meta(hash_seed=settings.hash_seed, fail_k=settings.fail_k,
                         candidates=settings.candidates, abi_version=abi.ABI_VERSION)
         bpfsys.update(self.bpf["kvr_meta"].map_fd, abi.ct.c_uint32(0), meta)

@@ -16,22 +16,23 @@ import numpy as np
 from dataplane import abi, bpfsys
 
 MAP_NAMES = (
-    "kvr_svc_v1", "kvr_svc_name", "kvr_tables", "kvr_be_v1", "kvr_member",
-    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock", "kvr_svc_cnt_v2",
-    "kvr_be_cnt",
+    "kvr_svc_v2", "kvr_svc_name", "kvr_tables", "kvr_be_v2", "kvr_member",
+    "kvr_be_load", "kvr_svc_load", "kvr_health", "kvr_affinity", "kvr_sock_v2",
+    "kvr_udp_v1", "kvr_svc_cnt_v3", "kvr_be_cnt",
     "kvr_reasons_v2", "kvr_meta", "kvr_be_sess", "kvr_events",
 )
 # Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds;
-# the program array and the connect4 -> sock4_pick hand-over belong to the programs.
+# the program arrays and the entry point -> pick program hand-over belong to the programs.
 SOCKET_MAPS = ("kvr_sk",)
-PROGRAM_MAPS = ("kvr_progs", "kvr_scratch")
+PROGRAM_MAPS = ("kvr_pick_c4", "kvr_pick_c6", "kvr_pick_s4", "kvr_pick_s6", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
 # Pinned by earlier versions under names since replaced (a layout change gets a new
 # name): uninstall removes them too.
-RETIRED_MAPS = ("kvr_svc_cnt", "kvr_reasons")
+RETIRED_MAPS = ("kvr_svc_cnt", "kvr_reasons", "kvr_svc_cnt_v2", "kvr_svc_v1", "kvr_be_v1",
+                "kvr_sock", "kvr_progs")
 
-K = TypeVar("K", bound=ct.Structure | ct.c_uint32)
+K = TypeVar("K", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)
 V = TypeVar("V", bound=ct.Structure | ct.c_uint32 | ct.c_uint64)
 U32 = ct.c_uint32
 _DT_AFF_KEY = np.dtype(abi.AffKey)
@@ -48,6 +49,7 @@ class MapSet:
     def __init__(self, pin_dir: Path) -> None:
         self.pin_dir = pin_dir
         self.fds: dict[str, int] = {}
+        self._max_entries: dict[str, int] = {}
         try:
             for name in MAP_NAMES:
                 self.fds[name] = bpfsys.obj_get(pin_dir / name)
@@ -74,6 +76,13 @@ class MapSet:
 
     def fd(self, name: str) -> int:
         return self.fds[name]
+
+    def max_entries(self, name: str) -> int:
+        """The map's capacity, as the kernel holds it (the programs' build options)."""
+        known = self._max_entries.get(name)
+        if known is None:
+            known = self._max_entries[name] = bpfsys.map_max_entries(self.fds[name])
+        return known
 
     # -- generic typed operations ---------------------------------------------------------
     def items(self, name: str, key_t: type[K], val_t: type[V]) -> Iterator[tuple[K, V]]:

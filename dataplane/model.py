@@ -39,20 +39,21 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import ipaddress
 import json
 import math
 import re
 import socket
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 # -- limits (each defined once; the C side gets the capacity ones as -D flags) ------------
 
 PORT_MAX = 65535
 # Kernel map capacity (the agent's --max-services/--max-backends default to these; the C
-# side gets the values in force as -D flags): kvr_svc_v1 holds one entry per service,
-# kvr_member one per (service, backend) pair.
+# side gets the values in force as -D flags): kvr_svc_v2 holds one entry per VIP (room for
+# two per service: dual stack), kvr_member one per (service, backend) pair.
 MAX_SERVICES = 65536
 MAX_BACKENDS = 262144
 WEIGHT_MAX = 65535  # Maglev weight of one backend
@@ -85,7 +86,7 @@ IDENTITY_MAX = 256
 URL_MAX = 2048
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
-_IDENTITY_RE = re.compile(r"([0-9.]+):([0-9]{1,5})/(tcp|udp)")
+_IDENTITY_RE = re.compile(r"([0-9.]+|\[[0-9a-f:]+\]):([0-9]{1,5})/(tcp|udp)")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 # Part of the hashed bytes: a change to the encoding changes every hash instead of
 # letting two encodings collide.
@@ -146,8 +147,10 @@ def counter_increase(previous: _N, current: _N) -> _N:
 
 def backend_identity(address: str, port: int, protocol: str) -> str:
     """The string a backend is hashed by in Maglev and named by on the wire, the same on
-    every node: ``"10.244.1.5:8000/tcp"``."""
-    return f"{address}:{port}/{protocol}"
+    every node: ``"10.244.1.5:8000/tcp"``, ``"[fd00:244::5]:53/udp"``. A dual-stack
+    backend is named by its first address (``Backend.address``)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}/{protocol}"
 
 
 def is_prime(n: int) -> bool:
@@ -225,11 +228,53 @@ def check_text(path: str, value: object, limit: int, *, empty: bool = True) -> s
 
 _BROADCAST = 0xFFFFFFFF
 _MULTICAST_NET, _MULTICAST_MASK = 0xE0000000, 0xF0000000
+_LOOPBACK_NET, _LOOPBACK_MASK = 0x7F000000, 0xFF000000
+
+
+def address_problem(number: int) -> str | None:
+    """Why an address can be neither a VIP nor a backend, or None. ``number`` is the
+    128-bit form the maps hold (IPv4 as ::ffff:a.b.c.d, see :func:`address`). The one
+    rule: the model refuses these, the controller leaves such endpoints out."""
+    if is_v4(number):
+        v4 = number & 0xFFFFFFFF
+        if v4 == 0:
+            # connect() to 0.0.0.0 reaches the client's own host.
+            return "the unspecified address"
+        if v4 & _LOOPBACK_MASK == _LOOPBACK_NET:
+            # Every host answers 127/8 itself: a backend there is the client's own
+            # localhost, a VIP there would take over local services' connections.
+            return "a loopback address"
+        if v4 == _BROADCAST:
+            return "the broadcast address"
+        if v4 & _MULTICAST_MASK == _MULTICAST_NET:
+            return "a multicast address"
+        return None
+    if number == 0:
+        return "the unspecified address"
+    if number == 1:
+        return "a loopback address"  # ::1, for the same reason as 127/8
+    if number >> 120 == 0xFF:
+        return "a multicast address"
+    return None
+
+
+def backend_problem(address: int, vips: Collection[int]) -> str | None:
+    """Why an address (128-bit form) cannot be a backend of a service on ``vips``, or
+    None."""
+    if address in vips:
+        # A connect to the VIP rewritten to the VIP again reaches nothing.
+        return "the service's own VIP"
+    return address_problem(address)
+
+
+def number_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    """An address object in the 128-bit form the maps hold (see :func:`address`)."""
+    return _V4MAPPED | int(ip) if ip.version == 4 else int(ip)
 
 
 def ipv4(path: str, value: object) -> int:
     """The address as an integer; refuses anything but a canonical dotted quad that can
-    be a unicast destination."""
+    be a VIP or a backend (see :func:`address_problem`)."""
     if not isinstance(value, str):
         raise ModelError(f"{path}: must be an IPv4 address string, got {value!r}")
     try:
@@ -237,9 +282,49 @@ def ipv4(path: str, value: object) -> int:
     except (OSError, ValueError):  # ValueError: an embedded NUL
         raise ModelError(f"{path}: {value!r} is not an IPv4 address "
                          f"(four decimal numbers 0-255, no leading zeros)") from None
-    if number == 0 or number == _BROADCAST or number & _MULTICAST_MASK == _MULTICAST_NET:
-        raise ModelError(f"{path}: {value} cannot be a unicast destination")
+    problem = address_problem(_V4MAPPED | number)
+    if problem is not None:
+        raise ModelError(f"{path}: {value} is {problem}, not a unicast destination")
     return number
+
+
+# IPv4 addresses in the 128-bit form of the kernel maps (::ffff:a.b.c.d, dataplane.abi).
+_V4MAPPED = 0xFFFF << 32
+
+
+def is_v4(number: int) -> bool:
+    """True for the 128-bit form of an IPv4 address (see :func:`address`)."""
+    return number >> 32 == 0xFFFF
+
+
+def ipv6(path: str, value: object) -> int:
+    """The address as an integer; refuses anything but an IPv6 address in its canonical
+    (RFC 5952) text that can be a unicast destination and is not IPv4 in disguise."""
+    if not isinstance(value, str):
+        raise ModelError(f"{path}: must be an IPv6 address string, got {value!r}")
+    try:
+        number = int.from_bytes(socket.inet_pton(socket.AF_INET6, value), "big")
+    except (OSError, ValueError):
+        raise ModelError(f"{path}: {value!r} is not an IPv6 address") from None
+    canonical = socket.inet_ntop(socket.AF_INET6, number.to_bytes(16, "big"))
+    if is_v4(number):
+        raise ModelError(f"{path}: {value} is an IPv4-mapped address: write the IPv4 "
+                         f"address ({socket.inet_ntoa(number.to_bytes(16, 'big')[12:])})")
+    problem = address_problem(number)
+    if problem is not None:
+        raise ModelError(f"{path}: {value} is {problem}, not a unicast destination")
+    if canonical != value:  # "FD00::0A" would name the same address as "fd00::a"
+        raise ModelError(f"{path}: not in canonical form, expected {canonical!r}")
+    return number
+
+
+def address(path: str, value: object) -> int:
+    """An IPv4 or IPv6 address (see :func:`ipv4`, :func:`ipv6`) as one 128-bit integer,
+    IPv4 as ::ffff:a.b.c.d: the form the kernel maps hold, so both families sort and
+    compare together."""
+    if isinstance(value, str) and ":" in value:
+        return ipv6(path, value)
+    return _V4MAPPED | ipv4(path, value)
 
 
 def _url(path: str, value: object) -> str:
@@ -259,10 +344,12 @@ def _url(path: str, value: object) -> str:
 def check_identity(path: str, value: object) -> str:
     """A backend identity in canonical form (see :func:`backend_identity`)."""
     if not isinstance(value, str) or not (match := _IDENTITY_RE.fullmatch(value)):
-        raise ModelError(f"{path}: must be \"<IPv4>:<port>/<tcp|udp>\", got {value!r}")
-    ipv4(path, match.group(1))
+        raise ModelError(f"{path}: must be \"<IPv4>:<port>/<tcp|udp>\" or "
+                         f"\"[<IPv6>]:<port>/<tcp|udp>\", got {value!r}")
+    host = match.group(1).strip("[]")
+    address(path, host)
     port = check_int(path, int(match.group(2)), 1, PORT_MAX)
-    canonical = backend_identity(match.group(1), port, match.group(3))
+    canonical = backend_identity(host, port, match.group(3))
     if canonical != value:  # "…:080/tcp" would name the same backend as "…:80/tcp"
         raise ModelError(f"{path}: not in canonical form, expected {canonical!r}")
     return value
@@ -295,19 +382,31 @@ def _canonical(value: object) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Backend:
-    """One endpoint of a service, as the kernel must use it."""
+    """One endpoint of a service, as the kernel must use it. A dual-stack pod is one
+    backend with both addresses, so its sessions stay on it whichever family a client
+    uses."""
 
-    address: str  # IPv4, canonical dotted quad
+    address: str  # IPv4 (canonical dotted quad) or IPv6 (canonical RFC 5952 text)
     port: int
     weight: int = DEFAULT_WEIGHT  # Maglev weight 0..WEIGHT_MAX: share of new sessions
     state: BackendState = BackendState.ACTIVE
     load: int = 0  # bounded-load units (load_units), 0..LOAD_MAX
-    # (address as an integer, port): how services sort and de-duplicate backends.
+    address6: str | None = None  # the same pod's IPv6 address when ``address`` is IPv4
+    # (address as a 128-bit integer, see model.address; port): how services sort and
+    # de-duplicate backends.
     key: tuple[int, int] = dataclasses.field(init=False, repr=False, compare=False)
+    # address6 as an integer, 0 if none.
+    address6_number: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        number = ipv4("address", self.address)
+        number = address("address", self.address)
         port = check_int("port", self.port, 1, PORT_MAX)
+        set_field(self, "address6_number", 0)
+        if self.address6 is not None:
+            set_field(self, "address6_number", ipv6("address6", self.address6))
+            if not is_v4(number):
+                raise ModelError("address6: only for a backend whose address is IPv4 "
+                                 "(a dual-stack pod)")
         set_field(self, "key", (number, port))
         check_int("weight", self.weight, 0, WEIGHT_MAX)
         if type(self.state) is not BackendState:
@@ -316,19 +415,33 @@ class Backend:
 
     @property
     def label(self) -> str:
-        return f"{self.address}:{self.port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    @property
+    def has_v4(self) -> bool:
+        return is_v4(self.key[0])
+
+    @property
+    def has_v6(self) -> bool:
+        return self.address6 is not None or not is_v4(self.key[0])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"address": self.address, "port": self.port, "weight": self.weight,
-                "state": self.state.value, "load": self.load}
+        out: dict[str, Any] = {"address": self.address, "port": self.port,
+                               "weight": self.weight, "state": self.state.value,
+                               "load": self.load}
+        if self.address6 is not None:  # absent, not null: single-stack hashes stay as they were
+            out["address6"] = self.address6
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Service:
-    """One (VIP, port, protocol) the kernel takes over, and its backends."""
+    """One (VIP, port, protocol) the kernel takes over, and its backends; a dual-stack
+    service has a second VIP (``vip6``) sharing its table and sessions."""
 
     name: str
-    vip: str  # IPv4, canonical dotted quad
+    vip: str  # IPv4 or IPv6, canonical text
     port: int
     protocol: Protocol = Protocol.TCP
     affinity: Affinity = Affinity.NONE
@@ -341,10 +454,16 @@ class Service:
     # (1 + move_epsilon) x the mean; None: sessions move only off unusable engines.
     move_epsilon: float | None = None
     backends: tuple[Backend, ...] = ()  # sorted by (address, port) whatever the input order
+    vip6: str | None = None  # dual stack: the IPv6 VIP of a service whose ``vip`` is IPv4
 
     def __post_init__(self) -> None:
         _name("name", self.name)
-        vip_number = ipv4("vip", self.vip)
+        vip_number = address("vip", self.vip)
+        vips = {vip_number}
+        if self.vip6 is not None:
+            if not is_v4(vip_number):
+                raise ModelError("vip6: only for a service whose vip is IPv4 (dual stack)")
+            vips.add(ipv6("vip6", self.vip6))
         check_int("port", self.port, 1, PORT_MAX)
         set_field(self, "protocol", _enum("protocol", self.protocol, Protocol))
         set_field(self, "affinity", _enum("affinity", self.affinity, Affinity))
@@ -364,9 +483,17 @@ class Service:
             if not is_prime(self.table_size):
                 raise ModelError(f"table_size: must be a prime number, got {self.table_size}")
         for be in backends:
-            if be.key[0] == vip_number:
-                # A connect to the VIP rewritten to the VIP again reaches nothing.
-                raise ModelError(f"backends[{be.label}]: is the service's own VIP")
+            for number in (be.key[0], be.address6_number):
+                problem = backend_problem(number, vips) if number else None
+                if problem is not None:  # the address itself was checked by Backend
+                    raise ModelError(f"backends[{be.label}]: is {problem}")
+            # A client of either VIP must reach every backend in its own family.
+            if is_v4(vip_number) and not be.has_v4:
+                raise ModelError(f"backends[{be.label}]: the service's VIP is IPv4, the "
+                                 "backend has no IPv4 address")
+            if (self.vip6 is not None or not is_v4(vip_number)) and not be.has_v6:
+                raise ModelError(f"backends[{be.label}]: the service has an IPv6 VIP, the "
+                                 "backend has no IPv6 address (address6)")
         if len(backends) > self.size:
             raise ModelError(f"backends: {len(backends)} backends do not fit a table of "
                              f"{self.size} slots")
@@ -393,8 +520,15 @@ class Service:
 
     @property
     def l4(self) -> tuple[str, int, Protocol]:
-        """What the kernel's service map is keyed by: (VIP, port, protocol)."""
+        """The first VIP's key in the kernel's service map: (VIP, port, protocol)."""
         return self.vip, self.port, self.protocol
+
+    @property
+    def frontends(self) -> tuple[tuple[str, int, Protocol], ...]:
+        """Every key the service owns in the kernel's service map, one per VIP."""
+        if self.vip6 is None:
+            return (self.l4,)
+        return self.l4, (self.vip6, self.port, self.protocol)
 
     def identity(self, backend: Backend) -> str:
         return backend_identity(backend.address, backend.port, self.protocol)
@@ -406,9 +540,11 @@ class Service:
         return hashlib.sha256(_canonical([_SCHEMA, self.to_dict()])).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (YAML/JSON ready), every field spelled out; :func:`service_from_dict`
+        """Plain data (YAML/JSON ready), every field spelled out but an absent ``vip6`` or
+        ``address6`` (left out, so a single-stack service hashes as it did before dual
+        stack existed and agents of both versions agree); :func:`service_from_dict`
         inverts it."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name, "vip": self.vip, "port": self.port,
             "protocol": self.protocol.value, "affinity": self.affinity.value,
             "affinity_timeout": self.affinity_timeout, "table_size": self.table_size,
@@ -416,6 +552,9 @@ class Service:
             "saturated": self.saturated, "move_epsilon": self.move_epsilon,
             "backends": [b.to_dict() for b in self.backends],
         }
+        if self.vip6 is not None:  # absent, not null: single-stack hashes stay as they were
+            out["vip6"] = self.vip6
+        return out
 
 
 def _backend_key(backend: Backend) -> tuple[int, int]:
@@ -453,10 +592,12 @@ def _services(path: str, value: object) -> tuple[Service, ...]:
         if svc.name in names:
             raise ModelError(f"{path}[{svc.name}]: name listed twice")
         names.add(svc.name)
-        other = owners.setdefault(svc.l4, svc.name)
-        if other != svc.name:
-            raise ModelError(f"{path}[{svc.name}].vip: {svc.vip}:{svc.port}/{svc.protocol} "
-                             f"is already service {other!r}")
+        for vip, port, proto in svc.frontends:
+            other = owners.setdefault((vip, port, proto), svc.name)
+            if other != svc.name:
+                field = "vip" if vip == svc.vip else "vip6"
+                raise ModelError(f"{path}[{svc.name}].{field}: {vip}:{port}/{proto} "
+                                 f"is already service {other!r}")
     return tuple(sorted(items, key=lambda s: s.name))
 
 

@@ -22,6 +22,7 @@ class Settings:
     max_backends: int = model.MAX_BACKENDS
     affinity_entries: int = 262144  # LRU size (preallocated by the kernel)
     sock_entries: int = 65536    # translated sockets tracked at once (LRU, preallocated)
+    udp_entries: int = 16384     # UDP sockets with reverse translations at once (LRU, 200 B each)
     events_bytes: int = 1 << 20  # kvr_events ring size: a power of two, at least a page
     kernel_headers: str = "auto"  # auto | node | shipped: what bcc compiles against (uapi.py)
 
@@ -33,7 +34,8 @@ class Settings:
             problems.append("fail_k: must be between 1 and 1000")
         if not 1 <= self.candidates <= 16:
             problems.append("candidates: must be between 1 and 16")
-        for name in ("max_services", "max_backends", "affinity_entries", "sock_entries"):
+        for name in ("max_services", "max_backends", "affinity_entries", "sock_entries",
+                     "udp_entries"):
             if not 16 <= getattr(self, name) <= 1 << 24:
                 problems.append(f"{name}: must be between 16 and {1 << 24}")
         if not (4096 <= self.events_bytes <= 1 << 30
@@ -56,6 +58,7 @@ class Settings:
             f"-DKVR_MAX_BACKENDS={self.max_backends}",
             f"-DKVR_AFFINITY_ENTRIES={self.affinity_entries}",
             f"-DKVR_SOCK_ENTRIES={self.sock_entries}",
+            f"-DKVR_UDP_ENTRIES={self.udp_entries}",
             f"-DKVR_EVENTS_BYTES={self.events_bytes}",
             f"-DKVR_MOVE_MIN_EXCESS={model.MOVE_MIN_EXCESS}",
         ]

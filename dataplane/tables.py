@@ -58,11 +58,51 @@ def _group_slots(size: int, existing: int) -> tuple[int, int]:
     return capacity, slots
 
 
+# What one change did to the pool, for rollback: ("write", group, region), or
+# ("group", group, 0) for a group it made. Releases come after a change is written.
+_Step = tuple[str, Group, int]
+
+
 class TablePool:
     def __init__(self, maps: MapSet) -> None:
         self.maps = maps
         self.groups: dict[int, Group] = {}
         self._unpublished: list[Group] = []
+        self._journal: list[_Step] | None = None
+
+    # -- one change at a time, all or nothing ---------------------------------------------
+    def begin(self) -> None:
+        """Record the writes and new groups that follow, until commit or rollback."""
+        self._journal = []
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo what was recorded since begin, newest first: regions written go back to
+        free (no connect read them: no service value named them), groups made are
+        unpublished and unmapped. Call it only once no service value names a new region.
+        Raises OSError if a group cannot be taken out of kvr_tables (the caller then
+        re-adopts the pool from the maps)."""
+        journal, self._journal = self._journal or [], None
+        for kind, group, region in reversed(journal):
+            if kind == "write":
+                group.used.discard(region)
+                group.free.append(region)
+            else:
+                # Groups compare by identity here: their fields hold numpy arrays.
+                waiting = [g for g in self._unpublished if g is not group]
+                if len(waiting) < len(self._unpublished):
+                    self._unpublished = waiting
+                else:
+                    bpfsys.delete_each(self.maps.fd("kvr_tables"),
+                                       np.array([group.gid], dtype=np.uint32))
+                del self.groups[group.gid]
+                self._unmap(group)
+
+    def _record(self, kind: str, group: Group, region: int = 0) -> None:
+        if self._journal is not None:
+            self._journal.append((kind, group, region))
 
     def adopt(self, services: Iterable[abi.Svc]) -> None:
         """Map the groups already pinned (a restarted agent), marking the regions the
@@ -108,6 +148,7 @@ class TablePool:
             raise
         self.groups[gid] = group
         self._unpublished.append(group)
+        self._record("group", group)
         return group
 
     def publish(self) -> None:
@@ -117,7 +158,12 @@ class TablePool:
             return
         keys = np.array([g.gid for g in self._unpublished], dtype=np.uint32)
         fds = np.array([g.fd for g in self._unpublished], dtype=np.uint32)
-        bpfsys.update_batch(self.maps.fd("kvr_tables"), keys, fds)
+        try:
+            bpfsys.update_batch(self.maps.fd("kvr_tables"), keys, fds)
+        except OSError:
+            # Some may be in kvr_tables: rollback takes them out, present or not.
+            self._unpublished.clear()
+            raise
         self._unpublished.clear()
 
     def write(self, table: np.ndarray) -> tuple[int, int]:
@@ -139,6 +185,7 @@ class TablePool:
             group = self._new_group(size)
         region = group.free.pop()
         group.used.add(region)
+        self._record("write", group, region)
         base = region * size
         group.slots[base:base + size] = table
         return group.gid, base
@@ -158,8 +205,10 @@ class TablePool:
         empty = [g for g in self.groups.values()
                  if not g.used and all(now - at >= QUARANTINE for at, _ in g.quarantined)]
         if empty:
-            bpfsys.delete_batch(self.maps.fd("kvr_tables"),
-                                np.array([g.gid for g in empty], dtype=np.uint32))
+            # One by one, absent ones included: a collect cut short part-way (its groups
+            # stay here) is simply run again by the next change.
+            bpfsys.delete_each(self.maps.fd("kvr_tables"),
+                               np.array([g.gid for g in empty], dtype=np.uint32))
         for g in empty:
             self._unmap(g)
             del self.groups[g.gid]

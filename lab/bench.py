@@ -7,10 +7,24 @@ ratios mean more than absolute times).
    beside kube-proxy's iptables and nftables shapes (lab/bench_connect.py; the rows go
    to bench/results/connect.json too);
 2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
-3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
+3. Maglev builds of one table, M=16381 and 65537 x 10, 100, 1,000 backends, with the
+   controller's weights against equal weights (target <= 50 ms at 65537 x 1,000), and of
+   10,000 services' tables at once (lab/bench_maglev.py);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
    2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
-   a binding on one node to the last agent; lab/bench_bindings.py).
+   a binding on one node to the last agent; lab/bench_bindings.py);
+5. engine loads fanned out by the real gRPC server to 1,000 simulated agents (controller
+   CPU over idle, time from a load change to the last agent, bytes per agent per second;
+   lab/bench_fanout.py);
+6. failover: failed new connects and time to recovery after an engine dies, measured in
+   the lab fleet, beside kube-proxy's and Envoy's timelines modelled from their
+   documented defaults at the measured rate (lab/bench_failover.py);
+7. the LLM workload: multi-turn streaming chat (the openai client) under random,
+   least-loaded, kvroute and HAProxy routing, on simulated engines and on real vLLM
+   CPU engines when installed (lab/bench_llm.py).
+
+Each benchmark's rows go to bench/results/NAME.json (quick/NAME.json with --quick);
+`python -m lab.benchreport` renders README's section and the plots from them.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,24 +80,30 @@ def _datapath(cgroup: Path | None = None) -> Iterator[tuple[Settings, MapSet]]:
         loader.uninstall(settings.pin_dir)
 
 
-def bench_connect(counts: tuple[int, ...], rounds: int, per_round: int,
-                  results: Path | None = RESULTS / "connect.json") -> list[dict[str, Any]]:
+def bench_connect(counts: tuple[int, ...], rounds: int,
+                  per_round: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """connect() latency by the compiled client (lab/bench_connect.py): direct, kvroute's
-    affinities (fleet mode on and off), kube-proxy's iptables and nftables shapes. Writes
-    the rows, with the run's settings and notes, to `results` too."""
+    affinities (fleet mode on and off), kube-proxy's iptables and nftables shapes. The
+    rows, and the run's settings and notes."""
     from lab import bench_connect as bc
-    started = time.time()
     rows, notes = bc.run(counts, rounds, per_round, say=lambda line: print(line, file=sys.stderr,
                                                                          flush=True))
-    if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps({
-            "command": " ".join(["python -m lab.bench", *sys.argv[1:]]),
+    return rows, {"counts": list(counts), "rounds": rounds, "per_round": per_round,
+                  "notes": notes}
+
+
+def results_doc(bench: str, argv: list[str], started: float, loadavg: float,
+                rows: list[dict[str, Any]], extra: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """What one benchmark's results file holds: the command that made it, when, how long
+    it took, on what, and the machine's load average when it started (a shared machine's
+    noise)."""
+    return {"bench": bench, "command": " ".join(["python -m lab.bench", *argv]),
+            "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(time.time() - started, 1), "kernel": os.uname().release,
-            "counts": list(counts), "rounds": rounds, "per_round": per_round,
-            "notes": notes, "rows": rows}, indent=2) + "\n")
-    return rows
+            "cpus": os.cpu_count(), "loadavg_at_start": round(loadavg, 2),
+            **(extra or {}), "rows": rows}
 
 
 def _fleet(n_services: int, per_service: int, affinity: str) -> model.Snapshot:
@@ -95,13 +115,18 @@ def _fleet(n_services: int, per_service: int, affinity: str) -> model.Snapshot:
     return model.Snapshot.of(1, desired.services)
 
 
-def bench_apply(n_services: int, per_service: int) -> list[dict[str, Any]]:
+APPLY_TARGETS = {"none": 0.35, "session": 3.0}  # seconds, full apply of 10,000 x 10
+
+
+def bench_apply(n_services: int, per_service: int,
+                affinities: tuple[str, ...] = tuple(APPLY_TARGETS)) -> list[dict[str, Any]]:
     """The agent's apply path, from the gRPC message to the kernel maps (the protobuf
     decode and the model's validation included, as an agent receives it)."""
     from dataplane.api import convert
     rows: list[dict[str, Any]] = []
     with _datapath() as (settings, maps):
-        for affinity, target in (("none", 0.35), ("session", 3.0)):
+        for affinity in affinities:
+            target = APPLY_TARGETS[affinity]
             wire = convert.full_update(_fleet(n_services, per_service, affinity))
             data = wire.SerializeToString()
             applier = apply.Applier(maps, settings.hash_seed)
@@ -166,9 +191,9 @@ def _apply_changes(applier: apply.Applier, snap: model.Snapshot) -> list[dict[st
     return rows
 
 
-def bench_maglev() -> list[dict[str, Any]]:
+def bench_maglev(quick: bool) -> list[dict[str, Any]]:
     from lab import bench_maglev
-    return list(bench_maglev.run())
+    return list(bench_maglev.run(quick=quick))
 
 
 def bench_bindings(quick: bool) -> list[dict[str, Any]]:
@@ -178,31 +203,77 @@ def bench_bindings(quick: bool) -> list[dict[str, Any]]:
     return [bb.run(agents=100, rate=2000, live=1_000_000, seconds=20)]
 
 
+def bench_fanout(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_fanout as bf
+    if quick:
+        return bf.run(agents=200, engines=200, phases=bf.PHASES[:3], seconds=4)
+    return bf.run(agents=1000, engines=1000, phases=bf.PHASES, seconds=8)
+
+
+def bench_failover(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_failover as bf
+    return bf.run(rate=200, engines=4, before=2, after=5 if quick else 10)
+
+
+def bench_llm(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lab import bench_llm as bl
+    result = bl.run(quick, results=None)
+    return bl.rows(result), {"detail": result}
+
+
+Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]"]
+
+
+def benches(quick: bool) -> dict[str, Bench]:
+    """Every benchmark by name, in the order `make bench` runs them, sized for a full run
+    or a quick one."""
+    # 30 rounds: the connect bench is most of `make bench` (15 minutes on 2 idle cores)
+    rounds, per_round = (8, 1000) if quick else (30, 2000)
+    counts = (10, 1_000) if quick else (10, 1_000, 10_000)
+    return {"maglev": lambda: bench_maglev(quick),
+            # its targets are for 10,000 services; the quick run leaves session out
+            "apply": lambda: bench_apply(10_000, 10, ("none",) if quick else ("none", "session")),
+            "connect": lambda: bench_connect(counts, rounds, per_round),
+            "bindings": lambda: bench_bindings(quick),
+            "fanout": lambda: bench_fanout(quick),
+            "failover": lambda: bench_failover(quick),
+            "llm": lambda: bench_llm(quick)}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    ap.add_argument("--only", choices=("maglev", "apply", "connect", "bindings"),
-                    help="run one benchmark")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer rounds and smaller fleets (the README's smoke table); "
+                         "results to bench/results/quick/")
+    ap.add_argument("--only", choices=tuple(benches(False)), action="append",
+                    help="run this benchmark (repeat for several; default: all)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="where the JSON files go (default: bench/results, or "
+                         "bench/results/quick with --quick)")
     args = ap.parse_args(argv)
-    rounds, per_round = (10, 1000) if args.quick else (40, 2000)
-    counts = (10, 1_000) if args.quick else (10, 1_000, 10_000)
-    rows: list[dict[str, Any]] = []
-    benches = {"maglev": bench_maglev, "apply": lambda: bench_apply(10_000, 10),
-               "connect": lambda: bench_connect(counts, rounds, per_round),
-               "bindings": lambda: bench_bindings(args.quick)}
-    for name, run in benches.items():
-        if args.only and name != args.only:
+    out = args.results or (RESULTS / "quick" if args.quick else RESULTS)
+    every: list[dict[str, Any]] = []
+    for name, run in benches(args.quick).items():
+        if args.only and name not in args.only:
             continue
-        for row in run():
-            rows.append(row)
-            if not args.json:
+        started, loadavg = time.time(), os.getloadavg()[0]
+        got = run()
+        rows, extra = got if isinstance(got, tuple) else (got, {})
+        out.mkdir(parents=True, exist_ok=True)
+        doc = results_doc(name, argv, started, loadavg, rows, {"quick": args.quick, **extra})
+        (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        every.extend(rows)
+        if not args.json:
+            for row in rows:
                 shown = dict(row)
-                name = shown.pop("bench", None) or shown.pop("name")
-                print(f"{name:<52} " + "  ".join(f"{k}={v}" for k, v in shown.items()),
+                label = shown.pop("bench", None) or shown.pop("name")
+                print(f"{label:<52} " + "  ".join(f"{k}={v}" for k, v in shown.items()
+                                                  if not isinstance(v, list) or len(v) <= 4),
                       flush=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(every, indent=2))
     return 0
 
 

@@ -178,10 +178,10 @@ async def _agents(target: str, n: int, rate: float, live: int, timeout: int, eng
     await asyncio.sleep(0.5)
     counting.set()
     started = time.monotonic()
-    cpu0 = _cpu_seconds(pid)
+    cpu0 = cpu_seconds(pid)
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - started
-    cpu = _cpu_seconds(pid) - cpu0
+    cpu = cpu_seconds(pid) - cpu0
     counting.clear()
     await asyncio.sleep(1.0)  # the last probes land
     for t in tasks:
@@ -211,7 +211,7 @@ async def _agents(target: str, n: int, rate: float, live: int, timeout: int, eng
     }
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

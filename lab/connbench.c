@@ -34,36 +34,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "benchtime.h"
+
 #define SOL_KVROUTE	0x6b76	/* dataplane/client.py SOL_KVROUTE */
 #define KVROUTE_SESSION	1	/* dataplane/client.py KVROUTE_SESSION */
 #define MAX_PORTS	64
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-
-	return x < y ? -1 : x > y;
-}
-
-/* Nearest-rank percentile of a sorted array. */
-static uint64_t pct(const uint64_t *v, size_t n, double p)
-{
-	size_t rank = (size_t)(p / 100.0 * (double)n + 0.999999);
-
-	if (rank < 1)
-		rank = 1;
-	if (rank > n)
-		rank = n;
-	return v[rank - 1];
-}
 
 /* One connect; its latency in ns, or 0 with errno set on failure. */
 static uint64_t one(const struct sockaddr_in *to, int tag, uint64_t session)

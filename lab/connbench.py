@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("connbench.c")
+HEADER = Path(__file__).with_name("benchtime.h")  # included by every lab C client
 # lab/.cache is ignored by git: the binary is built per machine, never committed.
 CACHE = Path(__file__).with_name(".cache") / "connbench"
 MASQ_MARK = "0x4000"
@@ -87,12 +88,13 @@ def parse(text: str) -> Result:
                   mean_ns=int(raw["mean_ns"]), rate=float(raw["rate"]))
 
 
-def build(cache: Path = CACHE) -> Path:
-    """Compile lab/connbench.c with the machine's cc (once per source version) and
-    return the binary's path."""
-    source = SOURCE.read_bytes()
+def build(cache: Path = CACHE, source_file: Path = SOURCE) -> Path:
+    """Compile lab/connbench.c (or another of the lab's C clients) with the machine's cc
+    (once per source version) and return the binary's path."""
+    # The shared header is part of what is built: a change to it is a new binary.
+    source = source_file.read_bytes() + HEADER.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
-    out = cache / f"connbench-{digest}"
+    out = cache / f"{source_file.stem}-{digest}"
     if out.exists():
         return out
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -100,13 +102,13 @@ def build(cache: Path = CACHE) -> Path:
         raise BuildError("no C compiler (cc) on PATH: apt-get install -y gcc")
     cache.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed: two benches at once never run half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".connbench-")
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{source_file.stem}-")
     os.close(fd)
     try:
         done = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", tmp,
-                               str(SOURCE)], capture_output=True, text=True, check=False)
+                               str(source_file)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise BuildError(f"{cc} failed on {SOURCE}:\n{done.stderr}")
+            raise BuildError(f"{cc} failed on {source_file}:\n{done.stderr}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:

@@ -1,13 +1,18 @@
-"""A whole kvroute deployment on one machine, for the end-to-end tests and the
-demo: engine simulators in pod namespaces, a controller with a static
+"""A whole kvroute deployment on one machine, for the end-to-end tests, the
+demo and the LLM bench: engines in pod namespaces (simulators, or real vLLM CPU
+engines with ``engine="vllm"``), a controller with a static
 discovery file, and one agent per "node" (each node is a cgroup and a pin
 dir of its own, so two agents route the same clients independently).
+
+The services file and the processes' command lines come from :mod:`lab.topology`,
+as in the multi-node VM lab (:mod:`lab.multinode`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
 import signal
@@ -17,16 +22,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from lab import cgroup, netns, podserver
+from lab import cgroup, netns, podserver, scenario, topology, vllm_engine
 
-ENGINE_PORT = 8000
+ENGINE_PORT = topology.ENGINE_PORT
+ENGINE_KINDS = ("sim", "vllm")
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
 
 
@@ -36,13 +42,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+# Defined with the scenario (which cannot import this module); tests and the demo use it
+# from here.
+wait_for = scenario.wait_for
 
 
 @dataclasses.dataclass
@@ -90,9 +92,21 @@ class Fleet:
                  vip: str = "10.96.0.10",
                  port: int = 80, scrape_interval: float = 0.05, tick: float = 0.05,
                  fail_k: int = 3, breaker: dict[str, float] | None = None,
-                 epsilon: float = 0.25, stall_window: float = 0.75) -> None:
+                 epsilon: float = 0.25, stall_window: float = 0.75,
+                 engine: str = "sim", vllm_venv: Path = vllm_engine.DEFAULT_VENV,
+                 extra_services: Sequence[dict[str, Any]] = (),
+                 sim_args: Sequence[str] = ()) -> None:
+        if engine not in ENGINE_KINDS:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {engine!r}")
+        if engine == "vllm" and not vllm_engine.available(vllm_venv):
+            raise ValueError(f"no vLLM venv at {vllm_venv}: run `make vllm` first")
         self.lab = netns.Lab(subnet=subnet)
         self.n_engines = engines
+        self.engine_kind, self.vllm_venv = engine, vllm_venv
+        self.sim_args = list(sim_args)  # every simulator's options (e.g. --speed)
+        # More services on the same endpoints (another VIP, another affinity): each dict
+        # overrides the main service's fields; "engine": None makes it a plain Service.
+        self.extra_services = [dict(s) for s in extra_services]
         self.vip, self.port = vip, port
         self.scrape_interval, self.tick, self.fail_k = scrape_interval, tick, fail_k
         # One outcome per scrape round: 3 failed rounds in a row (150 ms at the lab's
@@ -128,7 +142,14 @@ class Fleet:
             for i in range(self.n_engines):
                 pod = self.lab.add_pod(f"gpu{i}")
                 self.engines[pod.name] = pod
-                self.start_engine(pod.name)
+            if self.engine_kind == "vllm":
+                # Start-up is mostly waiting: all at once (start_many stops the others
+                # when one fails).
+                vllm_engine.start_many([functools.partial(self._start_vllm, n)
+                                        for n in self.engines])
+            else:
+                for name in self.engines:
+                    self.start_engine(name)
             self.client = self.lab.add_client("client")
             for pod in self.engines.values():
                 podserver.wait_listening(pod, ENGINE_PORT, timeout=20)
@@ -168,36 +189,75 @@ class Fleet:
     def engine_id(self, name: str) -> str:
         return f"{self.engines[name].address}:{ENGINE_PORT}"
 
+    def topology(self) -> topology.Topology:
+        """This fleet as a topology: every node reaches the controller on loopback; the
+        engines, in their pods, are spread over the nodes in turn."""
+        nodes = [n.name for n in self.nodes] or [f"node{i}" for i in range(self.n_nodes)]
+        return topology.Topology(
+            nodes={n: "127.0.0.1" for n in nodes},
+            engines=tuple(topology.Engine(name, nodes[i % len(nodes)], str(pod.address))
+                          for i, (name, pod) in enumerate(self.engines.items())),
+            controller=nodes[0], client=nodes[0], vip=self.vip, port=self.port,
+            controller_port=self.controller_port, controller_http_port=self.controller_http)
+
     def start_engine(self, name: str, *extra: str) -> None:
+        """Start (or restart) engine ``name``: a simulator, or a real vLLM CPU engine
+        (which returns once it is healthy and warmed up, tens of seconds)."""
+        if self.engine_kind == "vllm":
+            if extra:
+                raise ValueError("simulator options given to a vLLM engine")
+            self._start_vllm(name)
+            return
         pod = self.engines[name]
+        (engine,) = [e for e in self.topology().engines if e.name == name]
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
         self.engine_procs[name] = pod.spawn(
-            [sys.executable, "-m", "lab.engine_sim", "--host", "0.0.0.0", "--port",
-             str(ENGINE_PORT), "--engine-id", self.engine_id(name),
-             "--seed", name.removeprefix("gpu"), *extra], stdout=log, stderr=log)
+            [*topology.Topology.engine_argv(sys.executable, engine), *self.sim_args, *extra],
+            stdout=log, stderr=log)
+
+    def _start_vllm(self, name: str) -> vllm_engine.Engine:
+        pod = self.engines[name]
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+
+        def spawn(args: list[str], /, *, env: dict[str, str]) -> subprocess.Popen[bytes]:
+            return pod.spawn(args, env=env, stdout=log, stderr=log)
+
+        index = list(self.engines).index(name)
+        # Each engine's OMP threads on a core of their own (round robin), so engines
+        # sharing the machine's few cores do not fight over one.
+        engine = vllm_engine.start(str(pod.address), ENGINE_PORT, spawn=spawn,
+                                   venv=self.vllm_venv, cpu=index % (os.cpu_count() or 1),
+                                   log_path=self.workdir / f"{name}.log")
+        self.engine_procs[name] = engine.process  # type: ignore[assignment]
+        return engine
+
+    def kill_engine(self, name: str) -> None:
+        """SIGKILL engine ``name`` and whatever it forked: a crash, no goodbye."""
+        proc = self.engine_procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # spawn() gave it a session of its own
+        proc.wait()
 
     def write_services(self, draining: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        endpoints = []
-        for i, (name, pod) in enumerate(self.engines.items()):
-            ep: dict[str, Any] = {"address": str(pod.address), "port": ENGINE_PORT,
-                                  "node": self.nodes[i % len(self.nodes)].name, "pod": name}
-            if name in draining:
-                ep.update(ready=False, serving=True, terminating=True)
-            endpoints.append(ep)
-        svc: dict[str, Any] = {
-            "name": "llm", "vip": self.vip, "port": self.port, "engine": "vllm",
-            "affinity": "session", "epsilon": self.epsilon, "metrics-port": ENGINE_PORT,
-            "breaker": self.breaker, "endpoints": endpoints}
+        options: dict[str, Any] = {"epsilon": self.epsilon, "breaker": self.breaker}
         if self.move_epsilon is not None:
-            svc["move-epsilon"] = self.move_epsilon
-        self.static.write_text(yaml.safe_dump({"services": [svc]}))
+            options["move-epsilon"] = self.move_epsilon
+        doc = self.topology().services_doc(options, frozenset(draining))
+        svc = doc["services"][0]
+        for extra in self.extra_services:
+            other = {**svc, **extra}
+            if other.get("engine") is None:
+                # A plain Service: no engine, so no load, breaker or epsilon of its own.
+                for key in ("engine", "epsilon", "metrics-port", "breaker", "move-epsilon"):
+                    other.pop(key, None)
+            doc["services"].append(other)
+        self.static.write_text(yaml.safe_dump(doc))
 
     def start_controller(self) -> None:
         log = open(self.workdir / "controller.log", "ab")  # noqa: SIM115
         self.controller = subprocess.Popen(
-            [KVROUTE, "controller", "--static", str(self.static),
-             "--listen", f"127.0.0.1:{self.controller_port}", "--tick", str(self.tick),
-             "--metrics", f"127.0.0.1:{self.controller_http}"],
+            self.topology().controller_argv(KVROUTE, str(self.static),
+                                            extra=["--tick", str(self.tick)]),
             stdout=log, stderr=log)
         self.lab.own_process(self.controller.pid)
 
@@ -222,11 +282,11 @@ class Fleet:
         node.ready.unlink(missing_ok=True)
         log = open(self.workdir / f"agent-{node.name}.log", "ab")  # noqa: SIM115
         node.proc = subprocess.Popen(
-            [KVROUTE, "agent", "--controller", f"127.0.0.1:{self.controller_port}",
-             "--node", node.name, "--cgroup", str(node.cgroup.path), "--pin-dir",
-             str(node.pin_dir), "--ready-file", str(node.ready), "--scrape-interval",
-             str(self.scrape_interval), "--stall-window", str(self.stall_window),
-             "--fail-k", str(self.fail_k), "--detach-on-exit"],
+            self.topology().agent_argv(KVROUTE, node.name, extra=[
+                "--cgroup", str(node.cgroup.path), "--pin-dir", str(node.pin_dir),
+                "--ready-file", str(node.ready), "--scrape-interval",
+                str(self.scrape_interval), "--stall-window", str(self.stall_window),
+                "--fail-k", str(self.fail_k), "--detach-on-exit"]),
             stdout=log, stderr=log)
         self.lab.own_process(node.proc.pid)
         proc = node.proc
@@ -293,22 +353,7 @@ class Fleet:
 
     def converged(self) -> bool:
         """Every agent watches the controller and has applied its latest snapshot."""
-        from prometheus_client.parser import text_string_to_metric_families
-        try:
-            text = httpx.get(f"http://127.0.0.1:{self.controller_http}/metrics", timeout=2,
-                             trust_env=False).text
-        except httpx.HTTPError:
-            return False
-        values: dict[str, dict[str, float]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in ("kvroute_controller_agent_watching",
-                                   "kvroute_controller_agent_converged"):
-                    values.setdefault(sample.labels["agent"], {})[sample.name] = sample.value
-        return len(values) == len(self.nodes) and all(
-            v.get("kvroute_controller_agent_watching") == 1
-            and v.get("kvroute_controller_agent_converged") == 1
-            for v in values.values())
+        return scenario.converged(self.topology())
 
     def backends(self, node: int) -> dict[str, dict[str, Any]]:
         """The node's kernel view: engine id (ip:port) -> state, load, counters."""

@@ -7,6 +7,10 @@ Layout of a lab with tag ``T`` on subnet ``S`` (all names start with ``kvr`` + t
                                  ── veth kvrTv2 ──  netns kvrT-client: eth0 S.200
     cgroup: <cgroup2 root>/kvrT-clients-<random>   (for client processes)
 
+Every namespace also has an IPv6 address, ``fd6b:7672::`` + its IPv4 address in the last 32
+bits (/96, see :func:`ipv6_of`): distinct per lab because the IPv4 subnets are, and only
+between the lab's namespaces (the bridge has none, so the host routes no lab IPv6 prefix).
+
 Everything is L2 on the one bridge, so no forwarding or NAT is touched on the host, and the
 only addresses involved are the lab's own. One host setting can still interfere: with
 br_netfilter loaded (net.bridge.bridge-nf-call-iptables=1), bridged client→pod frames pass the
@@ -63,6 +67,7 @@ CLIENT_OFFSET = 200  # clients get .200, .201, …
 # Grace between SIGTERM and SIGKILL for spawned programs at teardown.
 TERM_GRACE_SECONDS = 1.0
 
+_IFA_F_NODAD = 0x02  # linux/if_addr.h
 _POD_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _TAG = re.compile(r"^[a-z0-9]{1,5}$")
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -74,6 +79,14 @@ class LabError(RuntimeError):
 
 class LabUnsupported(LabError):
     """The kernel lacks something the lab needs (EOPNOTSUPP); tests turn this into a skip."""
+
+
+IPV6_PREFIX = ipaddress.IPv6Network("fd6b:7672::/96")
+
+
+def ipv6_of(address: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """A lab namespace's IPv6 address: its IPv4 address inside IPV6_PREFIX."""
+    return IPV6_PREFIX.network_address + int(address)
 
 
 def _b36(n: int, width: int) -> str:
@@ -230,6 +243,11 @@ class Pod:
     ) -> T:
         """``fn(*args, **kwargs)`` in a forked child inside this pod; see :func:`lab.run.call`."""
         return lab.run.call(self.netns, fn, *args, cgroup=cgroup, timeout=timeout, **kwargs)
+
+    @property
+    def address6(self) -> ipaddress.IPv6Address:
+        """The pod's IPv6 address (see :func:`ipv6_of`)."""
+        return ipv6_of(self.address)
 
 
 class Lab:
@@ -469,6 +487,14 @@ class Lab:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             eth0 = ns.link_lookup(ifname="eth0")[0]
             ns.addr("add", index=eth0, address=str(address), prefixlen=self.subnet.prefixlen)
+            try:
+                # No duplicate address detection: the address is usable at once, and the
+                # lab's addresses are unique by construction.
+                ns.addr("add", index=eth0, address=str(ipv6_of(address)),
+                        prefixlen=IPV6_PREFIX.prefixlen, flags=_IFA_F_NODAD)
+            except pyroute2.netlink.exceptions.NetlinkError as e:
+                # IPv6 disabled on this host: the lab still serves IPv4.
+                log.warning("no IPv6 address for %s: %s", netns, e)
             ns.link("set", index=eth0, state="up")
             # No default route on purpose: a lab namespace reaches its subnet and nothing
             # else, so a connect() the programs leave alone (an unrouted VIP, say) fails

@@ -1,8 +1,9 @@
 """A tiny HTTP server that says which pod answered, and the client helpers that ask it.
 
 ``python -m lab.podserver --name gpu0 --port 8000`` answers any HTTP/1.x request with 200,
-``X-Pod: gpu0`` and the body ``gpu0``. It stands in for an engine wherever a test only needs
-to know where a connection landed, and is cheap enough for thousands of sequential connects.
+``X-Pod: gpu0`` and the body ``gpu0``, over IPv4 and IPv6; any UDP datagram to the same port
+gets ``gpu0`` back. It stands in for an engine wherever a test only needs to know where a
+connection or datagram landed, and is cheap enough for thousands of sequential connects.
 
 Connections follow HTTP/1.x persistence rules: HTTP/1.1 stays open unless the client sends
 ``Connection: close``; HTTP/1.0 closes unless it sends ``Connection: keep-alive``.
@@ -17,7 +18,8 @@ import errno
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING
+import typing
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the server itself never needs the lab (keeps its start-up light)
     import lab.netns
@@ -110,8 +112,40 @@ async def _serve_connection(
             await writer.wait_closed()
 
 
-async def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
-    """Serve until SIGTERM or SIGINT."""
+class _Echo(asyncio.DatagramProtocol):
+    """Answers every datagram with the pod name, to its sender."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's selector datagram transport does not subclass DatagramTransport.
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(self.name, addr)
+
+
+def _udp_socket(host: str | None, port: int) -> socket.socket:
+    """One UDP socket for both families where the host has IPv6 (v4 senders arrive as
+    ::ffff:a.b.c.d), else an IPv4 one."""
+    if host is None and socket.has_ipv6:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+            return sock
+        except OSError:
+            sock.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host or "0.0.0.0", port))
+    return sock
+
+
+async def serve(name: str, port: int, host: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; ``host`` None: every address of both families."""
     encoded = name.encode()
     server = await asyncio.start_server(
         lambda r, w: _serve_connection(r, w, encoded),
@@ -123,18 +157,22 @@ async def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    udp, _ = await loop.create_datagram_endpoint(lambda: _Echo(encoded),
+                                                 sock=_udp_socket(host, port))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:
-        print(f"podserver {name} listening on {host}:{port}", flush=True)
+        print(f"podserver {name} listening on {host or '*'}:{port} (tcp, udp)", flush=True)
         await stop.wait()
+    udp.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--name", required=True, help="pod name sent back in X-Pod and body")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default=None,
+                        help="address to listen on (default: all, IPv4 and IPv6)")
     args = parser.parse_args(argv)
     asyncio.run(serve(args.name, args.port, args.host))
 

@@ -142,6 +142,16 @@ class TurnResult:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int | None = None
+    last_piece: float | None = None  # monotonic time the latest streamed piece arrived
+
+    def on_piece(self, sent: float, now: float) -> None:
+        """A streamed piece arrived at ``now`` for the request sent at ``sent`` (both
+        monotonic): the first one is the TTFT, each later one an inter-token gap."""
+        if self.last_piece is None:
+            self.ttft = now - sent
+        else:
+            self.itls.append(now - self.last_piece)
+        self.last_piece = now
 
 
 def build_report(cfg: Config, turns: list[TurnResult],
@@ -273,7 +283,6 @@ async def _one_turn(client: httpx.AsyncClient, cfg: Config, url: str, model: str
                 text_parts.append(ch["message"]["content"] if cfg.api == "chat" else ch["text"])
                 _usage(res, j.get("usage"))
             else:
-                last: float | None = None
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -290,12 +299,7 @@ async def _one_turn(client: httpx.AsyncClient, cfg: Config, url: str, model: str
                              else ch.get("text")) or ""
                     if not piece:
                         continue
-                    now = time.monotonic()
-                    if last is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itls.append(now - last)
-                    last = now
+                    res.on_piece(t0, time.monotonic())
                     text_parts.append(piece)
                 res.e2e = time.monotonic() - t0
     except httpx.HTTPError as e:

@@ -42,17 +42,32 @@ enum kvr_be_state {
 /* struct kvr_svc.eps_milli value that disables the check. */
 #define KVR_EPS_OFF		0xffff
 
-/* Key of kvr_svc_v1 (services). */
+/*
+ * Addresses of either family are 16 bytes in network order: an IPv6 address,
+ * or an IPv4 address as the IPv4-mapped IPv6 address ::ffff:a.b.c.d (RFC 4291
+ * 2.5.5.2). That is the form an AF_INET6 socket uses for an IPv4 peer, so a
+ * v4 client's VIP and a dual-stack socket's ::ffff:VIP are one key, and a
+ * reply's source matches a record whichever family the socket has.
+ */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define KVR_V4MAPPED_W2	0xffff0000U	/* word 2 of ::ffff:a.b.c.d, as loaded */
+#else
+#define KVR_V4MAPPED_W2	0x0000ffffU
+#endif
+
+/* Key of kvr_svc_v2 (services): one per VIP, a dual-stack service has two. */
 struct kvr_l4_key {
-	__be32	addr;		/* IPv4 address, network order */
+	__be32	addr[4];	/* VIP: IPv6, or IPv4 as ::ffff:a.b.c.d */
 	__be16	port;		/* L4 port, network order */
 	__u8	proto;		/* IPPROTO_TCP or IPPROTO_UDP */
 	__u8	pad;		/* always 0: part of the hash key */
 };
-_Static_assert(sizeof(struct kvr_l4_key) == 8, "kvr_l4_key size");
+_Static_assert(sizeof(struct kvr_l4_key) == 20, "kvr_l4_key size");
 
 /*
- * Value of kvr_svc_v1: one per Service VIP:port/proto.
+ * Value of kvr_svc_v2: one per Service VIP:port/proto. A dual-stack service's
+ * two VIPs hold the same value (same id, table and ident), so its sessions
+ * and affinity entries are the service's, not a VIP's.
  *
  * A service's lookup table is the range [tbl_base, tbl_base + table_size) of
  * the array kvr_tables[tbl_group]. A new table is written to a free range and
@@ -75,17 +90,23 @@ struct kvr_svc {
 				 * value an agent before ABI 2 left in this padding) */
 	__u16	pad;
 	__u64	revision;	/* hash of the table's inputs: a restarted agent diffs on it */
+	__u64	ident;		/* the service's identity in every slot hash, the same on
+				 * every node and for both VIPs of a dual-stack service
+				 * (dataplane/hashing.py svc_ident) */
 };
-_Static_assert(sizeof(struct kvr_svc) == 40, "kvr_svc size");
+_Static_assert(sizeof(struct kvr_svc) == 48, "kvr_svc size");
 
-/* Value of kvr_be_v1: one per backend endpoint, shared by the services it serves. */
+/* Value of kvr_be_v2: one per backend endpoint, shared by the services it
+ * serves. A dual-stack pod is one backend with both addresses, so a session
+ * lands on the same engine whichever family its client uses. */
 struct kvr_backend {
-	__be32	addr;		/* pod IPv4, network order */
+	__be32	addr4;		/* pod IPv4, network order; 0: none */
+	__be32	addr6[4];	/* pod IPv6, network order; all zero: none */
 	__be16	port;		/* pod port, network order */
 	__u8	proto;		/* IPPROTO_* */
 	__u8	state;		/* enum kvr_be_state */
 };
-_Static_assert(sizeof(struct kvr_backend) == 8, "kvr_backend size");
+_Static_assert(sizeof(struct kvr_backend) == 24, "kvr_backend size");
 
 /* Key of kvr_member: a backend belongs to a service (affinity hits check it). */
 struct kvr_member_key {
@@ -129,15 +150,42 @@ struct kvr_sk {
 };
 _Static_assert(sizeof(struct kvr_sk) == 8, "kvr_sk size");
 
-/* Value of kvr_sock: what connect4 did to a socket, by socket cookie. */
+/* Value of kvr_sock_v2: what connect4/6 did to a socket, by socket cookie. */
 struct kvr_sock {
-	__be32	vip;		/* original destination, for getpeername */
+	__be32	vip[4];		/* original destination, for getpeername (v4 mapped) */
 	__be16	vport;
 	__u16	pad;
 	__u32	be_id;		/* backend chosen: sockops counts against it */
-	__u32	pad2;
 };
-_Static_assert(sizeof(struct kvr_sock) == 16, "kvr_sock size");
+_Static_assert(sizeof(struct kvr_sock) == 24, "kvr_sock size");
+
+/* One VIP a UDP socket sends to, and where its datagrams go (struct kvr_udp). */
+struct kvr_udp_flow {
+	__be32	vip[4];		/* the VIP (v4 mapped), what replies must come from */
+	__be32	be_addr[4];	/* the backend as the socket addresses it (v4 mapped) */
+	__be16	vport;		/* 0: slot unused */
+	__be16	be_port;
+	__u32	be_id;
+	__u32	svc_id;		/* counts replies against the service */
+	__u32	pad;
+};
+_Static_assert(sizeof(struct kvr_udp_flow) == 48, "kvr_udp_flow size");
+
+/* Flows one UDP socket keeps at once: one per VIP it sends to (a resolver
+ * socket talks to one). A socket sending to more VIPs recycles the oldest. */
+#define KVR_UDP_FLOWS	4
+
+/*
+ * Value of kvr_udp_v1: a UDP socket's translations, by socket cookie. connect4/6
+ * and sendmsg4/6 write it, recvmsg4/6 read it to give replies the VIP as their
+ * source, and sock_release deletes it when the socket closes.
+ */
+struct kvr_udp {
+	struct kvr_udp_flow flow[KVR_UDP_FLOWS];
+	__u32	next;		/* slot the next new VIP takes once all are used */
+	__u32	pad;
+};
+_Static_assert(sizeof(struct kvr_udp) == 200, "kvr_udp size");
 
 /* Value of kvr_svc_name: the service's name, for people (never read by programs). */
 struct kvr_svc_name {
@@ -156,10 +204,12 @@ struct kvr_meta {
 };
 _Static_assert(sizeof(struct kvr_meta) == 24, "kvr_meta size");
 
-#define KVR_ABI_VERSION		2	/* 2: fleet bindings (kvr_svc.move_eps_milli,
-					 * kvr_aff_val.reported_s, kvr_event) */
+#define KVR_ABI_VERSION		3	/* 2: fleet bindings (kvr_svc.move_eps_milli,
+					 * kvr_aff_val.reported_s, kvr_event);
+					 * 3: UDP and IPv6 (16-byte addresses,
+					 * kvr_svc.ident, kvr_udp) */
 
-/* Per-service counter slots (kvr_svc_cnt_v2, per CPU; _v2 since KVR_SC_MOVED_LOAD). */
+/* Per-service counter slots (kvr_svc_cnt_v3, per CPU; _v3 since KVR_SC_DGRAMS). */
 enum kvr_svc_cnt {
 	KVR_SC_SELECTED = 0,	/* connects translated to a backend */
 	KVR_SC_AFF_HIT,		/* reused a live affinity entry */
@@ -171,6 +221,8 @@ enum kvr_svc_cnt {
 	KVR_SC_SATURATED,	/* refused because the service is saturated */
 	KVR_SC_MOVED_LOAD,	/* a live session's backend was over the move bound: it moved
 				 * (or stayed: no other backend was usable) */
+	KVR_SC_DGRAMS,		/* UDP datagrams sent to a backend by sendmsg */
+	KVR_SC_REPLIES,		/* UDP datagrams received with the VIP put back as source */
 	KVR_SC_MAX,
 };
 
@@ -202,12 +254,20 @@ enum kvr_reason {
 	KVR_R_REVERSED,		/* getpeername answers rewritten to the VIP */
 	KVR_R_EV_LOST,		/* kvr_events full: a binding event was dropped */
 	KVR_R_NO_PICK,		/* the tail call to sock4_pick failed: socket left alone */
-	KVR_R_HANDOVER,		/* sock4_pick found another socket's hand-over (connect4
-				 * preempted in between): picked as a new session */
+	KVR_R_HANDOVER,		/* a pick program found another socket's hand-over (its
+				 * entry point preempted in between): picked as new */
+	KVR_R_NO_FAMILY,	/* chosen backend has no address of the VIP's family
+				 * (cannot happen with a valid model): left alone */
+	KVR_R_UDP_NEW,		/* kvr_udp_v1 entries made (one per translated UDP socket) */
+	KVR_R_UDP_FREED,	/* kvr_udp_v1 entries deleted as their socket closed; new -
+				 * freed - live entries = entries the LRU evicted */
+	KVR_R_UDP_RECYCLED,	/* a socket sent to more than KVR_UDP_FLOWS VIPs: its
+				 * oldest flow's replies keep the backend's address */
 	KVR_R_MAX,
 };
 
-/* Value of kvr_scratch (programs only): what connect4 hands sock4_pick. */
+/* Value of kvr_scratch (programs only): what an entry point (connect4/6,
+ * sendmsg4/6) hands its pick program. */
 struct kvr_scratch {
 	__u64	cookie;		/* the socket's cookie: whose hand-over this is */
 	__u64	key;		/* the session key */
@@ -217,7 +277,7 @@ struct kvr_scratch {
 };
 _Static_assert(sizeof(struct kvr_scratch) == 32, "kvr_scratch size");
 
-/* Slots of kvr_progs. */
+/* Slot of the pick program in each kvr_pick_* program array. */
 #define KVR_PROG_PICK		0
 
 /* No backend: an unset pick, or kvr_event.prev_be_id of a brand-new binding. */
@@ -225,12 +285,12 @@ _Static_assert(sizeof(struct kvr_scratch) == 32, "kvr_scratch size");
 
 /* struct kvr_event.kind */
 enum kvr_event_kind {
-	KVR_EV_BIND	= 1,	/* connect4 made or replaced a binding (fleet services) */
+	KVR_EV_BIND	= 1,	/* a connect or sendmsg made or replaced a binding (fleet) */
 	KVR_EV_TOUCH	= 2,	/* a binding is still in use (throttled to aff_timeout / 4) */
 };
 
 /* A record on kvr_events: the agent relays it to the controller. Ids are the
- * node's own (kvr_svc_name, kvr_be_v1 say what they are). */
+ * node's own (kvr_svc_name, kvr_be_v2 say what they are). */
 struct kvr_event {
 	__u8	kind;		/* enum kvr_event_kind */
 	__u8	pad[3];

@@ -22,21 +22,13 @@ static __always_inline __u64 kvr_mix64(__u64 x)
 }
 
 /*
- * kvr_svc_ident() - a service's identity that every node agrees on.
- *
- * Service ids are local to a node, so they must not reach the hash: two nodes
- * that number services differently must still send a key to the same slot.
- */
-static __always_inline __u64 kvr_svc_ident(const struct kvr_l4_key *svc)
-{
-	return ((__u64)svc->addr << 32) | ((__u64)svc->port << 8) | svc->proto;
-}
-
-/*
  * kvr_slot_hash() - the hash of the nth candidate slot for a key.
  *
  * Candidate 0 is the key's Maglev owner; later candidates are the bounded-load
- * and unusable-backend walk, independent of each other.
+ * and unusable-backend walk, independent of each other. @svc_ident is
+ * struct kvr_svc.ident: service ids are local to a node, so they must not
+ * reach the hash (two nodes that number services differently must still send
+ * a key to the same slot), and a dual-stack service's two VIPs share it.
  */
 static __always_inline __u64 kvr_slot_hash(__u64 key, __u64 svc_ident, __u32 n)
 {

@@ -16,21 +16,21 @@
 #endif
 
 /*
- * ops4_backend() - the backend a socket was sent to by connect4, if any.
+ * ops4_backend() - the backend a socket was sent to by connect4/6, if any.
  *
- * connect4 records its choice under the socket's cookie, so sockops needs no
+ * connect4/6 record its choice under the socket's cookie, so sockops needs no
  * address-to-backend map, and sockets kvroute did not translate cost one
  * lookup. A backend removed since is skipped.
  */
 static __always_inline __u32 ops4_backend(__u64 cookie)
 {
-	struct kvr_sock *xl = kvr_sock.lookup(&cookie);
+	struct kvr_sock *xl = kvr_sock_v2.lookup(&cookie);
 	__u32 be_id;
 
 	if (!xl)
 		return KVR_NO_BACKEND;
 	be_id = xl->be_id;
-	if (!kvr_be_v1.lookup(&be_id))
+	if (!kvr_be_v2.lookup(&be_id))
 		return KVR_NO_BACKEND;
 	return be_id;
 }

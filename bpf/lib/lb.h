@@ -31,16 +31,17 @@ struct kvr_pick {
 };
 
 /**
- * sock4_session_key() - the key that picks a backend for this connect.
+ * sock_session_key() - the key that picks a backend for this connect or
+ * datagram (either family: the key is the client's, not the VIP's).
  * @ctx: the connect context
  * @svc: the service hit
  * @sk_state: the socket's storage, if any
  * @untagged: set when session mode fell back to the client identity
  */
-static __always_inline __u64 sock4_session_key(struct bpf_sock_addr *ctx,
-					       const struct kvr_svc *svc,
-					       const struct kvr_sk *sk_state,
-					       bool *untagged)
+static __always_inline __u64 sock_session_key(struct bpf_sock_addr *ctx,
+					      const struct kvr_svc *svc,
+					      const struct kvr_sk *sk_state,
+					      bool *untagged)
 {
 	switch (svc->affinity) {
 	case KVR_AFF_SESSION:
@@ -63,7 +64,7 @@ static __always_inline __u64 sock4_session_key(struct bpf_sock_addr *ctx,
 static __always_inline bool lb_backend_usable(__u32 be_id, const struct kvr_svc *svc,
 					      bool new_session)
 {
-	struct kvr_backend *be = kvr_be_v1.lookup(&be_id);
+	struct kvr_backend *be = kvr_be_v2.lookup(&be_id);
 	struct kvr_health *h;
 
 	if (!be)

@@ -30,6 +30,10 @@
 #define KVR_SOCK_ENTRIES 65536
 #endif
 
+#ifndef KVR_UDP_ENTRIES
+#define KVR_UDP_ENTRIES 16384
+#endif
+
 #ifndef KVR_EVENTS_BYTES
 #define KVR_EVENTS_BYTES (1 << 20)
 #endif
@@ -52,9 +56,9 @@ struct _name##_table_t {							\
 __attribute__((section("maps/ringbuf:" _pinned)))				\
 struct _name##_table_t _name = { .max_entries = (_bytes) }
 
-/* (vip, port, proto) -> service */
-BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_svc, kvr_svc_v1,
-		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_v1"), BPF_F_NO_PREALLOC);
+/* (vip, port, proto) -> service; a dual-stack service has one entry per VIP */
+BPF_TABLE_PINNED7("hash", struct kvr_l4_key, struct kvr_svc, kvr_svc_v2,
+		  2 * KVR_MAX_SERVICES, KVR_PIN("kvr_svc_v2"), BPF_F_NO_PREALLOC);
 
 /* service id -> name, for the CLI (programs never read it) */
 BPF_TABLE_PINNED7("hash", u32, struct kvr_svc_name, kvr_svc_name,
@@ -70,9 +74,9 @@ BPF_F_TABLE("array", u32, u32, kvr_tbl_tmpl, 1, BPF_F_INNER_MAP | BPF_F_MMAPABLE
 BPF_TABLE_PINNED("hash_of_maps$kvr_tbl_tmpl", u32, int, kvr_tables,
 		 KVR_MAX_SERVICES, KVR_PIN("kvr_tables"));
 
-/* backend id -> endpoint and state */
-BPF_TABLE_PINNED7("hash", u32, struct kvr_backend, kvr_be_v1,
-		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_v1"), BPF_F_NO_PREALLOC);
+/* backend id -> endpoint (one or both families) and state */
+BPF_TABLE_PINNED7("hash", u32, struct kvr_backend, kvr_be_v2,
+		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_v2"), BPF_F_NO_PREALLOC);
 
 /* (service id, backend id) -> weight: membership, checked on affinity hits */
 BPF_TABLE_PINNED7("hash", struct kvr_member_key, u32, kvr_member,
@@ -99,14 +103,21 @@ BPF_TABLE_PINNED("lru_hash", struct kvr_aff_key, struct kvr_aff_val, kvr_affinit
 BPF_TABLE_PINNED7("hash", u32, u32, kvr_be_sess,
 		  KVR_MAX_BACKENDS, KVR_PIN("kvr_be_sess"), BPF_F_NO_PREALLOC);
 
-/* KVR_PROG_PICK -> sock4_pick, tail-called by connect4 for fleet placement
- * and moving sessions (written by the agent at load). Pinned: an unpinned program array is emptied when the last user
- * space handle closes, which would end every new session's routing. */
-BPF_TABLE_PINNED("prog", u32, u32, kvr_progs, 1, KVR_PIN("kvr_progs"));
+/* KVR_PROG_PICK -> the pick program of one entry point, tail-called for
+ * fleet placement and moving sessions (written by the agent at load). One
+ * array per attach type: the kernel takes a program array's owner from the
+ * first program using it and refuses tail calls across attach types (their
+ * contexts differ). Pinned: an unpinned program array is emptied when the
+ * last user space handle closes, which would end every new session's
+ * routing. */
+BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_c4, 1, KVR_PIN("kvr_pick_c4"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_c6, 1, KVR_PIN("kvr_pick_c6"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_s4, 1, KVR_PIN("kvr_pick_s4"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_s6, 1, KVR_PIN("kvr_pick_s6"));
 
-/* 0 -> per-CPU hand-over from connect4 to sock4_pick (same CPU, same
- * connect). Pinned so an old connect4 and a new sock4_pick share it during
- * an upgrade. */
+/* 0 -> per-CPU hand-over from an entry point to its pick program (same CPU,
+ * same call). Pinned so an old entry point and a new pick program share it
+ * during an upgrade. */
 BPF_TABLE_PINNED("percpu_array", u32, struct kvr_scratch, kvr_scratch, 1,
 		 KVR_PIN("kvr_scratch"));
 
@@ -117,15 +128,26 @@ KVR_RINGBUF_PINNED(kvr_events, KVR_EVENTS_BYTES, KVR_PIN("kvr_events"));
 BPF_TABLE_PINNED7("sk_storage", int, struct kvr_sk, kvr_sk,
 		  0, KVR_PIN("kvr_sk"), BPF_F_NO_PREALLOC);
 
-/* socket cookie -> the translation connect4 made. An LRU, preallocated:
+/* socket cookie -> the translation connect4/6 made. An LRU, preallocated:
  * allocating socket storage on every translated connect cost about 1 us,
- * most of what a VIP connect added; entries go when the socket closes. */
-BPF_TABLE_PINNED("lru_hash", u64, struct kvr_sock, kvr_sock,
-		 KVR_SOCK_ENTRIES, KVR_PIN("kvr_sock"));
+ * most of what a VIP connect added. Entries go when the socket closes: TCP
+ * ones in sockops (or at release, never connected), UDP ones at release. */
+BPF_TABLE_PINNED("lru_hash", u64, struct kvr_sock, kvr_sock_v2,
+		 KVR_SOCK_ENTRIES, KVR_PIN("kvr_sock_v2"));
+
+/* socket cookie -> a UDP socket's flows (reverse NAT for recvmsg4/6). Deleted
+ * by sock_release when the socket closes; the LRU bound only matters when
+ * more than KVR_UDP_ENTRIES translated UDP sockets are open at once, and
+ * KVR_R_UDP_NEW/FREED count what it evicted. */
+BPF_TABLE_PINNED("lru_hash", u64, struct kvr_udp, kvr_udp_v1,
+		 KVR_UDP_ENTRIES, KVR_PIN("kvr_udp_v1"));
+
+/* 0 -> a zeroed struct kvr_udp to create entries from (too big for the stack) */
+BPF_TABLE("percpu_array", u32, struct kvr_udp, kvr_udp_tmpl, 1);
 
 /* service id -> per-CPU outcome counters (enum kvr_svc_cnt) */
-BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt_v2,
-		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt_v2"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_svc_cnt_val, kvr_svc_cnt_v3,
+		  KVR_MAX_SERVICES, KVR_PIN("kvr_svc_cnt_v3"), BPF_F_NO_PREALLOC);
 
 /* backend id -> per-CPU counters (enum kvr_be_cnt) */
 BPF_TABLE_PINNED7("percpu_hash", u32, struct kvr_be_cnt_val, kvr_be_cnt,

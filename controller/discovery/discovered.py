@@ -89,19 +89,32 @@ class State(enum.Enum):
     EXCLUDED = "excluded"  # not serving: gets nothing
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class Endpoint:
-    address: ipaddress.IPv4Address
+    """One endpoint; a dual-stack pod's is one endpoint with both addresses (its IPv4
+    ``address`` and ``address6``), so a session finds the same engine from either family.
+    A service's endpoints are all of one ``address`` family (they sort together)."""
+
+    address: IPAddress
     port: int
     ready: bool
     serving: bool
     terminating: bool
     node: str | None = None
     pod: str | None = None  # "<namespace>/<name>" of the pod behind it, when known
+    address6: ipaddress.IPv6Address | None = None  # dual stack: the pod's IPv6 address
 
     def __post_init__(self) -> None:
-        if not isinstance(self.address, ipaddress.IPv4Address):
-            raise ValueError(f"Endpoint.address must be an IPv4Address, got {self.address!r}")
+        if not isinstance(self.address, IPAddress):
+            raise ValueError(f"Endpoint.address must be an IP address, got {self.address!r}")
+        if self.address6 is not None and not (
+                isinstance(self.address6, ipaddress.IPv6Address)
+                and isinstance(self.address, ipaddress.IPv4Address)):
+            raise ValueError("Endpoint.address6 must be an IPv6Address beside an IPv4 address, "
+                             f"got {self.address6!r}")
         _check_port("Endpoint.port", self.port)
 
     @property
@@ -142,7 +155,7 @@ class ServiceSpec:
     """
 
     name: str  # "<namespace>/<name>" for Kubernetes, the entry's name in a static file
-    vip: ipaddress.IPv4Address
+    vip: IPAddress
     port: int
     protocol: Protocol_
     endpoints: tuple[Endpoint, ...] = ()
@@ -162,10 +175,15 @@ class ServiceSpec:
     metrics_path: str = DEFAULT_METRICS_PATH
     # Why the annotations were dropped (empty when they were all valid).
     problems: tuple[str, ...] = ()
+    vip6: ipaddress.IPv6Address | None = None  # dual stack: the IPv6 VIP beside an IPv4 one
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vip, ipaddress.IPv4Address):
-            raise ValueError(f"ServiceSpec.vip must be an IPv4Address, got {self.vip!r}")
+        if not isinstance(self.vip, IPAddress):
+            raise ValueError(f"ServiceSpec.vip must be an IP address, got {self.vip!r}")
+        if self.vip6 is not None and not (isinstance(self.vip6, ipaddress.IPv6Address)
+                                          and isinstance(self.vip, ipaddress.IPv4Address)):
+            raise ValueError(f"ServiceSpec.vip6 must be an IPv6Address beside an IPv4 vip, "
+                             f"got {self.vip6!r}")
         _check_port("ServiceSpec.port", self.port)
         if self.protocol not in ("tcp", "udp"):
             raise ValueError(f"ServiceSpec.protocol must be tcp or udp, got {self.protocol!r}")
@@ -177,17 +195,19 @@ class ServiceSpec:
         cls,
         *,
         name: str,
-        vip: ipaddress.IPv4Address,
+        vip: IPAddress,
         port: int,
         protocol: Protocol_,
         options: Options,
         endpoints: tuple[Endpoint, ...] = (),
         port_name: str = "",
         problems: tuple[str, ...] = (),
+        vip6: ipaddress.IPv6Address | None = None,
     ) -> ServiceSpec:
         return cls(
             name=name,
             vip=vip,
+            vip6=vip6,
             port=port,
             protocol=protocol,
             endpoints=endpoints,
@@ -197,9 +217,16 @@ class ServiceSpec:
         )
 
     @property
-    def key(self) -> tuple[ipaddress.IPv4Address, int, str]:
-        """What the kernel looks a connection up by."""
+    def key(self) -> tuple[IPAddress, int, str]:
+        """What the kernel looks a connection up by (the first VIP's)."""
         return (self.vip, self.port, self.protocol)
+
+    @property
+    def keys(self) -> tuple[tuple[IPAddress, int, str], ...]:
+        """Every VIP's key: a dual-stack service has two."""
+        if self.vip6 is None:
+            return (self.key,)
+        return self.key, (self.vip6, self.port, self.protocol)
 
     def breaker_config(
         self, base: breakermod.BreakerConfig | None = None

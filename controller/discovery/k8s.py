@@ -53,6 +53,7 @@ _GONE = 410
 class Settings:
     namespace: str | None = None  # None: every namespace
     label_selector: str | None = None  # applies to Services; slices are joined to them
+    annotated_only: bool = False  # beside kube-proxy: only kvroute.io/-annotated Services
     watch_timeout: int = 300  # seconds the server keeps one watch open (timeoutSeconds)
     request_timeout: float = 30.0  # connect timeout, and read timeout of list calls
     page_size: int = 500  # list page size (limit/continue)
@@ -402,7 +403,7 @@ class KubernetesDiscovery:
         with self._build_lock:
             if self._cache is not None and self._cache[0] == generation:
                 return list(self._cache[1])
-            result = k8sobjects.build(services, slices)
+            result = k8sobjects.build(services, slices, self.settings.annotated_only)
             notes = set(result.notes)
             for note in result.notes:
                 if note not in self._noted:

@@ -8,14 +8,23 @@ note (returned, for the caller to log), never raised.
 
 Rules, following kube-proxy where it has one:
 
-- Only services with an IPv4 cluster IP are balanced (the first IPv4 address in
-  ``spec.clusterIPs``, else ``spec.clusterIP``). Headless (``None``) and ``ExternalName``
-  services are skipped silently, as kube-proxy does; a missing cluster IP is noted.
+- Beside kube-proxy (``annotated_only``), only services carrying a ``kvroute.io/``
+  annotation are balanced: the others stay kube-proxy's. Replacing kube-proxy, every
+  service is.
+- A service's VIPs are its first IPv4 and first IPv6 cluster IP (``spec.clusterIPs``,
+  else ``spec.clusterIP``): a dual-stack service is one spec with both (``vip`` the IPv4
+  one, ``vip6`` the IPv6 one), an IPv6-only service one with an IPv6 ``vip``. Headless
+  (``None``) and ``ExternalName`` services are skipped silently, as kube-proxy does; a
+  missing cluster IP is noted.
 - One spec per TCP or UDP service port (``protocol`` defaults to TCP); SCTP is noted and
   skipped.
 - Slices join their service by the ``kubernetes.io/service-name`` label in the same
   namespace, and a slice port joins a service port by name (both unnamed counts as the
-  same name) and protocol. Only ``IPv4`` slices count.
+  same name) and protocol. ``IPv4`` and ``IPv6`` slices count for the VIP families the
+  service has (``FQDN`` ones never). A dual-stack service pairs a pod's IPv4 and IPv6
+  endpoints (by ``targetRef``) into one endpoint, so a session finds the same engine from
+  either family; an endpoint without its other family (a slice not yet updated, no
+  targetRef) is left out with a note until it has both.
 - An endpoint uses its first address (kube-proxy does the same). Missing conditions read
   as Kubernetes documents: ``ready`` and ``serving`` nil mean true, ``terminating`` nil
   means false. An endpoint listed by two slices (during slice churn) is kept once, in
@@ -59,7 +68,8 @@ def object_key(obj: object) -> tuple[str, str] | None:
     return (namespace, name)
 
 
-def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]]) -> Result:
+def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]],
+          annotated_only: bool = False) -> Result:
     notes: list[str] = []
     by_service: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for sl in slices:
@@ -77,6 +87,8 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
             notes.append("skipping a Service without metadata.name")
             continue
         name = f"{key[0]}/{key[1]}"
+        if annotated_only and not is_annotated(svc):
+            continue  # kube-proxy's, not ours
         try:
             own_slices = sorted(by_service.get(key, []), key=lambda s: object_key(s) or ("", ""))
             specs.extend(_service_specs(name, svc, own_slices, notes))
@@ -89,19 +101,28 @@ def build(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, A
     unique: list[discovered.ServiceSpec] = []
     owners: dict[tuple[Any, ...], str] = {}
     for spec in specs:
-        if spec.key in owners and owners[spec.key] != spec.name:
+        other = next((owners[k] for k in spec.keys if k in owners), None)
+        if other is not None and other != spec.name:
             notes.append(
                 f"service {spec.name}: {spec.vip}:{spec.port}/{spec.protocol} is already "
-                f"used by {owners[spec.key]}; skipped"
+                f"used by {other}; skipped"
             )
             continue
-        if spec.key in owners:
+        if other is not None:
             notes.append(f"service {spec.name}: port {spec.port}/{spec.protocol} listed twice")
             continue
-        owners[spec.key] = spec.name
+        for k in spec.keys:
+            owners[k] = spec.name
         unique.append(spec)
     # A slice's problem shows up once per service port; say it once.
     return Result(unique, list(dict.fromkeys(notes)))
+
+
+def is_annotated(svc: Mapping[str, Any]) -> bool:
+    """The service opted into kvroute: it carries at least one ``kvroute.io/`` annotation
+    (a bad value still counts: the service is ours, balanced plainly, and noted)."""
+    annotations = _dict(_dict(svc.get("metadata")).get("annotations"))
+    return any(isinstance(k, str) and k.startswith(discovered.PREFIX) for k in annotations)
 
 
 def _service_specs(
@@ -113,9 +134,10 @@ def _service_specs(
     spec = _dict(svc.get("spec"))
     if spec.get("type") == "ExternalName":
         return []
-    vip = _cluster_ipv4(name, spec, notes)
-    if vip is None:
+    vips = _cluster_ips(name, spec, notes)
+    if vips is None:
         return []
+    vip, vip6 = vips
     ports = _service_ports(name, spec, notes)
     if not ports:
         return []
@@ -137,11 +159,13 @@ def _service_specs(
 
     out = []
     for port in ports:
-        endpoints = _endpoints_for(name, port, slices, notes)
+        families = ("IPv4", "IPv6") if vip6 is not None else (f"IPv{vip.version}",)
+        endpoints = _endpoints_for(name, port, slices, notes, families)
         out.append(
             discovered.ServiceSpec.build(
                 name=name,
                 vip=vip,
+                vip6=vip6,
                 port=port.port,
                 protocol=port.protocol,
                 port_name=port.name,
@@ -153,9 +177,10 @@ def _service_specs(
     return out
 
 
-def _cluster_ipv4(
+def _cluster_ips(
     name: str, spec: Mapping[str, Any], notes: list[str]
-) -> ipaddress.IPv4Address | None:
+) -> tuple[discovered.IPAddress, ipaddress.IPv6Address | None] | None:
+    """(first VIP, IPv6 VIP of a dual-stack service) or None: nothing to balance."""
     candidates = [ip for ip in _list(spec.get("clusterIPs")) if isinstance(ip, str)]
     single = spec.get("clusterIP")
     if isinstance(single, str) and single not in candidates:
@@ -165,6 +190,8 @@ def _cluster_ipv4(
     if not candidates:
         notes.append(f"service {name}: no clusterIP; skipped")
         return None
+    v4: ipaddress.IPv4Address | None = None
+    v6: ipaddress.IPv6Address | None = None
     for text in candidates:
         try:
             addr = ipaddress.ip_address(text)
@@ -172,8 +199,14 @@ def _cluster_ipv4(
             notes.append(f"service {name}: clusterIP {text!r} is not an IP address")
             continue
         if isinstance(addr, ipaddress.IPv4Address):
-            return addr
-    notes.append(f"service {name}: no IPv4 clusterIP (IPv6 is not balanced yet); skipped")
+            v4 = v4 or addr
+        else:
+            v6 = v6 or addr
+    if v4 is not None:
+        return v4, v6
+    if v6 is not None:
+        return v6, None
+    notes.append(f"service {name}: no usable clusterIP; skipped")
     return None
 
 
@@ -207,11 +240,12 @@ def _port_of(entry: Mapping[str, Any]) -> _Port | str:
 
 
 def _endpoints_for(
-    name: str, port: _Port, slices: list[Mapping[str, Any]], notes: list[str]
+    name: str, port: _Port, slices: list[Mapping[str, Any]], notes: list[str],
+    families: tuple[str, ...] = ("IPv4",),
 ) -> tuple[discovered.Endpoint, ...]:
-    best: dict[tuple[ipaddress.IPv4Address, int], discovered.Endpoint] = {}
+    best: dict[tuple[discovered.IPAddress, int], discovered.Endpoint] = {}
     for sl in slices:
-        if sl.get("addressType") != "IPv4":
+        if sl.get("addressType") not in families:
             continue
         target = None
         for entry in _list(sl.get("ports")):
@@ -236,7 +270,41 @@ def _endpoints_for(
             seen = best.get((ep.address, ep.port))
             if seen is None or _STATE_RANK[ep.state] < _STATE_RANK[seen.state]:
                 best[(ep.address, ep.port)] = ep
-    return tuple(sorted(best.values()))
+    if len(families) == 1:
+        return tuple(sorted(best.values()))
+    return _pair_families(name, list(best.values()), notes)
+
+
+def _pair_families(name: str, endpoints: list[discovered.Endpoint],
+                   notes: list[str]) -> tuple[discovered.Endpoint, ...]:
+    """A dual-stack service's endpoints: each pod's IPv4 endpoint with its IPv6 address.
+    The pair takes the less useful state of the two (a pod terminating in one slice is
+    terminating)."""
+    v6_of: dict[tuple[str, int], discovered.Endpoint] = {}
+    for ep in endpoints:
+        if isinstance(ep.address, ipaddress.IPv6Address) and ep.pod is not None:
+            v6_of[(ep.pod, ep.port)] = ep
+    paired = []
+    for ep in endpoints:
+        if ep.address.version == 6:
+            if ep.pod is None:
+                notes.append(f"service {name}: IPv6 endpoint {ep.address} has no targetRef "
+                             "to pair with an IPv4 one; skipped")
+            continue
+        other = v6_of.pop((ep.pod, ep.port), None) if ep.pod is not None else None
+        if other is None:
+            notes.append(f"service {name}: endpoint {ep.address}:{ep.port} has no IPv6 "
+                         "endpoint of the same pod yet; skipped")
+            continue
+        worse = ep if _STATE_RANK[ep.state] >= _STATE_RANK[other.state] else other
+        assert isinstance(other.address, ipaddress.IPv6Address)  # v6_of holds only those
+        paired.append(dataclasses.replace(
+            ep, address6=other.address, ready=worse.ready, serving=worse.serving,
+            terminating=worse.terminating))
+    for ep in v6_of.values():
+        notes.append(f"service {name}: endpoint [{ep.address}]:{ep.port} has no IPv4 "
+                     "endpoint of the same pod yet; skipped")
+    return tuple(sorted(paired))
 
 
 def _endpoint(entry: Mapping[str, Any], port: int) -> discovered.Endpoint | str:
@@ -244,9 +312,9 @@ def _endpoint(entry: Mapping[str, Any], port: int) -> discovered.Endpoint | str:
     if not addresses:
         return "has no addresses"
     try:
-        address = ipaddress.IPv4Address(addresses[0])
+        address = ipaddress.ip_address(addresses[0])
     except ValueError:
-        return f"address {addresses[0]!r} is not an IPv4 address"
+        return f"address {addresses[0]!r} is not an IP address"
     conditions = entry.get("conditions")
     if conditions is None:
         conditions = {}

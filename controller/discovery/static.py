@@ -4,7 +4,8 @@ The file, in the spirit of the agent's::
 
     services:
       - name: llm                 # shows up as ServiceSpec.name
-        vip: 10.96.0.10
+        vip: 10.96.0.10           # IPv4 or IPv6
+        vip6: fd00:96::a          # optional: dual stack, the IPv6 VIP beside an IPv4 vip
         port: 80
         protocol: tcp             # tcp (default) or udp
         # Behaviour: the kvroute.io/* annotation keys without the prefix ("-" or "_").
@@ -19,6 +20,8 @@ The file, in the spirit of the agent's::
         metrics-path: /metrics
         endpoints:
           - {address: 10.0.0.1, port: 8000, node: node-a, pod: default/gpu0}
+          # address6: a dual-stack pod's IPv6 address (needed by a service with vip6)
+          - {address: 10.0.0.3, address6: "fd00::3", port: 8000}
           - {address: 10.0.0.2, port: 8000, ready: false, serving: true, terminating: true}
 
 Endpoint conditions default as Kubernetes reads missing ones: ready and serving true,
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_DEBOUNCE = 0.1
 
-_SERVICE_KEYS = frozenset({"name", "vip", "port", "protocol", "endpoints"})
+_SERVICE_KEYS = frozenset({"name", "vip", "vip6", "port", "protocol", "endpoints"})
 _OPTION_KEYS = frozenset(
     k.removeprefix(discovered.PREFIX)
     for k in discovered.KNOWN_ANNOTATIONS
@@ -59,7 +62,8 @@ _OPTION_KEYS = frozenset(
 _BREAKER_KEYS = frozenset(
     k.removeprefix(discovered.PREFIX + "breaker-") for k in discovered.BREAKER_FIELDS
 )
-_ENDPOINT_KEYS = frozenset({"address", "port", "ready", "serving", "terminating", "node", "pod"})
+_ENDPOINT_KEYS = frozenset({"address", "address6", "port", "ready", "serving", "terminating",
+                            "node", "pod"})
 
 
 def parse(text: str, source: str = "<static>") -> list[discovered.ServiceSpec]:
@@ -90,12 +94,13 @@ def parse(text: str, source: str = "<static>") -> list[discovered.ServiceSpec]:
     seen_keys: dict[tuple[Any, ...], str] = {}
     seen_names: set[tuple[str, int, str]] = set()
     for spec in specs:
-        if spec.key in seen_keys:
-            problems.append(
-                f"{source}: services {seen_keys[spec.key]!r} and {spec.name!r} both use "
-                f"{spec.vip}:{spec.port}/{spec.protocol}"
-            )
-        seen_keys.setdefault(spec.key, spec.name)
+        for key in spec.keys:  # a dual-stack service's IPv6 VIP too
+            if key in seen_keys:
+                problems.append(
+                    f"{source}: services {seen_keys[key]!r} and {spec.name!r} both use "
+                    f"{key[0]}:{spec.port}/{spec.protocol}"
+                )
+            seen_keys.setdefault(key, spec.name)
         ident = (spec.name, spec.port, spec.protocol)
         if ident in seen_names:
             problems.append(
@@ -135,7 +140,8 @@ def _service(entry: object, where: str) -> discovered.ServiceSpec:
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
 
-    vip = _ipv4(entry.get("vip"), f"{where}: 'vip'")
+    vip = _ip(entry.get("vip"), f"{where}: 'vip'")
+    vip6 = _ipv6(entry.get("vip6"), f"{where}: 'vip6'") if "vip6" in entry else None
     port = _port(entry.get("port"), f"{where}: 'port'")
     protocol = entry.get("protocol", "tcp")
     if not isinstance(protocol, str) or protocol.lower() not in ("tcp", "udp"):
@@ -156,6 +162,7 @@ def _service(entry: object, where: str) -> discovered.ServiceSpec:
         protocol="udp" if protocol.lower() == "udp" else "tcp",
         options=options,
         endpoints=tuple(sorted(endpoints)),
+        vip6=vip6,
     )
 
 
@@ -200,7 +207,9 @@ def _endpoint(entry: object, where: str) -> discovered.Endpoint:
             raise ValueError(f"{where}: {key!r} must be a non-empty string")
         labels[key] = value
     return discovered.Endpoint(
-        address=_ipv4(entry.get("address"), f"{where}: 'address'"),
+        address=_ip(entry.get("address"), f"{where}: 'address'"),
+        address6=(_ipv6(entry.get("address6"), f"{where}: 'address6'")
+                  if "address6" in entry else None),
         port=_port(entry.get("port"), f"{where}: 'port'"),
         ready=flags["ready"],
         serving=flags["serving"],
@@ -210,13 +219,20 @@ def _endpoint(entry: object, where: str) -> discovered.Endpoint:
     )
 
 
-def _ipv4(value: object, what: str) -> ipaddress.IPv4Address:
+def _ip(value: object, what: str) -> discovered.IPAddress:
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be an IPv4 address string, got {value!r}")
+        raise ValueError(f"{what} must be an IP address string, got {value!r}")
     try:
-        return ipaddress.IPv4Address(value)
+        return ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{what} must be an IPv4 address, got {value!r}") from None
+        raise ValueError(f"{what} must be an IPv4 or IPv6 address, got {value!r}") from None
+
+
+def _ipv6(value: object, what: str) -> ipaddress.IPv6Address:
+    address = _ip(value, what)
+    if not isinstance(address, ipaddress.IPv6Address):
+        raise ValueError(f"{what} must be an IPv6 address, got {value!r}")
+    return address
 
 
 def _port(value: object, what: str) -> int:

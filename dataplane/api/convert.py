@@ -56,7 +56,7 @@ def service_to_pb(svc: model.Service) -> pb.Service:
         saturated=svc.saturated,
         backends=[
             pb.Backend(address=b.address, port=b.port, weight=b.weight, state=_STATE[b.state],
-                       load=b.load)
+                       load=b.load, address6=b.address6)
             for b in svc.backends
         ],
     )
@@ -64,6 +64,8 @@ def service_to_pb(svc: model.Service) -> pb.Service:
         msg.epsilon = svc.epsilon
     if svc.move_epsilon is not None:
         msg.move_epsilon = svc.move_epsilon
+    if svc.vip6 is not None:
+        msg.vip6 = svc.vip6
     return msg
 
 
@@ -75,7 +77,9 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
         for i, b in enumerate(msg.backends):
             try:
                 state = states.get(b.state) or _reverse("state", states, b.state)
-                backends.append(model.Backend(b.address, b.port, b.weight, state, b.load))
+                backends.append(model.Backend(
+                    b.address, b.port, b.weight, state, b.load,
+                    b.address6 if b.HasField("address6") else None))
             except model.ModelError as exc:
                 where = f"backends[{b.address}:{b.port}]" if b.address else f"backends[{i}]"
                 raise exc.prefixed(where) from None
@@ -92,6 +96,7 @@ def service_from_pb(msg: pb.Service, path: str) -> model.Service:
             saturated=msg.saturated,
             move_epsilon=msg.move_epsilon if msg.HasField("move_epsilon") else None,
             backends=tuple(backends),
+            vip6=msg.vip6 if msg.HasField("vip6") else None,
         )
     except model.ModelError as exc:
         raise exc.prefixed(label) from None

@@ -4,9 +4,11 @@ network namespaces serving their own names."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,20 @@ N_PODS = 6
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("kernel tests need root (eBPF, cgroups, network namespaces)")
+
+
+@contextlib.contextmanager
+def private_bpffs(folder: Path) -> Iterator[Path]:
+    """A bpffs instance of its own mounted on ``folder`` (every mount is a new, empty
+    instance): pins made there are nobody else's, and go with the unmount."""
+    if os.geteuid() != 0:
+        pytest.skip("bpffs tests need root")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")

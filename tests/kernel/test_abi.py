@@ -13,14 +13,16 @@ from tests.kernel.conftest import Node
 
 # map name -> (key mirror, value mirror)
 MAP_TYPES: dict[str, tuple[Any, Any]] = {
-    "kvr_svc_v1": (abi.L4Key, abi.Svc),
+    "kvr_svc_v2": (abi.L4Key, abi.Svc),
     "kvr_svc_name": (ct.c_uint32, abi.SvcName),
-    "kvr_be_v1": (ct.c_uint32, abi.Backend),
+    "kvr_be_v2": (ct.c_uint32, abi.Backend),
     "kvr_member": (abi.MemberKey, ct.c_uint32),
     "kvr_health": (ct.c_uint32, abi.Health),
     "kvr_affinity": (abi.AffKey, abi.AffVal),
-    "kvr_sock": (ct.c_uint64, abi.Sock),
-    "kvr_svc_cnt_v2": (ct.c_uint32, abi.SvcCounters),
+    "kvr_sock_v2": (ct.c_uint64, abi.Sock),
+    "kvr_udp_v1": (ct.c_uint64, abi.Udp),
+    "kvr_udp_tmpl": (ct.c_uint32, abi.Udp),
+    "kvr_svc_cnt_v3": (ct.c_uint32, abi.SvcCounters),
     "kvr_be_cnt": (ct.c_uint32, abi.BeCounters),
     "kvr_meta": (ct.c_uint32, abi.Meta),
     "kvr_be_sess": (ct.c_uint32, ct.c_uint32),
@@ -43,6 +45,12 @@ def test_mirror_matches_bcc(node: Node, name: str) -> None:
     assert _layout(leaf) == _layout(leaf_t)
     assert ct.sizeof(table.Key) == ct.sizeof(key_t)
     assert ct.sizeof(leaf) == ct.sizeof(leaf_t)
+
+
+def test_udp_flow_mirror_matches_bcc(node: Node) -> None:
+    """The flows nested in struct kvr_udp, field by field."""
+    flow = node.datapath.bpf["kvr_udp_v1"].Leaf._fields_[0][1]._type_
+    assert _layout(flow) == _layout(abi.UdpFlow)
 
 
 def test_every_pinned_map_is_known(node: Node) -> None:

@@ -59,13 +59,15 @@ class AgentProc:
         self.n = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "agent.log"
+        self.prefix: list[str] = []  # runs the agent through this (e.g. setpriv)
 
     def start(self, *extra: str) -> None:
         self.n += 1
         ready = self.tmp / f"ready{self.n}"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [KVROUTE, "agent", "--config", str(self.cfg), "--cgroup", str(self.lab.cgroup.path),
+                [*self.prefix, KVROUTE, "agent", "--config", str(self.cfg),
+                 "--cgroup", str(self.lab.cgroup.path),
                  "--pin-dir", str(self.pin_dir), "--ready-file", str(ready), *extra],
                 stdout=log, stderr=subprocess.STDOUT)
         self.lab.own_process(self.proc.pid)
@@ -170,3 +172,80 @@ def test_bad_file_at_start_changes_nothing(small_lab: Any, tmp_path: Path) -> No
     assert proc.returncode != 0
     assert "vip" in proc.stderr and "nothing changed" in proc.stderr
     assert not pin_dir.exists()
+
+
+# -- the DaemonSet's capabilities and probes -------------------------------------------------
+
+DAEMONSET = Path(__file__).parents[2] / "deploy" / "kubernetes" / "base" / "daemonset.yaml"
+
+
+def _manifest_caps() -> list[str]:
+    (ds,) = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
+    (agent,) = ds["spec"]["template"]["spec"]["containers"]
+    caps = agent["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"] and not agent["securityContext"].get("privileged")
+    return [c.lower() for c in caps["add"]]
+
+
+def _setpriv(caps: list[str]) -> list[str]:
+    return ["setpriv", "--bounding-set=" + ",".join(["-all", *(f"+{c}" for c in caps)]),
+            "--inh-caps=-all", "--"]
+
+
+def _bounding_set(pid: int) -> set[str]:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if x.startswith("CapBnd:"))
+    decoded = subprocess.run(["capsh", f"--decode={line.split()[1]}"], capture_output=True,
+                             text=True, check=True).stdout
+    return {c.removeprefix("cap_") for c in decoded.strip().split("=", 1)[1].split(",") if c}
+
+
+def test_the_agent_runs_with_exactly_the_daemonsets_capabilities(agent: AgentProc) -> None:
+    import httpx
+
+    from lab import fleet
+    for tool in ("setpriv", "capsh"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            pytest.skip(f"{tool} (util-linux / libcap2-bin) is not installed")
+    caps = _manifest_caps()
+    port = fleet.free_port()
+    agent.prefix = _setpriv(caps)
+    agent.start("--metrics", f"127.0.0.1:{port}")
+    assert agent.proc is not None
+    # This machine may lack some (a container without SYS_RESOURCE): never more than these.
+    mine = _bounding_set(os.getpid())
+    assert _bounding_set(agent.proc.pid) == set(caps) & mine
+    http = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{http}/readyz", trust_env=False).status_code == 200
+    assert httpx.get(f"{http}/livez", trust_env=False).status_code == 200
+    names = agent.lab.clients["client"].call(
+        connect_names, VIP, 80, 0, [f"s{i}" for i in range(10)], cgroup=agent.lab.cgroup)
+    assert set(names) <= {"gpu0", "gpu1"} and names, names
+    # A restart adopts the pinned maps and swaps the links: the DaemonSet's rolling update.
+    assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+    agent.start("--metrics", f"127.0.0.1:{port}")
+    assert "sock4_connect: replaced" in agent.log.read_text()
+    names = agent.lab.clients["client"].call(
+        connect_names, VIP, 80, 0, [f"s{i}" for i in range(10)], cgroup=agent.lab.cgroup)
+    assert set(names) <= {"gpu0", "gpu1"} and names, names
+    assert agent.signal(signal.SIGTERM) == 0
+    # Each capability is there for a reason: without SYS_ADMIN that restart fails.
+    without = [c for c in caps if c != "sys_admin"]
+    proc = subprocess.run(
+        [*_setpriv(without), KVROUTE, "agent", "--config", str(agent.cfg), "--cgroup",
+         str(agent.lab.cgroup.path), "--pin-dir", str(agent.pin_dir)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
+
+
+def test_readyz_turns_red_when_the_pins_are_removed(agent: AgentProc) -> None:
+    import httpx
+
+    from lab import fleet
+    port = fleet.free_port()
+    agent.start("--metrics", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/readyz"
+    assert httpx.get(url, trust_env=False).text == "ok\n"
+    loader.uninstall(agent.pin_dir)  # the operator removed kvroute under a running agent
+    r = httpx.get(url, trust_env=False)
+    assert r.status_code == 503 and "not pinned" in r.text

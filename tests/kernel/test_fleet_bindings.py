@@ -66,7 +66,7 @@ def _ids(kv: Node) -> tuple[int, dict[str, int]]:
 
 def _svc_counter(kv: Node, counter: abi.SvcCounter) -> int:
     _, s = inspect.find_service(kv.maps, f"{VIP}:80")
-    values = kv.maps.percpu_sum("kvr_svc_cnt_v2", abi.ct.c_uint32(s.id), abi.SvcCounters)
+    values = kv.maps.percpu_sum("kvr_svc_cnt_v3", abi.ct.c_uint32(s.id), abi.SvcCounters)
     return values[counter] if values else 0
 
 

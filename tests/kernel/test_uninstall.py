@@ -19,6 +19,7 @@ import pytest
 from dataplane import bpfsys, loader
 from dataplane.settings import Settings
 from lab import cgroup
+from tests.kernel.conftest import private_bpffs
 
 KVROUTE = str(Path(sys.executable).parent / "kvroute")
 
@@ -29,15 +30,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def bpffs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("bpffs tests need root")
-    mount = tmp_path / "bpf"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(mount)], check=True)
-    try:
+    with private_bpffs(tmp_path / "bpf") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def pin_map(path: Path, name: str | None = None) -> None:

@@ -34,6 +34,11 @@ from lab.engine_sim import server as sim
 ROOT = Path(__file__).resolve().parents[2]
 SCRAPE_INTERVAL = 0.05
 TICK = 0.05
+# The engines' pod address in the discovery file. The model refuses loopback backends (a
+# client's own host answers 127/8), so the pods get a TEST-NET-1 address (RFC 5737, routed
+# nowhere), each engine its own port; the fake agent stands in for a node that reaches the
+# pods, and scrapes each simulator where it really listens: loopback, the same port.
+POD_ADDRESS = "192.0.2.10"
 
 
 class FakeAgent:
@@ -83,7 +88,8 @@ class FakeAgent:
                 continue
             url = httpx.URL(ref.metrics_url)
             health = httpx.URL(ref.health_url)
-            out.append(scraper.EngineTarget(ref.identity, f"{url.scheme}://{url.netloc.decode()}",
+            assert url.host == POD_ADDRESS, ref.metrics_url  # the controller's URL, untouched
+            out.append(scraper.EngineTarget(ref.identity, f"{url.scheme}://127.0.0.1:{url.port}",
                                             metrics_path=url.path, health_path=health.path))
         return out
 
@@ -158,7 +164,7 @@ def engines(n: int) -> Iterator[list[tuple[str, sim.EngineServer]]]:
 
 def write_static(path: Path, ports: list[int]) -> None:
     def eps(chosen: list[int]) -> str:
-        return "\n".join(f"      - {{address: 127.0.0.1, port: {p}, node: node-a}}"
+        return "\n".join(f"      - {{address: {POD_ADDRESS}, port: {p}, node: node-a}}"
                          for p in chosen)
 
     path.write_text(f"""services:
@@ -213,7 +219,7 @@ def test_controller_end_to_end_breaker_cycle(tmp_path: Path,
     caplog.set_level(logging.INFO, logger="kvroute.controller")
     with engines(3) as sims:
         ports = [s.port for _, s in sims]
-        ids = [f"127.0.0.1:{p}/tcp" for p in ports]
+        ids = [f"{POD_ADDRESS}:{p}/tcp" for p in ports]
         path = tmp_path / "services.yaml"
         write_static(path, ports)
         discovery = static.StaticDiscovery(path, poll_interval=0.05)
@@ -347,6 +353,8 @@ def test_a_follower_ticks_but_publishes_only_once_leading(tmp_path: Path) -> Non
         ([], "exactly one of --static FILE or --kubernetes"),
         (["--kubernetes", "--static", "{file}"], "exactly one"),
         (["--static", "{file}", "--namespace", "x"], "go with --kubernetes"),
+        (["--static", "{file}", "--services", "annotated"], "--services go with --kubernetes"),
+        (["--kubernetes", "--services", "some"], "'some' is not one of 'all', 'annotated'"),
         (["--static", "{file}", "--tls-ca", "{file}"], "all of --tls-ca"),
         (["--static", "{file}", "--listen", "nonsense"], "HOST:PORT"),
         (["--static", "{file}", "--leader-elect"], "needs --kubernetes"),

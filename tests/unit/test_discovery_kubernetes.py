@@ -408,12 +408,13 @@ def test_build_from_recorded_objects() -> None:
         ("default/dual", 80, "tcp"),
         ("default/llm", 80, "tcp"),
         ("default/llm", 9000, "tcp"),
+        ("default/v6only", 80, "tcp"),
         ("default/web", 80, "tcp"),
         ("kube-system/kube-dns", 53, "tcp"),
         ("kube-system/kube-dns", 53, "udp"),
         ("kube-system/kube-dns", 9153, "tcp"),
         ("team-a/typo", 8000, "tcp"),
-    ]  # no headless, ExternalName, bare, port-less or IPv6-only service
+    ]  # no headless, ExternalName, bare or port-less service
 
     llm = specs[("default/llm", 80, "tcp")]
     assert llm.vip == ipaddress.IPv4Address("10.96.0.10") and llm.port_name == "http"
@@ -471,6 +472,9 @@ def test_build_from_recorded_objects() -> None:
 
     dual = specs[("default/dual", 80, "tcp")]
     assert dual.vip == ipaddress.IPv4Address("10.96.0.77") and dual.endpoints == ()
+    assert dual.vip6 == ipaddress.IPv6Address("fd00:10:96::77")
+    v6only = specs[("default/v6only", 80, "tcp")]
+    assert (v6only.vip, v6only.vip6) == (ipaddress.IPv6Address("fd00:10:96::99"), None)
 
     typo = specs[("team-a/typo", 8000, "tcp")]
     assert not typo.llm and typo.affinity == "none" and typo.table_size is None
@@ -483,7 +487,6 @@ def test_build_from_recorded_objects() -> None:
     for expected in (
         "default/bare: no clusterIP",
         "default/noports: no ports",
-        "default/v6only: no IPv4 clusterIP",
         "default/diameter: ports[0] protocol 'SCTP'",
         "llm-7xk2p endpoints[4] has no addresses",
         "web-garbage endpoints[0] address 'not-an-ip'",
@@ -494,6 +497,75 @@ def test_build_from_recorded_objects() -> None:
         assert expected in notes
     assert "headless" not in notes and "external" not in notes  # normal, not noteworthy
     assert len(result.notes) == len(set(result.notes))
+
+
+def test_beside_kube_proxy_only_annotated_services_are_taken() -> None:
+    services = fixture("services.json")["items"]
+    slices = fixture("endpointslices.json")["items"]
+    every = {s.name for s in k8sobjects.build(services, slices).specs}
+    annotated = {s.name for s in k8sobjects.build(services, slices, annotated_only=True).specs}
+    expected = {f"{s['metadata'].get('namespace', '')}/{s['metadata']['name']}"
+                for s in services if k8sobjects.is_annotated(s)}
+    # The recorded objects hold both kinds, so the test can fail either way.
+    assert annotated and every - annotated
+    assert annotated == every & expected
+    assert "kube-system/kube-dns" in every - annotated  # kube-proxy keeps DNS
+    # A typo in a kvroute.io/ key still opts the service in (balanced plainly, noted).
+    assert "team-a/typo" in annotated
+
+
+def _slice(name: str, service: str, family: str, endpoints: list[dict[str, Any]],
+           protocol: str = "UDP") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "kube-system",
+                         "labels": {k8sobjects.SERVICE_NAME_LABEL: service}},
+            "addressType": family, "ports": [{"name": "dns", "port": 53, "protocol": protocol}],
+            "endpoints": endpoints}
+
+
+def _ep(address: str, pod: str | None, ready: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"addresses": [address], "conditions": {"ready": ready}}
+    if pod is not None:
+        out["targetRef"] = {"kind": "Pod", "namespace": "kube-system", "name": pod}
+    return out
+
+
+def test_dual_stack_udp_service_pairs_each_pod_s_two_addresses() -> None:
+    """One spec with both VIPs; each pod one endpoint with both addresses; an endpoint
+    whose other family is not listed yet waits, with a note."""
+    svc = {"metadata": {"name": "dns", "namespace": "kube-system"},
+           "spec": {"clusterIP": "fd00:96::a", "clusterIPs": ["fd00:96::a", "10.96.0.10"],
+                    "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}
+    slices = [
+        _slice("dns-v4", "dns", "IPv4", [_ep("10.244.0.2", "coredns-a"),
+                                         _ep("10.244.0.3", "coredns-b", ready=False),
+                                         _ep("10.244.0.4", "coredns-c")]),
+        _slice("dns-v6", "dns", "IPv6", [_ep("fd00:244::2", "coredns-a"),
+                                         _ep("fd00:244::3", "coredns-b"),
+                                         _ep("fd00:244::5", None)]),
+        _slice("dns-fqdn", "dns", "FQDN", [_ep("dns.example", "coredns-a")]),
+    ]
+    result = k8sobjects.build([svc], slices)
+    (spec,) = result.specs
+    assert (spec.vip, spec.vip6, spec.protocol) == (
+        ipaddress.IPv4Address("10.96.0.10"), ipaddress.IPv6Address("fd00:96::a"), "udp")
+    got = {(str(e.address), str(e.address6), e.state.value) for e in spec.endpoints}
+    # coredns-b is not ready in one family: the pair is not ready.
+    assert got == {("10.244.0.2", "fd00:244::2", "active"),
+                   ("10.244.0.3", "fd00:244::3", "excluded")}
+    notes = "\n".join(result.notes)
+    assert "10.244.0.4:53 has no IPv6 endpoint of the same pod yet" in notes
+    assert "IPv6 endpoint fd00:244::5 has no targetRef" in notes
+
+
+def test_ipv6_only_service_takes_ipv6_slices_only() -> None:
+    svc = {"metadata": {"name": "dns", "namespace": "kube-system"},
+           "spec": {"clusterIP": "fd00:96::a", "ports": [{"name": "dns", "port": 53,
+                                                          "protocol": "UDP"}]}}
+    slices = [_slice("dns-v4", "dns", "IPv4", [_ep("10.244.0.2", "coredns-a")]),
+              _slice("dns-v6", "dns", "IPv6", [_ep("fd00:244::2", "coredns-a")])]
+    (spec,) = k8sobjects.build([svc], slices).specs
+    assert spec.vip == ipaddress.IPv6Address("fd00:96::a") and spec.vip6 is None
+    assert [(str(e.address), e.address6) for e in spec.endpoints] == [("fd00:244::2", None)]
 
 
 def test_build_survives_any_shape() -> None:
@@ -596,7 +668,7 @@ def test_initial_list_then_watch_from_its_version(
     discovery.start()
     assert discovery.wait_synced(5)
     specs = by_port(source.snapshot())
-    assert len(specs) == 9
+    assert len(specs) == 10  # the recorded IPv6-only service counts too
     assert endpoints(specs[("default/llm", 80, "tcp")])["10.244.2.11:8000"] == "draining"
     wait_for(lambda: all(server.active.values()), what="both watches")
 
@@ -756,7 +828,7 @@ def test_410_status_and_stale_version_relist(
     with server.cond:
         server.compacted = 0
     wait_for(lambda: server.active[k8s.SERVICES] == 1, what="watching again")
-    assert discovery.synced and len(discovery.snapshot()) == 9
+    assert discovery.synced and len(discovery.snapshot()) == 10
 
 
 def test_bookmarks_garbage_and_errors_on_the_stream(
@@ -774,7 +846,7 @@ def test_bookmarks_garbage_and_errors_on_the_stream(
     server.command(k8s.SERVICES, "raw", json.dumps({"type": "WEIRD", "object": {}}))
     server.command(k8s.SERVICES, "raw", json.dumps(bookmark))
     wait_for(lambda: discovery.resource_versions()[k8s.SERVICES] == "1234", what="bookmark")
-    assert len(discovery.snapshot()) == 9  # the nameless object changed nothing
+    assert len(discovery.snapshot()) == 10  # the nameless object changed nothing
 
     # A non-410 ERROR event: reconnect from where we were, no relist.
     error = {
@@ -798,7 +870,7 @@ def test_list_failures_are_retried(server: FakeApiServer, api: kubernetes.client
     with k8s.KubernetesDiscovery(api, FAST) as disc:
         assert disc.wait_synced(5)
         assert len(server.seen(k8s.SERVICES, "list")) == 3
-        assert len(disc.snapshot()) == 9
+        assert len(disc.snapshot()) == 10
 
 
 def test_watch_waits_for_both_kinds(

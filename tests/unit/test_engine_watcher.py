@@ -35,7 +35,9 @@ def sim() -> Iterator[str]:
 
 
 def watcher(url: str, **kw: Any) -> engines.EngineWatcher:
-    ref = model.EngineRef("127.0.0.1:1/tcp", f"{url}/metrics", f"{url}/health")
+    # The identity names a pod (TEST-NET-1: an address the model takes, routed nowhere);
+    # the URLs reach the simulator on loopback.
+    ref = model.EngineRef("192.0.2.1:1/tcp", f"{url}/metrics", f"{url}/health")
     return engines.EngineWatcher(cast(apply.Applier, FakeApplier()), lambda: [ref], None,
                                  interval=0.05, **kw)
 

@@ -186,7 +186,7 @@ def test_garbage_in_a_service_field_is_rejected_naming_it(field: str, value: Any
         assert str(exc).startswith(f"services[0].{field}"), str(exc)
         return
     # Accepted: then the value was a valid one for that field and survives exactly.
-    got = snap.services[0].to_dict()[field]
+    got = snap.services[0].to_dict().get(field)  # vip6 = None is left out
     if field == "table_size" and value is None:  # None: the automatic size
         assert got == model.auto_table_size(snap.services[0].affinity, 2)
     elif field != "backends":
@@ -203,7 +203,7 @@ def test_garbage_in_a_backend_field_is_rejected_naming_it(field: str, value: Any
     except SE as exc:
         assert str(exc).startswith(f"services[0].backends[0].{field}"), str(exc)
         return
-    assert snap.services[0].backends[0].to_dict()[field] == value
+    assert snap.services[0].backends[0].to_dict().get(field) == value  # address6 None: left out
 
 
 @settings(max_examples=100, deadline=None)
@@ -235,7 +235,12 @@ def test_random_bytes_never_decode_into_an_unchecked_snapshot(blob: bytes) -> No
         ({"vip": "10.0.0.256"}, "vip"),
         ({"vip": "0.0.0.0"}, "vip"),
         ({"vip": "224.0.0.1"}, "vip"),
-        ({"vip": "::1"}, "vip"),
+        ({"vip": "::ffff:10.0.0.1"}, "vip: ::ffff:10.0.0.1 is an IPv4-mapped address"),
+        ({"vip": "FD00::1"}, "vip: not in canonical form"),
+        ({"vip": "ff02::1"}, "vip: ff02::1 is a multicast address, not a unicast destination"),
+        ({"vip": "fd00::1"}, r"backends\[10.0.0.1:8000\]: the service has an IPv6 VIP"),
+        ({"vip6": "fd00::1"}, r"backends\[10.0.0.1:8000\]: the service has an IPv6 VIP"),
+        ({"vip6": "10.0.0.9"}, "vip6: '10.0.0.9' is not an IPv6 address"),
         ({"vip": "10.0.0.1\x00"}, r"vip: '10\.0\.0\.1\\x00' is not an IPv4 address"),
         ({"port": 0}, "port"),
         ({"port": 65536}, "port"),
@@ -539,6 +544,54 @@ def test_a_backend_on_the_services_own_vip_is_refused() -> None:
     with pytest.raises(model.ModelError, match=r"backends\[10.96.0.1:8000\]: is the service's "
                                                r"own VIP"):
         model.Service("loop", "10.96.0.1", 80, backends=(model.Backend("10.96.0.1", 8000),))
+    # The same address on another port is still the VIP: the kernel rewrites it again.
+    with pytest.raises(model.ModelError, match="own VIP"):
+        model.Service("loop", "10.96.0.1", 80, backends=(model.Backend("10.96.0.1", 80),))
+
+
+# Each address that cannot be a destination, with the reason the message gives.
+_UNROUTABLE = [
+    ("0.0.0.0", "the unspecified address"),
+    ("127.0.0.1", "a loopback address"),
+    ("127.255.255.254", "a loopback address"),
+    ("255.255.255.255", "the broadcast address"),
+    ("224.0.0.1", "a multicast address"),
+    ("239.255.255.255", "a multicast address"),
+]
+
+
+@pytest.mark.parametrize(("address", "why"), _UNROUTABLE)
+def test_an_address_no_connect_can_reach_is_refused_as_a_backend(address: str, why: str
+                                                                 ) -> None:
+    with pytest.raises(model.ModelError) as exc:
+        model.service_from_dict({"name": "s", "vip": "10.96.0.1", "port": 80,
+                                 "backends": [{"address": "10.0.0.1", "port": 8000},
+                                              {"address": address, "port": 8000}]})
+    assert exc.value.problems == [f"backends[1].address: {address} is {why}, "
+                                  f"not a unicast destination"]
+
+
+@pytest.mark.parametrize(("address", "why"), _UNROUTABLE)
+def test_an_address_no_connect_can_reach_is_refused_as_a_vip(address: str, why: str) -> None:
+    with pytest.raises(model.ModelError) as exc:
+        model.desired_from_dict({"services": [{"name": "s", "vip": address, "port": 80}]})
+    assert exc.value.problems == [f"services[0].vip: {address} is {why}, "
+                                  f"not a unicast destination"]
+
+
+@pytest.mark.parametrize(("address", "why"), _UNROUTABLE)
+def test_an_address_no_connect_can_reach_is_refused_as_an_engine(address: str, why: str
+                                                                 ) -> None:
+    with pytest.raises(model.ModelError, match=f"identity: {address} is {why}"):
+        model.EngineRef(f"{address}:8000/tcp", "http://10.0.0.1/metrics",
+                        "http://10.0.0.1/health")
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "126.255.255.255", "128.0.0.1",
+                                     "223.255.255.254", "240.0.0.1", "169.254.1.1"])
+def test_addresses_next_to_the_refused_ranges_are_accepted(address: str) -> None:
+    assert model.address_problem(model.address("a", address)) is None
+    model.Service("s", "10.96.0.1", 80, backends=(model.Backend(address, 8000),))
 
 
 def test_capacity_is_checked_before_anything_is_written() -> None:

@@ -51,7 +51,8 @@ def _meaning(view: apply.View) -> dict[str, Any]:
     name_of = dict(view.names)
     return {
         "services": {k: (name_of[v[0]], v[1], *v[4:10]) for k, v in view.services.items()},
-        "backends": {row[:3]: row[3] for row in view.backends.values()},
+        "backends": {row[:3]: row[3:] for row in view.backends.values()},  # state, IPv6
+        "aliases": dict(view.aliases),
         "members": {(name_of[s], ep_of[b]): w for (s, b), w in view.members.items()},
         "be_load": {ep_of[b]: v for b, v in view.be_load.items()},
         "svc_load": {name_of[s]: v for s, v in view.svc_load.items()},
@@ -63,12 +64,18 @@ def _random_state(rng: random.Random, names: list[str]) -> model.DesiredState:
     pool = [f"10.9.0.{i}" for i in range(1, 12)]
     services = []
     for i, name in enumerate(names):
+        # Some services are dual stack: a second VIP, and each pod's IPv6 address (one per
+        # pod, whichever service lists it).
+        dual = rng.random() < 0.3
         backends = [model.Backend(addr, 8000, rng.choice([0, 50, 100]), rng.choice(STATES),
-                                  rng.choice([0, 0, 500, 2000]))
+                                  rng.choice([0, 0, 500, 2000]),
+                                  f"fd00:9::{addr.rsplit('.', 1)[1]}" if dual else None)
                     for addr in rng.sample(pool, rng.randint(0, 4))]
-        services.append(model.Service(name, f"10.96.0.{i + 1 if rng.random() < .9 else 99}",
+        last = i + 1 if rng.random() < .9 else 99
+        services.append(model.Service(name, f"10.96.0.{last}",
                                        80 + i, affinity=rng.choice(list(model.Affinity)),
-                                       saturated=rng.random() < 0.2, backends=tuple(backends)))
+                                       saturated=rng.random() < 0.2, backends=tuple(backends),
+                                       vip6=f"fd00:96::{last}" if dual else None))
     # VIPs must stay unique: keep the first service of each.
     seen: set[tuple[str, int]] = set()
     unique = [s for s in services if (s.vip, s.port) not in seen and not seen.add((s.vip,

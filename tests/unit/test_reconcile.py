@@ -485,16 +485,25 @@ def test_conflicting_specs_are_left_out_with_a_reason() -> None:
 
 
 def test_addresses_the_snapshot_would_refuse_never_reach_a_tick() -> None:
-    eps = (ep("10.0.0.1"), ep("0.0.0.0"), ep("224.0.0.5"), ep("255.255.255.255"))
-    rec = make(spec(endpoints=eps), spec("bad-vip", vip="239.1.2.3"))
+    eps = (ep("10.0.0.1"), ep("0.0.0.0"), ep("224.0.0.5"), ep("255.255.255.255"),
+           ep("127.0.0.1"), ep("127.3.2.1"), ep("10.96.0.10"))
+    rec = make(spec(endpoints=eps), spec("bad-vip", vip="239.1.2.3"),
+               spec("loop-vip", vip="127.0.0.53"))
     snap = tick(rec, 0)
     assert [s.name for s in snap.services] == [NAME]
     assert [b.address for b in snap.services[0].backends] == ["10.0.0.1"]
     assert [e.identity for e in snap.engines] == [E1]
     problems = "\n".join(rec.problems())
-    assert "0.0.0.0:8000 is not a unicast" in problems
-    assert "224.0.0.5:8000 is not a unicast" in problems
-    assert "bad-vip" in problems and "left out" in problems
+    for line in ("0.0.0.0:8000 is the unspecified address, left out",
+                 "224.0.0.5:8000 is a multicast address, left out",
+                 "255.255.255.255:8000 is the broadcast address, left out",
+                 "127.0.0.1:8000 is a loopback address, left out",
+                 "127.3.2.1:8000 is a loopback address, left out",
+                 "10.96.0.10:8000 is the service's own VIP, left out",
+                 "vip: 239.1.2.3 is a multicast address",
+                 "vip: 127.0.0.53 is a loopback address"):
+        assert line in problems
+    assert "bad-vip" in problems and "loop-vip" in problems
 
 
 def test_a_table_too_small_for_the_endpoints_grows() -> None:
@@ -576,3 +585,26 @@ def test_a_move_epsilon_not_above_epsilon_leaves_the_service_out_in_the_models_w
     rec = make(spec(epsilon=0.5, move_epsilon=0.5))
     assert tick(rec, 0).service(NAME) is None
     assert any("move_epsilon: must be greater than epsilon (0.5)" in p for p in rec.problems())
+
+
+def test_dual_stack_and_ipv6_specs_become_services_with_both_families() -> None:
+    """A dual-stack spec: one service with both VIPs, each backend with both addresses,
+    engines named (and scraped) by their IPv4 address; an IPv6-only one: bracketed URLs."""
+    pair = discovered.Endpoint(ipaddress.IPv4Address("10.0.0.1"), 53, True, True, False,
+                               address6=ipaddress.IPv6Address("fd00::1"))
+    dual = discovered.ServiceSpec(name="kube-system/dns", vip=ipaddress.IPv4Address("10.96.0.10"),
+                                  vip6=ipaddress.IPv6Address("fd00:96::a"), port=53,
+                                  protocol="udp", endpoints=(pair,))
+    only6 = discovered.ServiceSpec(
+        name="default/llm6", vip=ipaddress.IPv6Address("fd00:96::b"), port=80, protocol="tcp",
+        endpoints=(discovered.Endpoint(ipaddress.IPv6Address("fd00::2"), 8000, True, True,
+                                       False),), llm=True)
+    rec = make(dual, only6)
+    snap = rec.tick(0.0)
+    assert snap is not None and rec.problems() == ()
+    dns = snap.service("kube-system.dns.53-udp")
+    assert dns is not None and (dns.vip, dns.vip6, dns.protocol) == ("10.96.0.10",
+                                                                      "fd00:96::a", "udp")
+    assert [(b.address, b.address6) for b in dns.backends] == [("10.0.0.1", "fd00::1")]
+    ref = snap.engine("[fd00::2]:8000/tcp")
+    assert ref is not None and ref.metrics_url == "http://[fd00::2]:8000/metrics"

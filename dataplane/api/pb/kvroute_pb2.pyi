@@ -56,21 +56,23 @@ class WatchRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., have_version: _Optional[int] = ..., have_hash: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "port", "weight", "state", "load")
+    __slots__ = ("address", "port", "weight", "state", "load", "address6")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS6_FIELD_NUMBER: _ClassVar[int]
     address: str
     port: int
     weight: int
     state: BackendState
     load: int
-    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., state: _Optional[_Union[BackendState, str]] = ..., load: _Optional[int] = ...) -> None: ...
+    address6: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ..., state: _Optional[_Union[BackendState, str]] = ..., load: _Optional[int] = ..., address6: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends", "move_epsilon")
+    __slots__ = ("name", "vip", "port", "protocol", "affinity", "affinity_timeout", "table_size", "epsilon", "probe_share", "saturated", "backends", "move_epsilon", "vip6")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class Service(_message.Message):
     SATURATED_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     MOVE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    VIP6_FIELD_NUMBER: _ClassVar[int]
     name: str
     vip: str
     port: int
@@ -95,7 +98,8 @@ class Service(_message.Message):
     saturated: bool
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     move_epsilon: float
-    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., move_epsilon: _Optional[float] = ...) -> None: ...
+    vip6: str
+    def __init__(self, name: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., affinity: _Optional[_Union[Affinity, str]] = ..., affinity_timeout: _Optional[int] = ..., table_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., probe_share: _Optional[float] = ..., saturated: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., move_epsilon: _Optional[float] = ..., vip6: _Optional[str] = ...) -> None: ...
 
 class EngineRef(_message.Message):
     __slots__ = ("identity", "metrics_url", "health_url", "node")
