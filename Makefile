@@ -43,9 +43,10 @@ test-unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 # The kernel_matrix tests inside every kernel of lab/kernels/kernels.toml, booted with
-# virtme-ng (no KVM needed); KERNELS=name,name picks some. See README "Supported kernels".
+# virtme-ng (no KVM needed); KERNELS=name,name picks some, KERNEL_TIMEOUT=s the time one
+# kernel may take (default 600). See README "Supported kernels and nodes".
 test-kernels: setup
-	$(PY) -m lab.kernels $(if $(KERNELS),--only $(KERNELS))
+	$(PY) -m lab.kernels $(if $(KERNELS),--only $(KERNELS)) $(if $(KERNEL_TIMEOUT),--timeout $(KERNEL_TIMEOUT))
 
 lint: setup
 	$(VENV)/bin/ruff check dataplane controller lab tests

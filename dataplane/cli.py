@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dataplane import host, model, settings, uapi
@@ -396,22 +397,25 @@ def maps() -> None:
 def maps_services(maps: Any, as_json: bool) -> None:
     """Services: VIP(s) (a dual-stack service shows both, one row), affinity, table size M,
     backends, and counters: connects and new UDP flows translated (SEL), affinity hits,
-    bounded-load spills, refused (REF: no usable backend or saturated), UDP datagrams
-    sent through the VIP (DGRAM) and replies given the VIP back as source (REPLY)."""
+    bounded-load spills, refused (REF: no usable backend or saturated). --json (and
+    `maps stats`) add every counter, UDP datagrams sent through the VIP (dgrams) and
+    replies given the VIP back as source (replies) among them."""
     from dataplane import inspect
     rows = inspect.services(maps)
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
+        # An address is never cut short: other columns give way to it.
+        widest = max((len(f) for s in rows for f in s["frontends"]), default=8)
         for col in ("ID", "NAME", "FRONTEND", "AFFINITY", "M", "BE", "SEL", "HIT", "SPILL",
-                    "REF", "DGRAM", "REPLY"):
-            t.add_column(col, no_wrap=True)
+                    "REF"):
+            t.add_column(col, no_wrap=True, min_width=widest if col == "FRONTEND" else None)
         for s in rows:
             c = s["counters"]
-            t.add_row(str(s["id"]), s["name"], "\n".join(s["frontends"]), s["affinity"],
+            # escape: rich would read "[fd00::a]" as markup and drop it.
+            t.add_row(str(s["id"]), s["name"], escape("\n".join(s["frontends"])), s["affinity"],
                       str(s["table_size"]), str(s["backends"]), str(c["selected"]),
-                      str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]),
-                      str(c["dgrams"]), str(c["replies"]))
+                      str(c["aff_hit"]), str(c["spilled"]), str(c["no_backend"] + c["saturated"]))
         return t
     _emit(rows, as_json, table)
 
@@ -428,13 +432,14 @@ def maps_backends(maps: Any, as_json: bool) -> None:
 
     def table() -> Table:
         t = Table(box=None, pad_edge=False)
+        widest = max((len(a) for b in rows for a in b["addresses"]), default=7)
         for col in ("ID", "ADDRESS", "STATE", "LOAD", "SESS", "SEL", "CONN", "FAIL", "EST",
                     "RTT(us)"):
-            t.add_column(col, no_wrap=True)
+            t.add_column(col, no_wrap=True, min_width=widest if col == "ADDRESS" else None)
         for b in rows:
             c = b["counters"]
             state = b["state"] + ("*" if b["kernel_tripped"] else "")
-            t.add_row(str(b["id"]), "\n".join(b["addresses"]), state, str(b["load"]),
+            t.add_row(str(b["id"]), escape("\n".join(b["addresses"])), state, str(b["load"]),
                       str(b["sessions"]),
                       str(c["selected"]),
                       str(c["connects"]), str(c["failed"]), str(c["established"]),
@@ -601,10 +606,10 @@ def maps_maglev(maps: Any, as_json: bool, service: str) -> None:
     data = inspect.maglev(maps, service)
 
     def table() -> Table:
-        t = Table("BACKEND", "SLOTS", "SHARE", box=None, title=f"{data['frontend']} "
-                  f"M={data['table_size']}")
+        t = Table("BACKEND", "SLOTS", "SHARE", box=None, title=escape(
+            f"{data['frontend']} M={data['table_size']}"))
         for be, n in data["slots"].items():
-            t.add_row(be, str(n), f"{100 * n / max(data['table_size'], 1):.2f}%")
+            t.add_row(escape(be), str(n), f"{100 * n / max(data['table_size'], 1):.2f}%")
         return t
     _emit(data, as_json, table)
 

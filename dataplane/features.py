@@ -89,6 +89,9 @@ FEATURES: tuple[Feature, ...] = (
             "5.7", Probe("helper", b.PROG_CGROUP_SOCK_ADDR, helper=b.FUNC_GET_NETNS_COOKIE)),
     Feature("helper_socket_cookie", "bpf_get_socket_cookie() in cgroup sock_addr programs",
             "4.12", Probe("helper", b.PROG_CGROUP_SOCK_ADDR, helper=b.FUNC_GET_SOCKET_COOKIE)),
+    Feature("helper_socket_cookie_sock", "bpf_get_socket_cookie() in cgroup sock programs "
+            "(sock_release)", "5.7",
+            Probe("helper", b.PROG_CGROUP_SOCK, helper=b.FUNC_GET_SOCKET_COOKIE)),
     Feature("helper_ringbuf_output", "bpf_ringbuf_output() in cgroup sock_addr programs",
             "5.8", Probe("helper", b.PROG_CGROUP_SOCK_ADDR, helper=b.FUNC_RINGBUF_OUTPUT)),
     Feature("link_create", "bpf_link for cgroup programs (pinned, atomically updated)", "5.7",

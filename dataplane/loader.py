@@ -195,8 +195,13 @@ class Datapath:
                 for p in (*PROGRAMS, *(prog for _, prog in TAIL_CALLS))
             }
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
+            # bcc reads E2BIG as "program too large"; the verifier also says it when a
+            # program's paths take more than its 1M-instruction budget on this kernel.
+            hint = (" (E2BIG: the verifier's 1,000,000-instruction budget ran out on this "
+                    "kernel)" if "Argument list too long" in str(exc) else "")
             raise LoadError(
-                f"loading the eBPF programs failed: {exc} (kernel {self.plan.release}, which "
+                f"loading the eBPF programs failed: {exc}{hint} (kernel {self.plan.release}, "
+                f"which "
                 f"has every feature kvroute probes for; compiled against the "
                 f"{self.headers.kind} headers in {self.headers.path}; bcc printed the "
                 "compiler or verifier output above: please report it)") from exc

@@ -7,7 +7,9 @@ ratios mean more than absolute times).
    beside kube-proxy's iptables and nftables shapes (lab/bench_connect.py; the rows go
    to bench/results/connect.json too);
 2. full apply of 10,000 services x 10 backends to empty maps (target <= 0.35 s);
-3. Maglev build, M=65537 x 1,000 backends (target <= 50 ms);
+3. Maglev builds of one table, M=16381 and 65537 x 10, 100, 1,000 backends, with the
+   controller's weights against equal weights (target <= 50 ms at 65537 x 1,000), and of
+   10,000 services' tables at once (lab/bench_maglev.py);
 4. fleet-wide session bindings through the real gRPC server: 100 simulated agents,
    2,000 new sessions/s, 1M live (controller CPU, bytes per agent per second, time from
    a binding on one node to the last agent; lab/bench_bindings.py);
@@ -225,7 +227,8 @@ Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[st
 def benches(quick: bool) -> dict[str, Bench]:
     """Every benchmark by name, in the order `make bench` runs them, sized for a full run
     or a quick one."""
-    rounds, per_round = (8, 1000) if quick else (40, 2000)
+    # 30 rounds: the connect bench is most of `make bench` (15 minutes on 2 idle cores)
+    rounds, per_round = (8, 1000) if quick else (30, 2000)
     counts = (10, 1_000) if quick else (10, 1_000, 10_000)
     return {"maglev": lambda: bench_maglev(quick),
             # its targets are for 10,000 services; the quick run leaves session out

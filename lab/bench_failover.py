@@ -188,10 +188,17 @@ def measure(rate: float = 200.0, engines: int = 4, before: float = 2.0,
     return row
 
 
-def run(rate: float = 200.0, engines: int = 4, before: float = 2.0,
-        after: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The measured row and the two modelled ones, at the measured rate."""
-    kvr = measure(rate, engines, before, after)
+def run(rate: float = 200.0, engines: int = 4, before: float = 2.0, after: float = 10.0,
+        tries: int = 2) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The measured row and the two modelled ones, at the measured rate. A run in which
+    connects failed before the engine died measured the lab, not a failover (on an
+    overloaded machine the lab's 50 ms health checks time out and open breakers): it is
+    run again, up to ``tries`` times, and the last one is kept with its count."""
+    for attempt in range(1, tries + 1):
+        kvr = measure(rate, engines, before, after)
+        kvr["runs"] = attempt
+        if not kvr["failed_before_death"]:
+            break
     return [kvr, kube_proxy_model(kvr["rate_per_s"], engines),
             envoy_model(kvr["rate_per_s"], engines)], {
         "target_rate_per_s": rate, "before_s": before, "after_s": after}

@@ -193,6 +193,16 @@ async def _generate(target: str, engines: int, phases: Sequence[Phase], seconds:
     return out
 
 
+def wire_sizes() -> tuple[int, float]:
+    """Bytes of a loads message on the wire: its fixed part, and each entry (engine
+    identities of this bench's length, loads of 7 digits). From the encoder, not from
+    the run: under load the agents' receive counts lag the phase they belong to."""
+    one = convert.loads_update({identity(1): 1_000_000}).ByteSize()
+    many = convert.loads_update({identity(i): 1_000_000 for i in range(1, 9)}).ByteSize()
+    entry = (many - one) / 7
+    return round(one - entry), entry
+
+
 def _phase_row(phase: dict[str, Any], agents: int, per_second: dict[int, list[int]],
                seen: list[list[tuple[int, float]]]) -> dict[str, Any]:
     """One rate's row: CPU, bytes and messages per agent per second (whole seconds inside
@@ -263,6 +273,9 @@ def run(agents: int = 1000, engines: int = 1000, phases: Sequence[Phase] = PHASE
         raise ValueError("the first phase must send nothing: the idle baseline")
     if engines < 2 or agents < 1 or procs < 1:
         raise ValueError("need engines >= 2, agents >= 1, procs >= 1")
+    if seconds < 2:
+        raise ValueError("need seconds >= 2: bytes are counted over whole seconds inside "
+                         "a phase")
     if any(rate < 0 or not 0 <= k <= engines for rate, k in phases):
         raise ValueError(f"phases: reports/s >= 0 and 0..{engines} engines a report")
     port = fleet.free_port()
@@ -299,8 +312,10 @@ def run(agents: int = 1000, engines: int = 1000, phases: Sequence[Phase] = PHASE
                     proc.kill()
                     proc.wait()
     rows = [_phase_row(p, agents, per_second, seen) for p in done]
+    overhead, entry = wire_sizes()
     return rows, {"agents": agents, "engines": engines, "agent_processes": len(children),
-                  "seconds_per_phase": seconds}
+                  "seconds_per_phase": seconds, "message_overhead_bytes": overhead,
+                  "entry_bytes": round(entry, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,24 @@ def _memory_group() -> Iterator[tuple[Path, str]]:
                 break
             except OSError:
                 time.sleep(0.1)
+        else:
+            print(f"could not remove the memory cgroup {path}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _stopped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Stop ``procs`` on the way out: before their memory cgroup is removed."""
+    try:
+        yield
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
 
 def _services(n: int, per_service: int) -> list[dict[str, Any]]:
@@ -104,7 +122,7 @@ def measure(n_services: int, per_service: int, settle: float) -> dict[str, Any]:
     attach_to = cgroup.Cgroup.create("kvr-mem-clients")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        with _memory_group() as (memcg, peak_file):
+        with _memory_group() as (memcg, peak_file), _stopped(procs):
             ctl_log = open(work / "controller.log", "wb")  # noqa: SIM115
             ctl = subprocess.Popen([fleet.KVROUTE, "controller", "--static", str(static),
                                     "--listen", f"127.0.0.1:{grpc_port}"],
@@ -156,14 +174,6 @@ def measure(n_services: int, per_service: int, settle: float) -> dict[str, Any]:
                 "controller_peak_rss_mib": round(_status(ctl.pid)["VmHWM"] / mib, 1),
             }
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
         if pin_dir.exists():
             loader.uninstall(pin_dir)
         attach_to.remove()

@@ -284,15 +284,18 @@ FLEET_TICK_S = 0.1  # a batching tick, for the estimate of a batched design
 
 def unit_costs(doc: Mapping[str, Any]) -> tuple[float, float, float] | None:
     """From the measured phases: controller CPU seconds per stream message, per load
-    entry sent to one agent, and bytes per entry. A least-squares fit of CPU over idle =
-    a x messages + b x entries over the phases with reports (messages: what the agents
-    received; entries: every change reaches every agent); None with fewer than two."""
+    entry sent to one agent, and bytes per entry (the encoder's, in the file). A
+    least-squares fit of CPU over idle = a x messages + b x entries over the phases with
+    reports, counting what the agents received (entries: the bytes past each message's
+    fixed part); None with fewer than two such phases."""
     rows = [r for r in doc["rows"] if r["changes_per_s"] > 0 and r["messages_per_agent_s"]]
     idle = next((r for r in doc["rows"] if r["changes_per_s"] == 0), None)
     if len(rows) < 2 or idle is None:
         return None
-    n = doc["agents"]
-    xs = [(r["messages_per_agent_s"] * n, r["changes_per_s"] * n) for r in rows]
+    n, fixed, entry = doc["agents"], doc["message_overhead_bytes"], doc["entry_bytes"]
+    xs = [(r["messages_per_agent_s"] * n,
+           max(0.0, r["bytes_per_agent_s"] - fixed * r["messages_per_agent_s"]) / entry * n)
+          for r in rows]
     ys = [r["controller_cpu"] - idle["controller_cpu"] for r in rows]
     smm = sum(m * m for m, _ in xs)
     see = sum(e * e for _, e in xs)
@@ -304,14 +307,7 @@ def unit_costs(doc: Mapping[str, Any]) -> tuple[float, float, float] | None:
         return None
     a = max(0.0, (smy * see - sey * sme) / det)
     b = max(0.0, (sey * smm - smy * sme) / det)
-    small, big = min(rows, key=lambda r: r["engines_per_report"]), max(
-        rows, key=lambda r: r["engines_per_report"])
-    per_msg = [r["bytes_per_agent_s"] / r["messages_per_agent_s"] for r in (small, big)]
-    per_entry_msg = [r["changes_per_s"] / r["messages_per_agent_s"] for r in (small, big)]
-    if per_entry_msg[1] == per_entry_msg[0]:
-        return None
-    entry_bytes = (per_msg[1] - per_msg[0]) / (per_entry_msg[1] - per_entry_msg[0])
-    return a, b, entry_bytes
+    return a, b, entry
 
 
 def fleet_estimate(doc: Mapping[str, Any]) -> str | None:
@@ -341,8 +337,8 @@ def fleet_estimate(doc: Mapping[str, Any]) -> str | None:
         f"**A {n:,}-node, {FLEET_ENGINES:,}-engine fleet**, extrapolated from this run: a "
         f"least-squares fit of the controller's CPU over idle to the messages and entries "
         f"the agents received gives {a * 1e6:.1f} us a stream message plus "
-        f"{b * 1e6:.2f} us per load entry sent to one agent, and {entry_bytes:.0f} bytes an "
-        f"entry. In the worst case (every engine's load changes in every report; each "
+        f"{b * 1e6:.2f} us per load entry sent to one agent; an entry is {entry_bytes:.0f} "
+        f"bytes on the wire. In the worst case (every engine's load changes in every report; each "
         f"agent reports its 8 engines every {FLEET_REPORT_S:g} s) that is "
         f"{_n(reports)} reports and {_n(changes)} load changes a second. Today every report "
         f"wakes every watch stream: {_n(reports * n)} stream messages/s, "
@@ -396,6 +392,11 @@ def render_failover(doc: Mapping[str, Any]) -> list[str]:
                       str(r["basis"])])
     out += _table(["after an engine dies", "how", "failed new connects (first burst)",
                    "x kvroute", "time to recovery", "later failures", "basis"], table)
+    if measured.get("failed_before_death"):
+        out += ["", f"**Not a clean run**: {measured['failed_before_death']} of "
+                f"{measured['attempts']:,} connects failed before the engine died (the lab "
+                "itself was failing, e.g. health checks timing out on an overloaded "
+                "machine), so the kvroute row measures that too."]
     return out
 
 
@@ -483,9 +484,11 @@ def render_quick(results: Results) -> str:
     if failover:
         rows = failover["rows"]
         kvr = next(r for r in rows if not r.get("modelled"))
+        unclean = (f" (not clean: {kvr['failed_before_death']} failed before the death)"
+                   if kvr.get("failed_before_death") else "")
         table.append([f"failed connects after an engine dies, kvroute (measured, "
                       f"{kvr['rate_per_s']:,.0f}/s)", f"{kvr['failed']}, recovered in "
-                      f"{_s(kvr['recovery_s'])}", failover["date"]])
+                      f"{_s(kvr['recovery_s'])}{unclean}", failover["date"]])
         for r in rows:
             if r.get("modelled") and kvr["failed"]:
                 table.append([f"same, {r['name']} (modelled)",

@@ -438,7 +438,7 @@ static __always_inline int __sock_recv_rev(struct bpf_sock_addr *ctx, const bool
 		f = &u->flow[i];
 		if (f->vport && f->be_port == port && sock_addr_eq(f->be_addr, src)) {
 			sock_ctx_set(ctx, f->vip, f->vport, v6);
-			kvr_svc_inc(f->svc_id, KVR_SC_REPLIES);
+			kvr_svc_inc_live(f->svc_id, KVR_SC_REPLIES);
 			break;
 		}
 	}

@@ -24,6 +24,16 @@ static __always_inline void kvr_svc_inc(__u32 svc_id, __u32 slot)
 		v->c[slot] += 1;
 }
 
+/* For events that may come after the service is gone (a late UDP reply): count
+ * only into an entry that exists, never re-create one for a removed id. */
+static __always_inline void kvr_svc_inc_live(__u32 svc_id, __u32 slot)
+{
+	struct kvr_svc_cnt_val *v = kvr_svc_cnt_v3.lookup(&svc_id);
+
+	if (v && slot < KVR_SC_MAX)
+		v->c[slot] += 1;
+}
+
 static __always_inline void kvr_be_inc(__u32 be_id, __u32 slot)
 {
 	struct kvr_be_cnt_val zero = {};

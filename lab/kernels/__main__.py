@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(no KVM needed), with no kernel headers in the guest.")
     parser.add_argument("--only", metavar="NAME[,NAME]", help="only these kernels (e.g. 5.10)")
     parser.add_argument("--list", action="store_true", help="print the kernels and exit")
-    parser.add_argument("--timeout", type=float, default=900, metavar="S",
-                        help="seconds one kernel may take, boot included (default 900)")
+    parser.add_argument("--timeout", type=float, default=600, metavar="S",
+                        help="seconds one kernel may take, boot included (default 600: "
+                             "three kernels stay within CI's budget)")
     parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
     parser.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     parser.add_argument("--cache", type=Path, default=CACHE,

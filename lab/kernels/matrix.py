@@ -24,6 +24,10 @@ class Kernel:
     name: str        # the upstream series, "6.1": the image found must belong to it
     suite: str       # the Debian suite whose newest generic image is booted
     stands_for: str  # which nodes it stands for, for the README table
+    # Why kvroute does not pass on this kernel yet (a bug to fix, README says which):
+    # its failure is reported but does not fail the matrix, and a pass does (strict, so
+    # the entry goes as soon as the bug is fixed).
+    known_failure: str = ""
 
     @property
     def archive(self) -> str:
@@ -43,10 +47,11 @@ def load(text: str) -> list[Kernel]:
     out: list[Kernel] = []
     for i, entry in enumerate(entries):
         fields = {f.name for f in dataclasses.fields(Kernel)}
-        if not isinstance(entry, dict) or set(entry) != fields or not all(
+        required = fields - {"known_failure"}
+        if not isinstance(entry, dict) or not required <= set(entry) <= fields or not all(
                 isinstance(v, str) and v for v in entry.values()):
-            raise MatrixError(f"{LIST.name}: kernel {i + 1} must have exactly the string "
-                              f"fields {', '.join(sorted(fields))}")
+            raise MatrixError(f"{LIST.name}: kernel {i + 1} must have the string fields "
+                              f"{', '.join(sorted(required))} (and may have known_failure)")
         kernel = Kernel(**entry)
         if not _NAME.match(kernel.name):
             raise MatrixError(f"{LIST.name}: kernel name {kernel.name!r} is not a series "
@@ -139,16 +144,32 @@ class Result:
     seconds: float = 0.0
     exit_code: int | None = None  # pytest's in the guest; None: the guest never reported
     problem: str = ""
+    known_failure: str = ""  # the kernel's entry says it does not pass yet, and why
+
+    @property
+    def passed_all(self) -> bool:
+        return self.exit_code == 0 and self.failed == 0 and self.passed > 0 and not self.problem
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.failed == 0 and self.passed > 0 and not self.problem
+        """As the list expects: every test passed, or (known failure) tests ran and some
+        failed. A timeout or a missing report is never excused."""
+        if self.known_failure:
+            return self.exit_code is not None and self.failed > 0
+        return self.passed_all
 
     def line(self) -> str:
         what = (f"{self.passed} passed, {self.skipped} skipped, {self.failed} failed"
                 if self.exit_code is not None else "no report")
-        verdict = "ok" if self.ok else "FAILED"
+        if self.known_failure and self.ok:
+            verdict = "known failure"
+        elif self.known_failure and self.passed_all:
+            verdict = f"FAILED: passes now, remove known_failure from {LIST.name}"
+        else:
+            verdict = "ok" if self.ok else "FAILED"
         tail = f" ({self.problem})" if self.problem else ""
+        if self.known_failure and not self.passed_all:
+            tail += f" [known: {self.known_failure}]"
         return (f"kernel {self.kernel} ({self.release}): {verdict}: {what} "
                 f"in {self.seconds:.0f} s{tail}")
 
@@ -171,6 +192,7 @@ def junit_counts(xml_text: str) -> tuple[int, int, int]:
 def guest_result(kernel: Kernel, release: str, seconds: float, exit_text: str | None,
                  junit: str | None, timed_out: bool) -> Result:
     """What one guest run came to, from the files it left (exit code, JUnit report)."""
+    known = kernel.known_failure
     if timed_out:
         return Result(kernel.name, release, seconds=seconds, problem="timed out")
     if exit_text is None:
@@ -185,5 +207,5 @@ def guest_result(kernel: Kernel, release: str, seconds: float, exit_text: str | 
         return Result(kernel.name, release, seconds=seconds, exit_code=code,
                       problem="the guest left no JUnit report")
     passed, failed, skipped = junit_counts(junit)
-    problem = "" if passed else "no test ran"
-    return Result(kernel.name, release, passed, failed, skipped, seconds, code, problem)
+    problem = "" if passed or failed else "no test ran"
+    return Result(kernel.name, release, passed, failed, skipped, seconds, code, problem, known)

@@ -152,7 +152,7 @@ def raw(maps: MapSet) -> dict[str, Any]:
     svcs = list(maps.items("kvr_svc_v2", abi.L4Key, abi.Svc))
     return {
         "view": apply.read_view(maps),
-        "tables": {(k.addr, k.port, k.proto): tables.read(maps, s) for k, s in svcs},
+        "tables": {(abi.from_words(k.addr), k.port, k.proto): tables.read(maps, s) for k, s in svcs},
         "groups": sorted(k.value for k in maps.keys("kvr_tables", ct.c_uint32)),
         **{name: sorted(k.value for k in maps.keys(name, ct.c_uint32))
            for name in KERNEL_MAPS},
@@ -174,10 +174,10 @@ def routing(maps: MapSet) -> dict[str, Any]:
     name = view.names
     svcs = {}
     for k, s in maps.items("kvr_svc_v2", abi.L4Key, abi.Svc):
-        value = view.services[(k.addr, k.port, k.proto)]
+        value = view.services[(abi.from_words(k.addr), k.port, k.proto)]
         table = tables.read(maps, s)
         assert table is not None, f"service {name[s.id]} names no table"
-        svcs[name[s.id]] = ((k.addr, k.port, k.proto), value[1], *value[4:11],
+        svcs[name[s.id]] = ((abi.from_words(k.addr), k.port, k.proto), value[1], *value[4:11],
                             [ep.get(i, i) for i in table])
     return {
         "services": svcs,

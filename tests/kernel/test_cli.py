@@ -109,3 +109,40 @@ def test_a_bad_cgroup_is_refused_before_anything_is_pinned(tmp_path: Path) -> No
         assert proc.returncode != 0
         assert f"--cgroup {cgroup}" in proc.stderr and "Traceback" not in proc.stderr
         assert not pin.exists()
+
+
+def _tagged(host: str, session: str) -> str:
+    from tests.kernel.test_udp6 import tcp
+    return tcp(host, 80, session)[0]
+
+
+def test_dual_stack_service_in_maps_and_explain(kv: Node) -> None:
+    """Both VIPs on one row; explain gives the same answer through either VIP, and it is
+    where an IPv6 connect of a new session lands."""
+    vip6 = "fd00:96::c11"
+    kv.apply([{**svc("dual", VIP, [{**kv.backend(p), "address6": str(kv.pod(p).address6)}
+                                   for p in ("gpu0", "gpu1", "gpu2")], affinity="session"),
+               "vip6": vip6}])
+    pin = ["--pin-dir", str(kv.settings.pin_dir)]
+    services = json.loads(_run("maps", "services", "--json", *pin).stdout)
+    assert [s["frontends"] for s in services] == [[f"{VIP}:80/tcp", f"[{vip6}]:80/tcp"]]
+    table = _run("maps", "services", *pin).stdout
+    assert f"{VIP}:80/tcp" in table and f"[{vip6}]:80/tcp" in table
+    backends = json.loads(_run("maps", "backends", "--json", *pin).stdout)
+    assert {tuple(b["addresses"]) for b in backends} == {
+        (f"{kv.pod(p).address}:8000/tcp", f"[{kv.pod(p).address6}]:8000/tcp")
+        for p in ("gpu0", "gpu1", "gpu2")}
+    for session in ("a", "b", "c", "d"):
+        by4 = json.loads(_run("explain", f"{VIP}:80", "--session", session, "--json",
+                              *pin).stdout)
+        by6 = json.loads(_run("explain", f"[{vip6}]:80", "--session", session, "--json",
+                              *pin).stdout)
+        assert by4["backend"] == by6["backend"] and by4["reason"] == "table owner"
+        landed = kv.run(_tagged, vip6, session)
+        assert by4["backend"] == f"{kv.pod(landed).address}:8000/tcp"
+    table = _run("maps", "backends", *pin).stdout
+    assert all(a in table for b in backends for a in b["addresses"])
+    maglev = _run("maps", "maglev", f"[{vip6}]:80", *pin).stdout
+    assert f"[{vip6}]:80/tcp" in maglev or f"{VIP}:80/tcp" in maglev
+    assert f"[{kv.pod('gpu0').address6}]" not in maglev  # backends by their first address
+    assert f"{kv.pod('gpu0').address}:8000/tcp" in maglev

@@ -43,7 +43,9 @@ def test_demo_story_in_a_short_mode() -> None:
     assert all(result["checks"].values()), result["checks"]
     kv, rnd = result["rows"]
     assert (kv["policy"], rnd["policy"]) == ("kvroute", "random")
-    assert kv["ok"] > 50 and rnd["ok"] > 50
+    # 16 users for 12 s at ~2 s a turn (simulators at a 70B model's pace): enough turns
+    # that the ratios below mean something, on a busy machine too.
+    assert kv["ok"] > 20 and rnd["ok"] > 20
     # A session leaves its engine only when the engine dies.
     assert kv["turns_on_previous_engine"] >= 0.9
     assert rnd["turns_on_previous_engine"] <= 0.6

@@ -73,14 +73,15 @@ def test_a_missing_result_says_how_to_make_it() -> None:
 
 def test_unit_costs_fit_messages_and_entries_and_the_fleet_estimate_uses_them() -> None:
     # CPU over idle built from a = 40 us a message, b = 1 us an entry (1,000 agents)
-    def row(msgs: float, changes: float, entry_bytes: int) -> dict[str, Any]:
+    # (the agents received every change: entries are read from the bytes they counted)
+    def row(msgs: float, changes: float) -> dict[str, Any]:
         cpu = 0.01 + 1000 * (msgs * 40e-6 + changes * 1e-6)
         return {"changes_per_s": changes, "messages_per_agent_s": msgs,
                 "controller_cpu": cpu, "reports_per_s": msgs, "engines_per_report":
-                changes // msgs, "bytes_per_agent_s": msgs * 20 + changes * entry_bytes}
+                changes // msgs, "bytes_per_agent_s": msgs * 20 + changes * 30}
     rows = [{"changes_per_s": 0, "controller_cpu": 0.01, "messages_per_agent_s": 0,
-             "bytes_per_agent_s": 0}, row(10, 10, 30), row(10, 80, 30), row(5, 320, 30)]
-    doc = _doc("fanout", rows, agents=1000)
+             "bytes_per_agent_s": 0}, row(10, 10), row(10, 80), row(5, 320)]
+    doc = _doc("fanout", rows, agents=1000, message_overhead_bytes=20, entry_bytes=30)
     costs = benchreport.unit_costs(doc)
     assert costs is not None
     a, b, entry_bytes = costs
@@ -90,12 +91,14 @@ def test_unit_costs_fit_messages_and_entries_and_the_fleet_estimate_uses_them() 
     assert text is not None
     # today: 1,000 reports/s x 1,000 streams x 40 us + 8,000 changes x 1,000 x 1 us = 48
     assert "40.0 us a stream message plus 1.00 us per load entry" in text
+    assert "an entry is 30 bytes on the wire" in text
     assert "1,000,000 stream messages/s, 48 cores" in text
     # batched: 10,000 messages x 40 us + 8 M entries x 1 us = 8.4 cores
     assert "8.4 cores" in text
     # 30 bytes x 8,000 changes a second to each agent
     assert "240 KB/s (240 MB/s" in text
-    assert benchreport.fleet_estimate(_doc("fanout", rows[:2], agents=1000)) is None
+    assert benchreport.fleet_estimate(_doc("fanout", rows[:2], agents=1000,
+                                           message_overhead_bytes=20, entry_bytes=30)) is None
 
 
 def test_quick_table_takes_the_headline_of_each_result() -> None:
@@ -121,3 +124,7 @@ def test_failover_table_puts_the_models_beside_the_measured_row() -> None:
     assert "| kvroute | measured | 3 | 1.00x | 200.0 ms | 1 in 10 s | measured here |" in text
     assert "| kube-proxy | modelled | 1,300 | 433x | 26.00 s | 0 in 40 s |" in text
     assert "| Envoy outlier detection | modelled | 5 | 1.67x | 100.0 ms | 5 in 40 s |" in text
+    assert "Not a clean run" not in text
+    kvr.update(failed_before_death=7, attempts=1400)
+    assert "**Not a clean run**: 7 of 1,400 connects failed before the engine died" in \
+        "\n".join(benchreport.render_failover(doc))

@@ -27,7 +27,9 @@ def test_the_shipped_list_loads_and_readme_states_it() -> None:
 
 @pytest.mark.parametrize("text, problem", [
     ("", "no \\[\\[kernel\\]\\] entries"),
-    ("[[kernel]]\nname = '6.1'\nsuite = 'bookworm'\n", "exactly the string fields"),
+    ("[[kernel]]\nname = '6.1'\nsuite = 'bookworm'\n", "must have the string fields"),
+    ("[[kernel]]\nname = '6.1'\nsuite = 's'\nstands_for = 'x'\nknown_failure = ''\n",
+     "must have the string fields"),
     ("[[kernel]]\nname = 'six'\nsuite = 's'\nstands_for = 'x'\n", "not a series"),
     ("[[kernel]]\nname = '6.1'\nsuite = 's'\nstands_for = 'x'\n" * 2, "listed twice"),
     ("[[kernel]\n", "kernels.toml"),
@@ -90,6 +92,7 @@ def test_a_guest_report_counts_passes_failures_and_skips() -> None:
     ("x", None, False, "unreadable exit status"),
     ("0", None, False, "no JUnit report"),
     ("5", JUNIT.format(e=0, f=0, s=0, t=0), False, "no test ran"),
+    ("1", JUNIT.format(e=0, f=0, s=3, t=3), False, "no test ran"),
 ])
 def test_a_guest_that_reported_nothing_useful_is_a_failure(
         exit_text: str | None, junit: str | None, timed_out: bool, problem: str) -> None:
@@ -107,3 +110,15 @@ def test_the_guest_gets_only_the_modules_that_mark_matrix_tests() -> None:
                "tests/kernel/test_b.py": "@pytest.mark.kernel_matrix\ndef test_x(): ...\n",
                "tests/kernel/test_c.py": "def test_y(): ...\n"}
     assert matrix.marked(modules) == ["tests/kernel/test_a.py", "tests/kernel/test_b.py"]
+
+
+KNOWN = matrix.Kernel("6.1", "bookworm-security", "Debian 12", known_failure="bug 1")
+
+
+def test_a_known_failure_is_reported_and_excused_only_while_it_fails() -> None:
+    failing = matrix.guest_result(KNOWN, "r", 9, "1", JUNIT.format(e=9, f=0, s=0, t=9), False)
+    assert failing.ok and "known failure" in failing.line() and "bug 1" in failing.line()
+    passing = matrix.guest_result(KNOWN, "r", 9, "0", JUNIT.format(e=0, f=0, s=0, t=9), False)
+    assert not passing.ok and "passes now, remove known_failure" in passing.line()
+    timed_out = matrix.guest_result(KNOWN, "r", 9, None, None, True)
+    assert not timed_out.ok and "timed out" in timed_out.line()
