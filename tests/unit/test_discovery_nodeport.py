@@ -129,3 +129,48 @@ def test_agent_refuses_bad_packet_path_options_before_touching_anything(
 def test_snat_ip_alone_is_refused() -> None:
     res = CliRunner().invoke(cli.main, ["agent", "--config", "x.yaml", "--snat-ip", "10.0.0.1"])
     assert res.exit_code == 2 and "--snat-ip needs --external-interface" in res.output
+
+
+def test_an_external_ip_the_address_rule_refuses_is_noted_not_fatal() -> None:
+    # The model's one address rule (loopback, broadcast): discovery leaves such an IP
+    # out rather than hand the model a service it would refuse whole.
+    snap, notes = snapshot(k8s_service(externalIPs=["127.0.0.5", "255.255.255.255",
+                                                    "198.51.100.20"]))
+    (svc,) = snap.services
+    assert svc.external_ips == ("198.51.100.20",)
+    assert any("127.0.0.5 cannot be a frontend" in n for n in notes)
+    assert any("255.255.255.255 cannot be a frontend" in n for n in notes)
+
+
+def test_an_ipv6_only_service_keeps_its_socket_path_and_has_no_packet_path() -> None:
+    svc6 = k8s_service(externalIPs=["198.51.100.20"])
+    svc6["spec"]["clusterIP"] = "fd00:96::a"
+    slice6 = k8s_slice()
+    slice6["addressType"] = "IPv6"
+    slice6["endpoints"] = [{"addresses": ["fd00:244:1::5"], "conditions": {"ready": True},
+                            "nodeName": "node-a"}]
+    snap, notes = snapshot(svc6, slices=[slice6])
+    (svc,) = snap.services
+    assert svc.vip == "fd00:96::a"
+    assert svc.node_port is None and svc.external_ips == ()
+    assert any("IPv6-only" in n and "packet path is IPv4" in n for n in notes)
+
+
+def test_the_model_checks_frontends_in_the_maps_128_bit_form() -> None:
+    # An external IP equal to the VIP is caught although ipv4() and the VIP's number
+    # differ in width (the VIP is held as ::ffff:a.b.c.d).
+    with pytest.raises(model.ModelError, match=r"external_ips\[0\]: 10.96.0.10 is the "
+                                               r"service's own VIP"):
+        model.Service("a", "10.96.0.10", 80, external_ips=("10.96.0.10",))
+    with pytest.raises(model.ModelError, match=r"external_ips.*loopback"):
+        model.Service("a", "10.96.0.10", 80, external_ips=("127.0.0.1",))
+    with pytest.raises(model.ModelError, match="the packet path serves IPv4 only"):
+        model.Service("a", "fd00::a", 80, node_port=30080)
+    # Dual stack: the IPv4 VIP carries the packet path, the backends have IPv4 addresses.
+    dual = model.Service("a", "10.96.0.10", 80, vip6="fd00::a", node_port=30080,
+                         backends=(model.Backend("10.244.1.5", 8080, address6="fd00::5",
+                                                 node="n1"),))
+    assert convert.service_from_pb(convert.service_to_pb(dual), "s") == dual
+    assert model.service_from_dict(dual.to_dict()) == dual
+    (fe,) = nodeport.frontends([dual]).values()
+    assert fe.service_key == ("10.96.0.10", 80, "tcp")

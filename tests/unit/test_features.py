@@ -78,3 +78,18 @@ def test_only_compat_h_calls_bpf_set_retval() -> None:
     offenders = [p.name for p in [*root.glob("*.c"), *root.glob("lib/*.h")]
                  if p.name != "compat.h" and "bpf_set_retval(" in p.read_text()]
     assert offenders == []
+
+
+def test_a_missing_packet_path_feature_stops_only_the_packet_path() -> None:
+    # bpf_redirect_neigh is 5.10's: a kernel without it still runs the socket path.
+    plan = features.decide({**ALL, "helper_redirect_neigh": False}, "5.4.0")
+    assert plan.missing == () and plan.fallbacks == ()
+    plan.require()  # the socket path loads
+    with pytest.raises(features.Unsupported) as caught:
+        plan.require_packet_path()
+    message = str(caught.value)
+    assert "bpf_redirect_neigh" in message and "(Linux 5.10)" in message
+    assert "--external-interface" in message
+    features.decide(ALL, "6.18").require_packet_path()  # nothing missing: no exception
+    row = next(r for r in features.rows({}) if r["name"] == "prog_sched_cls")
+    assert row["without"] == "no packet path (--external-interface)"
