@@ -349,8 +349,11 @@ def check_kernel(kernel_headers: str, as_json: bool) -> None:
         headers = str(exc)
         problems.append(headers)
     rows = features.rows(found)
+    # The packet path is optional (--external-interface): what it lacks is shown apart
+    # and does not fail the check.
     data = {"kernel": plan.release, "features": rows, "cflags": list(plan.cflags),
-            "headers": headers, "ok": not problems}
+            "headers": headers, "ok": not problems,
+            "packet_path": not plan.packet_missing}
 
     def table() -> Table:
         t = Table(title=f"kernel {plan.release}; headers {headers}")
@@ -362,6 +365,9 @@ def check_kernel(kernel_headers: str, as_json: bool) -> None:
         return t
 
     _emit(data, as_json, table)
+    if plan.packet_missing and not as_json:
+        click.echo("the packet path (--external-interface) cannot load here: " + "; ".join(
+            f"{f.what} (Linux {f.since})" for f in plan.packet_missing))
     if problems:
         _fail("the programs cannot load here: " + "; ".join(problems))
 

@@ -57,6 +57,10 @@ def test_check_kernel_names_every_feature_and_the_headers() -> None:
     assert data["ok"] is True and data["kernel"] == os.uname().release
     assert {r["name"] for r in data["features"]} == {f.name for f in features.FEATURES}
     assert data["headers"].startswith(f"{uapi.find('auto').kind}: ")
+    # The packet path's verdict follows its own features only.
+    packet = {f.name for f in features.FEATURES if f.packet_path}
+    assert packet and data["packet_path"] is all(
+        r["present"] for r in data["features"] if r["name"] in packet)
 
 
 def test_without_set_retval_a_refused_connect_fails_with_eperm(node: Node) -> None:
