@@ -354,3 +354,21 @@ def rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                            for k in ("kvroute new session", "kvroute live session", "haproxy")},
                         "haproxy_cpu_us_per_request": hop["haproxy"]["cpu_us_per_request"]})
     return out
+
+
+def as_results_doc(result: Mapping[str, Any], converted_from: str) -> dict[str, Any]:
+    """A result :func:`run` wrote itself (top-level "sim"/"vllm" parts) re-wrapped as the
+    results file ``python -m lab.bench --only llm`` writes (lab.bench.results_doc), so
+    README renders it like every other benchmark. Nothing is measured or guessed here:
+    the date, start and kernel are the result's own, the seconds the sum of its parts';
+    what the old file never recorded (CPUs, load average) stays None, and
+    ``converted_from`` says where the file came from."""
+    parts = [result[k] for k in ("sim", "vllm") if "started" in (result.get(k) or {})]
+    if not parts:
+        raise ValueError("no measured part (sim or vllm) in the result")
+    started = min(str(p["started"]) for p in parts)
+    return {"bench": "llm", "command": result["command"], "date": started[:10],
+            "started": started, "seconds": round(sum(float(p["seconds"]) for p in parts), 1),
+            "kernel": result["kernel"], "cpus": None, "loadavg_at_start": None,
+            "converted_from": converted_from, "quick": result.get("quick", False),
+            "detail": dict(result), "rows": rows(result)}
