@@ -613,6 +613,23 @@ def render_quick(results: Results) -> str:
                 table.append([f"same, {r['name']} (modelled)",
                               f"{_x(r['failed'] / kvr['failed'])}x kvroute "
                               f"({_n(r['failed'])} vs {_n(kvr['failed'])})", failover["date"]])
+    llm_ = results.get("llm")
+    if llm_:
+        for kind, part in llm_parts(llm_).items():
+            kvr = next((r for r in part.get("rows", []) if r["policy"] == "kvroute"), None)
+            if kvr:
+                vs = kvr["vs_random"]
+                table.append([f"LLM workload, {LLM_KINDS[kind]}, kvroute vs random",
+                              f"prefix-cache hit {_pct(kvr['prefix_cache_hit_ratio'])} "
+                              f"({vs['prefix_hit_points']:+.1f} points), TTFT p50 "
+                              f"{_x(vs['ttft_p50_x'])}x", llm_["date"]])
+    dns_ = results.get("dns")
+    if dns_:
+        for r in dns_["rows"]:
+            table.append([f"DNS p50 through the UDP VIP, {r['family']}, "
+                          f"{DNS_MODES.get(r['mode'], r['mode'])}",
+                          f"{_x(r['p50_ratio'])}x direct ({r['vip_p50_us']} vs "
+                          f"{r['direct_p50_us']} us)", dns_["date"]])
     commands = sorted({str(d["command"]) for d in results.values()})
     total = sum(float(d["seconds"]) for d in results.values())
     return "\n".join([

@@ -208,3 +208,15 @@ def test_dns_table_shows_latency_and_rate_against_direct_and_kernel_time() -> No
     assert "no in-kernel times" not in text
     assert "no in-kernel times" in "\n".join(benchreport.render_dns({**doc,
                                                                       "kernel_stats": False}))
+
+
+def test_quick_table_has_the_llm_and_dns_headlines() -> None:
+    from lab import bench_llm
+    dns = _doc("dns", [{"bench": "dns v4 reuse", "family": "v4", "mode": "reuse",
+                        "vip_p50_us": 11.0, "direct_p50_us": 10.0, "p50_ratio": 1.1}])
+    text = benchreport.render_quick({"llm": bench_llm.as_results_doc(LLM_RESULT, "test"),
+                                     "dns": dns})
+    assert "| LLM workload, simulated engines, kvroute vs random | prefix-cache hit 80.0% " \
+           "(+50.0 points), TTFT p50 0.80x | 2026-12-07 |" in text
+    assert "| DNS p50 through the UDP VIP, v4, one socket for every query | 1.10x direct " \
+           "(11.0 vs 10.0 us) | 2026-12-08 |" in text
