@@ -152,7 +152,8 @@ def raw(maps: MapSet) -> dict[str, Any]:
     svcs = list(maps.items("kvr_svc_v2", abi.L4Key, abi.Svc))
     return {
         "view": apply.read_view(maps),
-        "tables": {(abi.from_words(k.addr), k.port, k.proto): tables.read(maps, s) for k, s in svcs},
+        "tables": {(abi.from_words(k.addr), k.port, k.proto): tables.read(maps, s)
+                   for k, s in svcs},
         "groups": sorted(k.value for k in maps.keys("kvr_tables", ct.c_uint32)),
         **{name: sorted(k.value for k in maps.keys(name, ct.c_uint32))
            for name in KERNEL_MAPS},
