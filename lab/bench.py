@@ -21,7 +21,9 @@ ratios mean more than absolute times).
    documented defaults at the measured rate (lab/bench_failover.py);
 7. the LLM workload: multi-turn streaming chat (the openai client) under random,
    least-loaded, kvroute and HAProxy routing, on simulated engines and on real vLLM
-   CPU engines when installed (lab/bench_llm.py).
+   CPU engines when installed (lab/bench_llm.py);
+8. DNS through a dual-stack UDP VIP: queries/s and latency through the VIP vs direct to
+   dnsmasq, and kvroute's in-kernel time per query (lab/dns.py).
 
 Each benchmark's rows go to bench/results/NAME.json (quick/NAME.json with --quick);
 `python -m lab.benchreport` renders README's section and the plots from them.
@@ -221,6 +223,20 @@ def bench_llm(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return bl.rows(result), {"detail": result}
 
 
+def bench_dns(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per family and socket use (reuse: one socket for every query; new: a socket
+    per query, as a stub resolver without a pool does), from lab.dns's medians; the
+    runs themselves and dig's answers go beside them."""
+    from lab import dns
+    # 20,000 x 3 is `python -m lab.dns bench`'s default; quick keeps the 16 runs short
+    queries, rounds = (3000, 1) if quick else (20000, 3)
+    data = dns.bench(queries, rounds)
+    rows = [{"bench": f"dns {key}", "family": key.split()[0], "mode": key.split()[1], **row}
+            for key, row in data["summary"].items()]
+    return rows, {"queries": queries, "rounds_per_target": rounds,
+                  "kernel_stats": data["kernel_stats"], "dig": data["dig"], "runs": data["runs"]}
+
+
 Bench = Callable[[], "list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]"]
 
 
@@ -237,7 +253,8 @@ def benches(quick: bool) -> dict[str, Bench]:
             "bindings": lambda: bench_bindings(quick),
             "fanout": lambda: bench_fanout(quick),
             "failover": lambda: bench_failover(quick),
-            "llm": lambda: bench_llm(quick)}
+            "llm": lambda: bench_llm(quick),
+            "dns": lambda: bench_dns(quick)}
 
 
 def main(argv: list[str] | None = None) -> int:

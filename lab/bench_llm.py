@@ -22,7 +22,8 @@ HAProxy, interleaved, and HAProxy's CPU time per request (from /proc) during its
 
 On simulated engines always; on real vLLM CPU engines when ``make vllm`` installed them
 (fewer engines, a shorter workload: the tiny model's context is 1,024 tokens and the
-machine has two cores). :func:`run` writes ``bench/results/llm.json``.
+machine has two cores). ``python -m lab.bench --only llm`` writes ``bench/results/llm.json``
+(lab.bench's results file, the full result under "detail").
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from typing import Any
 
 from lab import chatload, fleet, podserver, vllm_engine
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 POLICIES = ("random", "least-loaded", "kvroute", "haproxy")
 BASELINE = "random"
 # The fleet's main service (session affinity) keeps fleet.Fleet's VIP; the baselines
@@ -306,11 +306,13 @@ def _line(row: Mapping[str, Any]) -> str:
             + (f"  breakers opened {row['breaker_opens']}" if row.get("breaker_opens") else ""))
 
 
-def run(quick: bool, results: Path | None = RESULTS / "llm.json",
+def run(quick: bool, results: Path | None = None,
         vllm_venv: Path = vllm_engine.DEFAULT_VENV,
         say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The LLM workload on simulated engines, and on real vLLM CPU engines when
-    installed (else the result says why not); written to ``results`` as JSON."""
+    installed (else the result says why not); written to ``results`` as JSON if given.
+    No default file: bench/results/llm.json is lab.bench's (results_doc), and this shape
+    written there would replace it with one README cannot render."""
     def default_say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
@@ -354,3 +356,21 @@ def rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                            for k in ("kvroute new session", "kvroute live session", "haproxy")},
                         "haproxy_cpu_us_per_request": hop["haproxy"]["cpu_us_per_request"]})
     return out
+
+
+def as_results_doc(result: Mapping[str, Any], converted_from: str) -> dict[str, Any]:
+    """A result :func:`run` wrote itself (top-level "sim"/"vllm" parts) re-wrapped as the
+    results file ``python -m lab.bench --only llm`` writes (lab.bench.results_doc), so
+    README renders it like every other benchmark. Nothing is measured or guessed here:
+    the date, start and kernel are the result's own, the seconds the sum of its parts';
+    what the old file never recorded (CPUs, load average) stays None, and
+    ``converted_from`` says where the file came from."""
+    parts = [result[k] for k in ("sim", "vllm") if "started" in (result.get(k) or {})]
+    if not parts:
+        raise ValueError("no measured part (sim or vllm) in the result")
+    started = min(str(p["started"]) for p in parts)
+    return {"bench": "llm", "command": result["command"], "date": started[:10],
+            "started": started, "seconds": round(sum(float(p["seconds"]) for p in parts), 1),
+            "kernel": result["kernel"], "cpus": None, "loadavg_at_start": None,
+            "converted_from": converted_from, "quick": result.get("quick", False),
+            "detail": dict(result), "rows": rows(result)}

@@ -23,8 +23,10 @@ GREYS = ("#bdbdbd", "#636363")  # baselines of kvroute's own
 
 
 def _footer(fig: Any, doc: Mapping[str, Any]) -> None:
+    # a re-wrapped file (lab.bench_llm.as_results_doc) has no CPU count
+    cpus = f"{doc['cpus']} CPUs" if doc.get("cpus") is not None else "CPUs not recorded"
     fig.text(0.01, 0.01, f"{doc['command']}  |  {doc['date']}  |  kernel {doc['kernel']}, "
-             f"{doc['cpus']} CPUs", fontsize=7, color="#555555")
+             f"{cpus}", fontsize=7, color="#555555")
 
 
 def connect(doc: Mapping[str, Any], path: Path) -> None:
@@ -147,7 +149,49 @@ def failover(doc: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-DRAW = {"connect": connect, "maglev": maglev, "fanout": fanout, "failover": failover}
+def llm(doc: Mapping[str, Any], path: Path) -> None:
+    """Prefix-cache hit ratio and TTFT p50 per router, one group of bars per engine kind:
+    the affinity routers' gain in cache hits beside what it does to first-token time."""
+    parts = {k: p for k, p in benchreport.llm_parts(doc).items() if p.get("rows")}
+    policies = list(dict.fromkeys(r["policy"] for p in parts.values() for r in p["rows"]))
+    colours = dict(zip(policies, (GREYS[0], OTHERS[3], KVROUTE[0], OTHERS[0]), strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    width = 0.8 / max(1, len(policies))
+    kinds = list(parts)
+    for ax, field, what in ((axes[0], "prefix", "prefix-cache hit ratio, %"),
+                            (axes[1], "ttft", "TTFT p50, ms (x random above the bar)")):
+        for i, policy in enumerate(policies):
+            xs, ys, notes = [], [], []
+            for k, kind in enumerate(kinds):
+                row = next((r for r in parts[kind]["rows"] if r["policy"] == policy), None)
+                if row is None:
+                    continue
+                xs.append(k + (i - (len(policies) - 1) / 2) * width)
+                if field == "prefix":
+                    hit = row["prefix_cache_hit_ratio"]
+                    ys.append(0.0 if hit is None else hit * 100)
+                    notes.append("-" if hit is None else f"{hit:.0%}")
+                else:
+                    ys.append(row["ttft_ms"]["p50"])
+                    notes.append(f"{row['vs_random']['ttft_p50_x']:.2f}x")
+            bars = ax.bar(xs, ys, width, label=policy, color=colours.get(policy))
+            ax.bar_label(bars, notes, fontsize=7, padding=2)
+        ax.set_xticks(range(len(kinds)),
+                      [f"{benchreport.LLM_KINDS[k]} (x{parts[k]['engines']})" for k in kinds])
+        ax.set_ylabel(what)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.margins(y=0.12)
+    axes[0].set_title("Prefix-cache hits per router")
+    axes[1].set_title("Time to first token per router")
+    axes[0].legend(fontsize=8, loc="upper right")
+    _footer(fig, doc)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+DRAW = {"connect": connect, "maglev": maglev, "fanout": fanout, "failover": failover,
+        "llm": llm}
 
 
 def write_all(folder: Path) -> list[Path]:

@@ -87,9 +87,13 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _provenance(doc: Mapping[str, Any]) -> str:
+    # A file re-wrapped from an older writer (lab.bench_llm.as_results_doc) never recorded
+    # CPUs or load: say so rather than print None.
+    cpus = f"{doc['cpus']} CPUs" if doc.get("cpus") is not None else "CPUs not recorded"
+    load = (f"load average {doc['loadavg_at_start']} at the start"
+            if doc.get("loadavg_at_start") is not None else "load average not recorded")
     return (f"`{doc['command']}`, {doc['date']}, {doc['seconds']:.0f} s, kernel "
-            f"{doc['kernel']}, {doc['cpus']} CPUs, load average {doc['loadavg_at_start']} "
-            "at the start")
+            f"{doc['kernel']}, {cpus}, {load}")
 
 
 # -- connect ------------------------------------------------------------------------------
@@ -400,6 +404,118 @@ def render_failover(doc: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# -- LLM workload -------------------------------------------------------------------------
+
+
+LLM_KINDS = {"sim": "simulated engines", "vllm": "real vLLM CPU engines"}
+HOP_PATHS = ("direct", "kvroute new session", "kvroute live session", "haproxy")
+
+
+def llm_parts(doc: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Engine kind -> bench_llm.run_kind's result, from lab.bench's file (the full result
+    under "detail") or from a file bench_llm.run wrote itself (the parts at the top)."""
+    detail = doc.get("detail", doc)
+    return {k: detail[k] for k in LLM_KINDS if isinstance(detail.get(k), Mapping)}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f} ms"
+
+
+def render_llm(doc: Mapping[str, Any]) -> list[str]:
+    head = f"Run: {_provenance(doc)}."
+    if doc.get("converted_from"):
+        head += f" Converted: {doc['converted_from']}."
+    out = [head + " The same multi-turn streaming chat workload (the openai client, a new "
+           "connection every turn) under each router, one after another in rounds of "
+           "alternating order; `x random` is against the random router in the same run on "
+           "the same engines. Prefix-cache hit ratio is the engines' own "
+           "`vllm:prefix_cache_*` counters; imbalance is the mean over samples of max/mean "
+           "running requests.", ""]
+    for kind, part in llm_parts(doc).items():
+        label = LLM_KINDS[kind]
+        if "skipped" in part:
+            out += [f"**{label}**: not run: {part['skipped']}", ""]
+            continue
+        wl = part["workload"]
+        out += [f"**{label}**: {part['engines']} engines, {wl['users']} users x "
+                f"{wl['sessions']} sessions x {wl['turns']} turns, {wl['max_tokens']} tokens "
+                f"a turn, {part['rounds']} rounds per router, started {part['started']}, "
+                f"{part['seconds']:.0f} s.", ""]
+        table = []
+        for r in part["rows"]:
+            vs = r["vs_random"]
+            table.append([
+                str(r["policy"]),
+                f"{_ms(r['ttft_ms']['p50'])} ({_x(vs['ttft_p50_x'])}x)",
+                f"{_ms(r['ttft_ms']['p99'])} ({_x(vs['ttft_p99_x'])}x)",
+                f"{r['tokens_per_s']} ({_x(vs['tokens_per_s_x'])}x)",
+                f"{_pct(r['prefix_cache_hit_ratio'])} ({vs['prefix_hit_points']:+.1f} points)",
+                f"{r['imbalance_running']}", f"{r['failed']}/{r['requests']}"])
+        out += _table(["router", "TTFT p50 (x random)", "TTFT p99 (x random)",
+                       "tokens/s (x random)", "prefix-cache hit (vs random)", "imbalance",
+                       "failed"], table)
+        hop = part.get("hop")
+        if hop:
+            proxy: Mapping[str, Any] = next(
+                (r for r in part["rows"] if r["policy"] == "haproxy"), {})
+            out += ["", f"The hop itself ({label}): {hop['rounds']} rounds of "
+                    f"{hop['request']}, the paths interleaved; HAProxy's CPU from /proc.", ""]
+            rows = []
+            for path in HOP_PATHS:
+                h = hop.get(path)
+                if not h:
+                    continue
+                cpu = "-"
+                if path == "haproxy":
+                    cpu = f"{_n(h['cpu_us_per_request'])} us"
+                    if proxy.get("proxy_cpu_us_per_request") is not None:
+                        cpu += (f" (during the workload: {_n(proxy['proxy_cpu_us_per_request'])}"
+                                " us)")
+                rows.append([path, f"{_n(h['p50_us'])} us", f"{_n(h['p99_us'])} us",
+                             "baseline" if path == "direct" else
+                             f"{h['extra_p50_us']:+,.0f} us", cpu])
+            out += _table(["path", "p50", "p99", "p50 over direct", "HAProxy CPU per request"],
+                          rows)
+        out.append("")
+    return out[:-1] if out and out[-1] == "" else out
+
+
+# -- DNS ----------------------------------------------------------------------------------
+
+
+DNS_MODES = {"reuse": "one socket for every query", "new": "a new socket per query"}
+
+
+def render_dns(doc: Mapping[str, Any]) -> list[str]:
+    stats = ("" if doc.get("kernel_stats", True) else
+             " BPF run-time stats were refused by the kernel: no in-kernel times.")
+    out = [f"Run: {_provenance(doc)}. dnsmasq in two pods behind a dual-stack UDP service "
+           "(an IPv4 and an IPv6 VIP, port 53); the compiled client (lab/dnsbench.c) asks "
+           f"{doc['queries']:,} queries a run through the VIP and direct to one resolver, "
+           f"alternated, {doc['rounds_per_target']} runs each; medians over runs. The "
+           "in-kernel time is every kvroute program's, per answered query (direct: the same "
+           f"programs finding no service).{stats}", ""]
+    table = []
+    for r in doc["rows"]:
+        table.append([f"{r['family']}, {DNS_MODES.get(r['mode'], r['mode'])}",
+                      f"{_x(r['p50_ratio'])}x ({r['vip_p50_us']} vs {r['direct_p50_us']} us)",
+                      f"{_x(r['qps_ratio'])}x ({_n(r['vip_qps'])} vs {_n(r['direct_qps'])})",
+                      f"{_n(r['vip_kernel_ns'])} ns", f"{_n(r['direct_kernel_ns'])} ns"])
+    out += _table(["family, socket use", "p50 latency, VIP x direct", "queries/s, VIP x direct",
+                   "kvroute in kernel per query, VIP", "same, direct"], table)
+    dig = doc.get("dig") or {}
+    if dig:
+        out += ["", "dig through each VIP: " + "; ".join(
+            f"`{vip}` answered by {', '.join(d['answers'])}, replies from "
+            f"{', '.join(d['replied_from'])}" for vip, d in dig.items()) + "."]
+    return out
+
+
 # -- the sections -------------------------------------------------------------------------
 
 
@@ -410,11 +526,14 @@ RENDER: dict[str, tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = {
     "fanout": ("Control plane at scale: engine loads to every agent", render_fanout),
     "bindings": ("Fleet-wide session bindings", render_bindings),
     "failover": ("Failover: an engine dies", render_failover),
+    "llm": ("LLM workload: routers on simulated and real vLLM engines", render_llm),
+    "dns": ("DNS through a dual-stack UDP VIP", render_dns),
 }
 PLOTS = {"connect": ("connect_latency.png", "p50 and p99 x direct vs service count"),
          "maglev": ("maglev_build.png", "weighted build times"),
          "fanout": ("fanout_latency.png", "load change to the last agent, distribution"),
-         "failover": ("failover_timeline.png", "failed new connects after an engine dies")}
+         "failover": ("failover_timeline.png", "failed new connects after an engine dies"),
+         "llm": ("llm_routers.png", "prefix-cache hit ratio and TTFT p50 per router")}
 
 
 def render(results: Results, plots: Mapping[str, str] | None = None) -> str:
@@ -494,6 +613,23 @@ def render_quick(results: Results) -> str:
                 table.append([f"same, {r['name']} (modelled)",
                               f"{_x(r['failed'] / kvr['failed'])}x kvroute "
                               f"({_n(r['failed'])} vs {_n(kvr['failed'])})", failover["date"]])
+    llm_ = results.get("llm")
+    if llm_:
+        for kind, part in llm_parts(llm_).items():
+            kvr = next((r for r in part.get("rows", []) if r["policy"] == "kvroute"), None)
+            if kvr:
+                vs = kvr["vs_random"]
+                table.append([f"LLM workload, {LLM_KINDS[kind]}, kvroute vs random",
+                              f"prefix-cache hit {_pct(kvr['prefix_cache_hit_ratio'])} "
+                              f"({vs['prefix_hit_points']:+.1f} points), TTFT p50 "
+                              f"{_x(vs['ttft_p50_x'])}x", llm_["date"]])
+    dns_ = results.get("dns")
+    if dns_:
+        for r in dns_["rows"]:
+            table.append([f"DNS p50 through the UDP VIP, {r['family']}, "
+                          f"{DNS_MODES.get(r['mode'], r['mode'])}",
+                          f"{_x(r['p50_ratio'])}x direct ({r['vip_p50_us']} vs "
+                          f"{r['direct_p50_us']} us)", dns_["date"]])
     commands = sorted({str(d["command"]) for d in results.values()})
     total = sum(float(d["seconds"]) for d in results.values())
     return "\n".join([

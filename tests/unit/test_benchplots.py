@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import bench_failover, benchplots
+from lab import bench_failover, bench_llm, benchplots
 from tests.unit import test_benchreport as tb
 
 pytestmark = pytest.mark.unit
@@ -26,7 +26,8 @@ def test_every_plot_is_drawn_from_its_results_file(tmp_path: Path) -> None:
                                    rate_per_s=200.0)
     failover = tb._doc("failover", [kvr, bench_failover.kube_proxy_model(200.0, 4),
                                     bench_failover.envoy_model(200.0, 4)])
-    for doc in (tb.CONNECT, maglev, fanout, failover):
+    llm = bench_llm.as_results_doc(tb.LLM_RESULT, "a test's own result")
+    for doc in (tb.CONNECT, maglev, fanout, failover, llm):
         (tmp_path / f"{doc['bench']}.json").write_text(json.dumps(doc))
     written = benchplots.write_all(tmp_path)
     assert sorted(p.name for p in written) == sorted(

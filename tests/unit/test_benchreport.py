@@ -128,3 +128,95 @@ def test_failover_table_puts_the_models_beside_the_measured_row() -> None:
     kvr.update(failed_before_death=7, attempts=1400)
     assert "**Not a clean run**: 7 of 1,400 connects failed before the engine died" in \
         "\n".join(benchreport.render_failover(doc))
+
+
+def _llm_row(policy: str, p50: float, hit: float, **extra: Any) -> dict[str, Any]:
+    return {"policy": policy, "requests": 40, "ok": 40, "failed": 0,
+            "ttft_ms": {"p50": p50, "p99": 4 * p50}, "tokens_per_s": 20.0,
+            "prefix_cache_hit_ratio": hit, "imbalance_running": 1.5,
+            "vs_random": {"ttft_p50_x": round(p50 / 500, 3), "ttft_p99_x": round(p50 / 500, 3),
+                          "tokens_per_s_x": 1.0, "prefix_hit_points": round((hit - 0.3) * 100, 1)},
+            **extra}
+
+
+# What bench_llm.run returns (and, run on its own, writes): the parts at the top.
+LLM_RESULT: dict[str, Any] = {
+    "command": "python -m lab.bench --only llm", "quick": False, "kernel": "6.1",
+    "sim": {"engines": 4, "engine": "sim", "rounds": 2, "started": "2026-12-07T23:50:00Z",
+            "seconds": 300.0,
+            "workload": {"users": 16, "sessions": 32, "turns": 5, "max_tokens": 48},
+            "hop": {"rounds": 300, "request": "new connection + GET /v1/models",
+                    "direct": {"p50_us": 500.0, "p99_us": 900.0, "extra_p50_us": 0.0},
+                    "kvroute new session": {"p50_us": 510.0, "p99_us": 950.0,
+                                            "extra_p50_us": 10.0},
+                    "kvroute live session": {"p50_us": 505.0, "p99_us": 940.0,
+                                             "extra_p50_us": 5.0},
+                    "haproxy": {"p50_us": 600.0, "p99_us": 1200.0, "extra_p50_us": 100.0,
+                                "cpu_us_per_request": 150.0}},
+            "rows": [_llm_row("random", 500, 0.3), _llm_row("kvroute", 400, 0.8),
+                     _llm_row("haproxy", 450, 0.8, proxy_cpu_us_per_request=1500.0)]},
+    "vllm": {"skipped": "no vLLM venv at /x"},
+}
+
+
+def test_llm_result_rewrapped_as_a_results_file_keeps_every_number() -> None:
+    from lab import bench_llm
+    doc = bench_llm.as_results_doc(LLM_RESULT, "a test's own result")
+    assert doc["detail"] == LLM_RESULT and doc["rows"] == bench_llm.rows(LLM_RESULT)
+    assert (doc["date"], doc["started"], doc["seconds"]) == ("2026-12-07",
+                                                             "2026-12-07T23:50:00Z", 300.0)
+    # never recorded by the old writer: not made up
+    assert doc["cpus"] is None and doc["loadavg_at_start"] is None
+    assert benchreport.llm_parts(doc) == benchreport.llm_parts(LLM_RESULT)
+    with pytest.raises(ValueError, match="no measured part"):
+        bench_llm.as_results_doc({"command": "x", "kernel": "6.1",
+                                  "vllm": {"skipped": "no"}}, "x")
+
+
+def test_llm_table_shows_each_router_against_random_and_the_hop() -> None:
+    from lab import bench_llm
+    doc = bench_llm.as_results_doc(LLM_RESULT, "a test's own result")
+    text = "\n".join(benchreport.render_llm(doc))
+    assert "| random | 500 ms (1.00x) | 2,000 ms (1.00x) | 20.0 (1.00x) | 30.0% (+0.0 points) " \
+           "| 1.5 | 0/40 |" in text
+    assert "| kvroute | 400 ms (0.80x) | 1,600 ms (0.80x) | 20.0 (1.00x) | 80.0% (+50.0 points)" \
+        in text
+    assert "| direct | 500 us | 900 us | baseline | - |" in text
+    assert "| haproxy | 600 us | 1,200 us | +100 us | 150 us (during the workload: 1,500 us) |" \
+        in text
+    assert "**real vLLM CPU engines**: not run: no vLLM venv at /x" in text
+    assert "CPUs not recorded, load average not recorded. Converted: a test's own result." \
+        in text
+    # lab.bench's own file records both
+    measured = {**doc, "cpus": 2, "loadavg_at_start": 1.5}
+    measured.pop("converted_from")
+    assert "2 CPUs, load average 1.5 at the start. The same" in \
+        "\n".join(benchreport.render_llm(measured))
+
+
+def test_dns_table_shows_latency_and_rate_against_direct_and_kernel_time() -> None:
+    rows = [{"bench": f"dns {fam} {mode}", "family": fam, "mode": mode, "vip_kernel_ns": 450.0,
+             "direct_kernel_ns": 140.0, "direct_qps": 50000, "vip_qps": 45000,
+             "qps_ratio": 0.9, "direct_p50_us": 10.0, "vip_p50_us": 11.0, "p50_ratio": 1.1}
+            for fam in ("v4", "v6") for mode in ("reuse", "new")]
+    doc = _doc("dns", rows, queries=20000, rounds_per_target=3, kernel_stats=True,
+               dig={"10.96.53.10": {"answers": ["10.0.0.1"], "replied_from": ["10.96.53.10"]}})
+    text = "\n".join(benchreport.render_dns(doc))
+    assert "| v6, a new socket per query | 1.10x (11.0 vs 10.0 us) | 0.90x (45,000 vs 50,000) " \
+           "| 450 ns | 140 ns |" in text
+    assert "`10.96.53.10` answered by 10.0.0.1, replies from 10.96.53.10" in text
+    assert "no in-kernel times" not in text
+    assert "no in-kernel times" in "\n".join(benchreport.render_dns({**doc,
+                                                                      "kernel_stats": False}))
+
+
+def test_quick_table_has_the_llm_and_dns_headlines() -> None:
+    from lab import bench_llm
+    dns = _doc("dns", [{"bench": "dns v4 reuse", "family": "v4", "mode": "reuse",
+                        "vip_p50_us": 11.0, "direct_p50_us": 10.0, "p50_ratio": 1.1}])
+    text = benchreport.render_quick({"llm": bench_llm.as_results_doc(LLM_RESULT, "test"),
+                                     "dns": dns})
+    assert "| LLM workload, simulated engines, kvroute vs random | prefix-cache hit 80.0% " \
+           "(+50.0 points), TTFT p50 0.80x | 2026-12-07 |" in text
+    assert "| DNS p50 through the UDP VIP, v4, one socket for every query | 1.10x direct " \
+           "(11.0 vs 10.0 us) | 2026-12-08 |" in text
