@@ -20,7 +20,9 @@
 /* Hashed slots tried per pick, usable or not: enough that a table in which
  * the kernel has tripped most backends (user space has not rebuilt it yet)
  * still finds a live one. */
+#ifndef KVR_WALK
 #define KVR_WALK 32
+#endif
 
 #define KVR_NS_PER_SEC 1000000000ULL
 
@@ -172,6 +174,44 @@ static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *
 	return best;
 }
 
+/*
+ * lb_pick_prepare() - the service's table and mean load for a pick; false
+ * when it has no table (the walk counts that, once).
+ */
+static __always_inline bool lb_pick_prepare(const struct kvr_svc *svc, void **table,
+					    __u32 *mean)
+{
+	__u32 group = svc->tbl_group;
+
+	*table = kvr_tables.lookup(&group);
+	*mean = 0;
+	if (!*table || svc->table_size == 0)
+		return false;
+	/* Loads are read only when a bound can apply: the common no-load case
+	 * costs no load lookups at all. */
+	if (svc->eps_milli != KVR_EPS_OFF)
+		*mean = lb_svc_mean(svc->id);
+	return true;
+}
+
+/*
+ * lb_fleet_pick() - a fleet service's placement by residency
+ * (lb_residency_pick); KVR_NO_BACKEND sends the pick on to the walk
+ * (lb_maglev_pick), which then decides alone. Verified in a program of its
+ * own (the pick program; the walk has the walk program): see kvr_walk_* in
+ * maps.h.
+ */
+static __always_inline __u32 lb_fleet_pick(const struct kvr_svc *svc, __u64 key, __u64 ident,
+					   __u32 avoid)
+{
+	void *table;
+	__u32 mean;
+
+	if (!lb_pick_prepare(svc, &table, &mean))
+		return KVR_NO_BACKEND;
+	return lb_residency_pick(svc, table, key, ident, mean, avoid);
+}
+
 /**
  * lb_maglev_pick() - consistent hashing with bounded loads over the table.
  * @avoid: a backend never taken (the one a saturated session leaves), or
@@ -187,35 +227,23 @@ static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *
  * over it, the least loaded one does. KVR_NO_BACKEND when no candidate is
  * usable.
  *
- * Fleet services place by residency first (lb_residency_pick); the walk
- * decides only when no backend there is under the bound. Services without
- * the flag pay nothing for it.
+ * Fleet services place by residency first (lb_fleet_pick, in the program
+ * before this one); the walk decides only when no backend there is under
+ * the bound. Services without the flag pay nothing for it.
  */
 static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc, __u64 key,
-						      __u64 ident, __u32 avoid, bool fleet)
+						      __u64 ident, __u32 avoid)
 {
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
 	__u32 seen[KVR_CANDIDATES] = {};
 	__u32 best_load = 0xffffffffU, nseen = 0;
-	__u32 group = svc->tbl_group;
-	__u32 mean = 0;
+	__u32 mean;
 	void *table;
 	__u32 n;
 
-	table = kvr_tables.lookup(&group);
-	if (!table || svc->table_size == 0) {
+	if (!lb_pick_prepare(svc, &table, &mean)) {
 		kvr_reason_inc(KVR_R_NO_TABLE);
 		return pick;
-	}
-	/* Loads are read only when a bound can apply: the common no-load case
-	 * costs no load lookups at all. */
-	if (svc->eps_milli != KVR_EPS_OFF)
-		mean = lb_svc_mean(svc->id);
-
-	if (fleet) {
-		pick.be_id = lb_residency_pick(svc, table, key, ident, mean, avoid);
-		if (pick.be_id != KVR_NO_BACKEND)
-			return pick;
 	}
 
 	for (n = 0; n < KVR_WALK; n++) {
