@@ -177,11 +177,12 @@ def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
         n = ct.c_uint32(count - done)
         ret = _lib().bpf_map_update_batch(fd, keys.ctypes.data + done * kstride,
                                           values.ctypes.data + done * vstride, ct.byref(n), None)
-        done += n.value
         if ret == -ENOTSUPP_KERNEL:
+            # Refused before any write, and n still holds what was asked for.
             for i in range(done, count):
                 _update_raw(fd, keys.ctypes.data + i * kstride, values.ctypes.data + i * vstride)
             return
+        done += n.value
         if ret == -errno.ENOMEM and retries < _ENOMEM_RETRIES:
             retries += 1
             time.sleep(0.001)
@@ -209,7 +210,7 @@ def delete_batch(fd: int, keys: np.ndarray) -> None:
     ret = _lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None)
     if ret == -ENOTSUPP_KERNEL:
         stride = keys.strides[0] if keys.ndim else 0
-        for i in range(n.value, len(keys)):
+        for i in range(len(keys)):  # refused before any delete (n is not an answer)
             _check(_lib().bpf_map_delete_elem(fd, ct.c_void_p(keys.ctypes.data + i * stride)),
                    "map delete")
         return

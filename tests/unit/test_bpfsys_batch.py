@@ -24,13 +24,15 @@ class FakeLib:
     def bpf_map_update_batch(self, fd: int, keys: int, values: int,
                              n: object, opts: object) -> int:
         want = ct.cast(n, ct.POINTER(ct.c_uint32)).contents
+        if not self.supported:
+            # The kernel refuses before touching anything, and libbpf copies back the
+            # count it was given: n says "all done" when nothing was.
+            return -bpfsys.ENOTSUPP_KERNEL
         take = min(want.value, self.batch_ok)
         for i in range(take):
             self.map[ct.c_uint32.from_address(keys + 4 * i).value] = \
                 ct.c_uint32.from_address(values + 4 * i).value
         want.value = take
-        if take == 0 and not self.supported:
-            return -bpfsys.ENOTSUPP_KERNEL
         return 0
 
     def bpf_map_update_elem(self, fd: int, key: ct.c_void_p, value: ct.c_void_p,
@@ -42,8 +44,7 @@ class FakeLib:
         return 0
 
     def bpf_map_delete_batch(self, fd: int, keys: int, n: object, opts: object) -> int:
-        ct.cast(n, ct.POINTER(ct.c_uint32)).contents.value = 0
-        return -bpfsys.ENOTSUPP_KERNEL
+        return -bpfsys.ENOTSUPP_KERNEL  # n left as given, as libbpf does
 
     def bpf_map_delete_elem(self, fd: int, key: ct.c_void_p) -> int:
         assert key.value is not None
