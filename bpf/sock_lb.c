@@ -63,6 +63,27 @@ int udp6_pick(struct bpf_sock_addr *ctx)
 	return __sock_pick(ctx, true, SOCK_SENDMSG);
 }
 
+/* Walk programs: tail-called by the pick program of the same attach type only. */
+int sock4_walk(struct bpf_sock_addr *ctx)
+{
+	return __sock_walk(ctx, false, SOCK_CONNECT);
+}
+
+int sock6_walk(struct bpf_sock_addr *ctx)
+{
+	return __sock_walk(ctx, true, SOCK_CONNECT);
+}
+
+int udp4_walk(struct bpf_sock_addr *ctx)
+{
+	return __sock_walk(ctx, false, SOCK_SENDMSG);
+}
+
+int udp6_walk(struct bpf_sock_addr *ctx)
+{
+	return __sock_walk(ctx, true, SOCK_SENDMSG);
+}
+
 int sock4_recvmsg(struct bpf_sock_addr *ctx)
 {
 	return __sock_recv_rev(ctx, false);

@@ -160,9 +160,18 @@ def next_key(fd: int, key: object | None, out: object) -> bool:
     return True
 
 
+# The kernel's own "operation not supported" (include/linux/errno.h), which user space
+# has no name for: what a batch call on a map type without batch operations returns.
+ENOTSUPP_KERNEL = 524
+
+
 def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
     """Many entries per syscall (BPF_MAP_UPDATE_BATCH), from packed numpy arrays
-    (one row per entry). A batch cut short by ENOMEM resumes where it stopped."""
+    (one row per entry). A batch cut short by ENOMEM resumes where it stopped.
+
+    A map type this kernel has no batch update for (ENOTSUPP: some of kvroute's on
+    5.10, found by the kernel matrix) gets the rest one entry at a time: slower, the
+    same result."""
     count = len(keys)
     if len(values) != count:
         raise ValueError(f"{count} keys but {len(values)} values")
@@ -172,6 +181,11 @@ def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
         n = ct.c_uint32(count - done)
         ret = _lib().bpf_map_update_batch(fd, keys.ctypes.data + done * kstride,
                                           values.ctypes.data + done * vstride, ct.byref(n), None)
+        if ret == -ENOTSUPP_KERNEL:
+            # Refused before any write, and n still holds what was asked for.
+            for i in range(done, count):
+                _update_raw(fd, keys.ctypes.data + i * kstride, values.ctypes.data + i * vstride)
+            return
         done += n.value
         if ret == -errno.ENOMEM and retries < _ENOMEM_RETRIES:
             retries += 1
@@ -180,12 +194,31 @@ def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
         _check(ret, "map batch update")
 
 
+def _update_raw(fd: int, key: int, value: int) -> None:
+    """One entry from addresses into packed rows (update_batch's fallback)."""
+    for _ in range(_ENOMEM_RETRIES):
+        ret = _lib().bpf_map_update_elem(fd, ct.c_void_p(key), ct.c_void_p(value), BPF_ANY)
+        if ret != -errno.ENOMEM:
+            break
+        time.sleep(0.001)
+    _check(ret, "map update")
+
+
 def delete_batch(fd: int, keys: np.ndarray) -> None:
+    """Delete packed keys, all present (ENOENT at the first absent one). Map types
+    without a batch delete in this kernel get the keys one at a time, stopping as the
+    batch would."""
     if len(keys) == 0:
         return
     n = ct.c_uint32(len(keys))
-    _check(_lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None),
-           "map batch delete")
+    ret = _lib().bpf_map_delete_batch(fd, keys.ctypes.data, ct.byref(n), None)
+    if ret == -ENOTSUPP_KERNEL:
+        stride = keys.strides[0] if keys.ndim else 0
+        for i in range(len(keys)):  # refused before any delete (n is not an answer)
+            _check(_lib().bpf_map_delete_elem(fd, ct.c_void_p(keys.ctypes.data + i * stride)),
+                   "map delete")
+        return
+    _check(ret, "map batch delete")
 
 
 def delete_each(fd: int, keys: np.ndarray) -> int:

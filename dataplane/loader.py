@@ -49,9 +49,15 @@ PROGRAMS = (
 )
 
 # Loaded and reached by tail call (slot abi.PROG_PICK of the named program array), never
-# attached: the table walk has a verifier budget of its own (see bpf/lib/sock.h). One
-# per attach type: the kernel refuses tail calls between programs of different ones.
+# attached: fleet residency (pick) and the table walk each have a verifier budget of their
+# own (see bpf/lib/sock.h). One per attach type: the kernel refuses tail calls between
+# programs of different ones. Walk programs come first: the agent fills the arrays in this
+# order, so a pick program is never reachable before the walk program it jumps to.
 TAIL_CALLS = (
+    ("kvr_walk_c4", Program("sock4_walk", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT)),
+    ("kvr_walk_c6", Program("sock6_walk", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT)),
+    ("kvr_walk_s4", Program("udp4_walk", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP4_SENDMSG)),
+    ("kvr_walk_s6", Program("udp6_walk", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP6_SENDMSG)),
     ("kvr_pick_c4", Program("sock4_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT)),
     ("kvr_pick_c6", Program("sock6_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT)),
     ("kvr_pick_s4", Program("udp4_pick", _SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP4_SENDMSG)),

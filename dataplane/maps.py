@@ -25,7 +25,8 @@ MAP_NAMES = (
 # Pinned too, but never opened through a MapSet: socket storage is keyed by socket fds;
 # the program arrays and the entry point -> pick program hand-over belong to the programs.
 SOCKET_MAPS = ("kvr_sk",)
-PROGRAM_MAPS = ("kvr_pick_c4", "kvr_pick_c6", "kvr_pick_s4", "kvr_pick_s6", "kvr_scratch")
+PROGRAM_MAPS = ("kvr_pick_c4", "kvr_pick_c6", "kvr_pick_s4", "kvr_pick_s6", "kvr_walk_c4",
+                "kvr_walk_c6", "kvr_walk_s4", "kvr_walk_s6", "kvr_scratch")
 # Every map the programs pin (bpf/lib/maps.h): what uninstall may remove.
 PINNED_MAPS = (*MAP_NAMES, *SOCKET_MAPS, *PROGRAM_MAPS)
 # Pinned by the packet path's programs (bpf/tc_nodeport.c), when it is loaded: opened by

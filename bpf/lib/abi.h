@@ -277,7 +277,7 @@ struct kvr_scratch {
 };
 _Static_assert(sizeof(struct kvr_scratch) == 32, "kvr_scratch size");
 
-/* Slot of the pick program in each kvr_pick_* program array. */
+/* Slot of the program in each kvr_pick_* (pick) and kvr_walk_* (walk) program array. */
 #define KVR_PROG_PICK		0
 
 /* No backend: an unset pick, or kvr_event.prev_be_id of a brand-new binding. */

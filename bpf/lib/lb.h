@@ -101,14 +101,42 @@ static __always_inline __u32 lb_svc_mean(__u32 svc_id)
 	return mean ? *mean : 0;
 }
 
-static __always_inline bool lb_seen(const __u32 *seen, __u32 n, __u32 be_id)
+/*
+ * The distinct backends a walk has taken as candidates, newest first: a
+ * shift register, filled with the walk's @avoid at the start (a backend never
+ * taken anyway), so a lookup compares every slot and never asks how many are
+ * filled. Indexing by that count would make the verifier track it as a
+ * constant in each state and explore each iteration once per count (with
+ * the other loop counters, past the 5.10 and 6.1 verifiers' budget).
+ */
+static __always_inline void lb_seen_init(__u32 *seen, __u32 avoid)
 {
 	__u32 i;
 
+#pragma unroll
 	for (i = 0; i < KVR_CANDIDATES; i++)
-		if (i < n && seen[i] == be_id)
+		seen[i] = avoid;
+}
+
+static __always_inline bool lb_seen(const __u32 *seen, __u32 be_id)
+{
+	__u32 i;
+
+#pragma unroll
+	for (i = 0; i < KVR_CANDIDATES; i++)
+		if (seen[i] == be_id)
 			return true;
 	return false;
+}
+
+static __always_inline void lb_seen_add(__u32 *seen, __u32 be_id)
+{
+	__u32 i;
+
+#pragma unroll
+	for (i = KVR_CANDIDATES - 1; i > 0; i--)
+		seen[i] = seen[i - 1];
+	seen[0] = be_id;
 }
 
 static __always_inline __u32 lb_sessions(__u32 be_id)
@@ -127,6 +155,18 @@ static __always_inline __u32 lb_weight(__u32 svc_id, __u32 be_id)
 }
 
 /*
+ * A walk counts the candidates it took as taken - base, with base derived
+ * from the session key: a number the verifier cannot know, so the count is
+ * no constant to it either and iterations that took different numbers of
+ * candidates share one verifier state (a count from 0 made it explore every
+ * iteration once per count). Unsigned wrap-around keeps the difference exact.
+ */
+static __always_inline __u32 lb_walk_base(__u64 key)
+{
+	return (__u32)key;
+}
+
+/*
  * lb_residency_pick() - where a fleet service's new session goes: of the
  * first KVR_CANDIDATES distinct usable backends in the key's walk, those
  * under the load bound, the one holding the fewest fleet-wide sessions
@@ -140,22 +180,24 @@ static __always_inline __u32 lb_weight(__u32 svc_id, __u32 be_id)
 static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *table,
 					       __u64 key, __u64 ident, __u32 mean, __u32 avoid)
 {
-	__u32 best = KVR_NO_BACKEND, best_sess = 0, best_w = 0, nseen = 0;
-	__u32 seen[KVR_CANDIDATES] = {};
+	__u32 best = KVR_NO_BACKEND, best_sess = 0, best_w = 0;
+	/* Candidates counted from an arbitrary base: see lb_walk_base(). */
+	__u32 base = lb_walk_base(key), taken = base;
+	__u32 seen[KVR_CANDIDATES];
 	__u32 n, id, sess, w, slot;
 	__u32 *be_id;
 
+	lb_seen_init(seen, avoid);
 	for (n = 0; n < KVR_WALK; n++) {
 		slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
 		be_id = bpf_map_lookup_elem(table, &slot);
 		if (!be_id)
 			continue;
 		id = *be_id;
-		if (id == avoid || lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
+		if (lb_seen(seen, id) || !lb_backend_usable(id, svc, true))
 			continue;
-		if (nseen < KVR_CANDIDATES)
-			seen[nseen] = id;
-		nseen++;
+		lb_seen_add(seen, id);
+		taken++;
 		if (!lb_over_bound(mean ? lb_backend_load(id) : 0, mean, svc)) {
 			sess = lb_sessions(id);
 			w = lb_weight(svc->id, id);
@@ -166,10 +208,48 @@ static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *
 				best_w = w;
 			}
 		}
-		if (nseen >= KVR_CANDIDATES)
+		if (taken - base >= KVR_CANDIDATES)
 			break;
 	}
 	return best;
+}
+
+/*
+ * lb_pick_prepare() - the service's table and mean load for a pick; false
+ * when it has no table (the walk counts that, once).
+ */
+static __always_inline bool lb_pick_prepare(const struct kvr_svc *svc, void **table,
+					    __u32 *mean)
+{
+	__u32 group = svc->tbl_group;
+
+	*table = kvr_tables.lookup(&group);
+	*mean = 0;
+	if (!*table || svc->table_size == 0)
+		return false;
+	/* Loads are read only when a bound can apply: the common no-load case
+	 * costs no load lookups at all. */
+	if (svc->eps_milli != KVR_EPS_OFF)
+		*mean = lb_svc_mean(svc->id);
+	return true;
+}
+
+/*
+ * lb_fleet_pick() - a fleet service's placement by residency
+ * (lb_residency_pick); KVR_NO_BACKEND sends the pick on to the walk
+ * (lb_maglev_pick), which then decides alone. Verified in a program of its
+ * own (the pick program; the walk has the walk program): see kvr_walk_* in
+ * maps.h.
+ */
+static __always_inline __u32 lb_fleet_pick(const struct kvr_svc *svc, __u64 key, __u64 ident,
+					   __u32 avoid)
+{
+	void *table;
+	__u32 mean;
+
+	if (!lb_pick_prepare(svc, &table, &mean))
+		return KVR_NO_BACKEND;
+	return lb_residency_pick(svc, table, key, ident, mean, avoid);
 }
 
 /**
@@ -187,37 +267,27 @@ static __always_inline __u32 lb_residency_pick(const struct kvr_svc *svc, void *
  * over it, the least loaded one does. KVR_NO_BACKEND when no candidate is
  * usable.
  *
- * Fleet services place by residency first (lb_residency_pick); the walk
- * decides only when no backend there is under the bound. Services without
- * the flag pay nothing for it.
+ * Fleet services place by residency first (lb_fleet_pick, in the program
+ * before this one); the walk decides only when no backend there is under
+ * the bound. Services without the flag pay nothing for it.
  */
 static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc, __u64 key,
-						      __u64 ident, __u32 avoid, bool fleet)
+						      __u64 ident, __u32 avoid)
 {
 	struct kvr_pick pick = { .be_id = KVR_NO_BACKEND, .spilled = 0 };
-	__u32 seen[KVR_CANDIDATES] = {};
-	__u32 best_load = 0xffffffffU, nseen = 0;
-	__u32 group = svc->tbl_group;
-	__u32 mean = 0;
+	__u32 base = lb_walk_base(key), taken = base;
+	__u32 best_load = 0xffffffffU;
+	__u32 seen[KVR_CANDIDATES];
+	__u32 mean;
 	void *table;
 	__u32 n;
 
-	table = kvr_tables.lookup(&group);
-	if (!table || svc->table_size == 0) {
+	if (!lb_pick_prepare(svc, &table, &mean)) {
 		kvr_reason_inc(KVR_R_NO_TABLE);
 		return pick;
 	}
-	/* Loads are read only when a bound can apply: the common no-load case
-	 * costs no load lookups at all. */
-	if (svc->eps_milli != KVR_EPS_OFF)
-		mean = lb_svc_mean(svc->id);
 
-	if (fleet) {
-		pick.be_id = lb_residency_pick(svc, table, key, ident, mean, avoid);
-		if (pick.be_id != KVR_NO_BACKEND)
-			return pick;
-	}
-
+	lb_seen_init(seen, avoid);
 	for (n = 0; n < KVR_WALK; n++) {
 		__u32 slot = svc->tbl_base + kvr_slot_hash(key, ident, n) % svc->table_size;
 		__u32 *be_id = bpf_map_lookup_elem(table, &slot);
@@ -227,7 +297,7 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 			continue;
 		id = *be_id;
 		/* A backend owns many slots: compare distinct backends only. */
-		if (id == avoid || lb_seen(seen, nseen, id) || !lb_backend_usable(id, svc, true))
+		if (lb_seen(seen, id) || !lb_backend_usable(id, svc, true))
 			continue;
 		load = mean ? lb_backend_load(id) : 0;
 		if (!lb_over_bound(load, mean, svc)) {
@@ -240,9 +310,8 @@ static __always_inline struct kvr_pick lb_maglev_pick(const struct kvr_svc *svc,
 			pick.be_id = id;
 			best_load = load;
 		}
-		if (nseen < KVR_CANDIDATES)
-			seen[nseen] = id;
-		if (++nseen >= KVR_CANDIDATES)
+		lb_seen_add(seen, id);
+		if (++taken - base >= KVR_CANDIDATES)
 			break;
 	}
 	return pick;

@@ -115,6 +115,15 @@ BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_c6, 1, KVR_PIN("kvr_pick_c6"));
 BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_s4, 1, KVR_PIN("kvr_pick_s4"));
 BPF_TABLE_PINNED("prog", u32, u32, kvr_pick_s6, 1, KVR_PIN("kvr_pick_s6"));
 
+/* KVR_PROG_PICK -> the walk program of one entry point, tail-called by its
+ * pick program when residency placed nothing (one array per attach type, as
+ * above). A stage of its own: residency and the bounded-load walk in one
+ * program take the 5.10 and 6.1 verifiers past their 1M instruction budget. */
+BPF_TABLE_PINNED("prog", u32, u32, kvr_walk_c4, 1, KVR_PIN("kvr_walk_c4"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_walk_c6, 1, KVR_PIN("kvr_walk_c6"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_walk_s4, 1, KVR_PIN("kvr_walk_s4"));
+BPF_TABLE_PINNED("prog", u32, u32, kvr_walk_s6, 1, KVR_PIN("kvr_walk_s6"));
+
 /* 0 -> per-CPU hand-over from an entry point to its pick program (same CPU,
  * same call). Pinned so an old entry point and a new pick program share it
  * during an upgrade. */

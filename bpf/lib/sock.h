@@ -264,6 +264,23 @@ static __always_inline void sock_tail_pick(struct bpf_sock_addr *ctx, const bool
 	}
 }
 
+/* Jump to the entry point's own walk program (from its pick program). */
+static __always_inline void sock_tail_walk(struct bpf_sock_addr *ctx, const bool v6,
+					   const enum sock_hook hook)
+{
+	if (hook == SOCK_CONNECT) {
+		if (v6)
+			kvr_walk_c6.call(ctx, KVR_PROG_PICK);
+		else
+			kvr_walk_c4.call(ctx, KVR_PROG_PICK);
+	} else {
+		if (v6)
+			kvr_walk_s6.call(ctx, KVR_PROG_PICK);
+		else
+			kvr_walk_s4.call(ctx, KVR_PROG_PICK);
+	}
+}
+
 /*
  * __sock_xlate_fwd() - translate a connect() or sendmsg() to a service VIP
  * into a backend.
@@ -335,7 +352,7 @@ static __always_inline int __sock_xlate_fwd(struct bpf_sock_addr *ctx, const boo
 
 	/* The common case walks here: a plain service's new session. */
 	if (how == LB_AFF_NEW && !(svc->flags & KVR_SVC_F_FLEET)) {
-		pick = lb_maglev_pick(svc, key, svc->ident, KVR_NO_BACKEND, false);
+		pick = lb_maglev_pick(svc, key, svc->ident, KVR_NO_BACKEND);
 		if (pick.spilled)
 			kvr_svc_inc(svc->id, KVR_SC_SPILLED);
 		return sock_xlate_to(ctx, svc, &skey, key, pick.be_id,
@@ -359,43 +376,96 @@ static __always_inline int __sock_xlate_fwd(struct bpf_sock_addr *ctx, const boo
 }
 
 /*
- * __sock_pick() - the table walk for a fleet service's new session or a
- * session that moves; tail-called by an entry point only (its kvr_pick_*
- * array), never attached.
+ * sock_handover() - what the entry point handed over for this call: the
+ * session key, its time, the binding left (@prev) and the backend to avoid.
+ * False when there is no hand-over map. Another call on this CPU may have
+ * overwritten the hand-over while this one was preempted: then the key is
+ * derived again and the pick is as for a new session.
+ */
+static __always_inline bool sock_handover(struct bpf_sock_addr *ctx, const struct kvr_svc *svc,
+					  __u64 *key, __u64 *now, __u32 *prev, __u32 *avoid)
+{
+	struct kvr_scratch *hand;
+	bool untagged = false;
+	__u32 zero = 0;
+
+	hand = kvr_scratch.lookup(&zero);
+	if (!hand)
+		return false;
+	if (hand->cookie == bpf_get_socket_cookie(ctx)) {
+		*key = hand->key;
+		*now = hand->now;
+		*prev = hand->prev;
+		*avoid = hand->avoid;
+		return true;
+	}
+	kvr_reason_inc(KVR_R_HANDOVER);
+	*key = sock_session_key(ctx, svc, svc->affinity == KVR_AFF_SESSION ?
+				sock_storage(ctx->sk, false) : NULL, &untagged);
+	*now = bpf_ktime_get_ns();
+	*prev = *avoid = KVR_NO_BACKEND;
+	return true;
+}
+
+/*
+ * __sock_pick() - a fleet service's residency placement for a new session
+ * or a session that moves; tail-called by an entry point only (its
+ * kvr_pick_* array), never attached. Everything residency does not place
+ * (and every plain service's move) goes on to the walk program.
+ *
+ * Two programs, not one: residency and the bounded-load walk each unroll
+ * into many verifier states (a known loop index times the candidates seen so
+ * far), and together they took the 5.10 and 6.1 verifiers past their 1M
+ * instruction budget. Split, each stays well under it. The hand-over in
+ * kvr_scratch is left as it is for the walk program.
  */
 static __always_inline int __sock_pick(struct bpf_sock_addr *ctx, const bool v6,
 				       const enum sock_hook hook)
 {
 	struct kvr_l4_key skey = {};
-	__u32 zero = 0, prev, avoid;
-	struct kvr_scratch *hand;
-	bool bind, untagged = false;
-	struct kvr_pick pick;
+	__u32 prev, avoid, be_id;
 	struct kvr_svc *svc;
 	__u64 key, now;
 
 	svc = sock_service(ctx, &skey, v6);
-	hand = kvr_scratch.lookup(&zero);
-	if (!svc || !hand) {
+	if (!svc || !sock_handover(ctx, svc, &key, &now, &prev, &avoid)) {
 		kvr_reason_inc(KVR_R_NO_PICK);
 		return SYS_PROCEED;
 	}
-	if (hand->cookie == bpf_get_socket_cookie(ctx)) {
-		key = hand->key;
-		now = hand->now;
-		prev = hand->prev;
-		avoid = hand->avoid;
-	} else {
-		/* Another call on this CPU overwrote the hand-over while this one
-		 * was preempted: derive the key again, pick as for a new session. */
-		kvr_reason_inc(KVR_R_HANDOVER);
-		key = sock_session_key(ctx, svc, svc->affinity == KVR_AFF_SESSION ?
-				       sock_storage(ctx->sk, false) : NULL, &untagged);
-		now = bpf_ktime_get_ns();
-		prev = avoid = KVR_NO_BACKEND;
+	if (svc->flags & KVR_SVC_F_FLEET) {
+		/* A saturated session's move never lands on the backend it leaves. */
+		be_id = lb_fleet_pick(svc, key, svc->ident, avoid);
+		if (be_id != KVR_NO_BACKEND)
+			return sock_xlate_to(ctx, svc, &skey, key, be_id,
+					     svc->affinity != KVR_AFF_NONE, prev, now, v6, hook);
+	}
+	sock_tail_walk(ctx, v6, hook);
+	/* Only reached when the tail call failed: leave the socket alone. */
+	kvr_reason_inc(KVR_R_NO_PICK);
+	return SYS_PROCEED;
+}
+
+/*
+ * __sock_walk() - the bounded-load table walk for a pick residency did not
+ * place; tail-called by a pick program only (its kvr_walk_* array).
+ */
+static __always_inline int __sock_walk(struct bpf_sock_addr *ctx, const bool v6,
+				       const enum sock_hook hook)
+{
+	struct kvr_l4_key skey = {};
+	__u32 prev, avoid;
+	struct kvr_pick pick;
+	struct kvr_svc *svc;
+	__u64 key, now;
+	bool bind;
+
+	svc = sock_service(ctx, &skey, v6);
+	if (!svc || !sock_handover(ctx, svc, &key, &now, &prev, &avoid)) {
+		kvr_reason_inc(KVR_R_NO_PICK);
+		return SYS_PROCEED;
 	}
 	/* A saturated session's move never lands on the backend it leaves... */
-	pick = lb_maglev_pick(svc, key, svc->ident, avoid, svc->flags & KVR_SVC_F_FLEET);
+	pick = lb_maglev_pick(svc, key, svc->ident, avoid);
 	if (pick.spilled)
 		kvr_svc_inc(svc->id, KVR_SC_SPILLED);
 	bind = pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE;
