@@ -376,7 +376,7 @@ static __always_inline int np4_choose(struct __sk_buff *skb)
 		}
 	}
 	if (how == LB_AFF_NEW && !(svc->flags & KVR_SVC_F_FLEET)) {
-		pick = lb_maglev_pick(svc, key, svc->ident, KVR_NO_BACKEND, false);
+		pick = lb_maglev_pick(svc, key, svc->ident, KVR_NO_BACKEND);
 		if (pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE)
 			lb_affinity_bind(svc, &akey, pick.be_id, KVR_NO_BACKEND, s->now);
 		s->be_id = pick.be_id;
@@ -420,8 +420,15 @@ static __always_inline int np4_pick_more(struct __sk_buff *skb)
 	svc = np_stage_service(s);
 	if (!svc)
 		return TC_ACT_OK;
-	pick = lb_maglev_pick(svc, s->key, svc->ident, s->avoid,
-			      svc->flags & KVR_SVC_F_FLEET);
+	/* Residency first for a fleet service, as __sock_pick; the walk decides
+	 * what it does not place. One stage holds both: tc programs verified on
+	 * 6.18 only so far (the socket path splits them for 5.10 and 6.1). */
+	pick.be_id = KVR_NO_BACKEND;
+	pick.spilled = 0;
+	if (svc->flags & KVR_SVC_F_FLEET)
+		pick.be_id = lb_fleet_pick(svc, s->key, svc->ident, s->avoid);
+	if (pick.be_id == KVR_NO_BACKEND)
+		pick = lb_maglev_pick(svc, s->key, svc->ident, s->avoid);
 	akey.svc_id = svc->id;
 	akey.key = s->key;
 	if (pick.be_id != KVR_NO_BACKEND && svc->affinity != KVR_AFF_NONE)
