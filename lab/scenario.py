@@ -55,6 +55,15 @@ def _node_of(topo: topology.Topology, agent: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def _answers(engine: str) -> bool:
+    """Does the engine at ``engine`` (address:port) still accept a connection?"""
+    try:
+        httpx.get(f"http://{engine}/health", timeout=0.5, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
     deadline = time.monotonic() + timeout
@@ -95,6 +104,11 @@ def run(topo: topology.Topology, connect: Connect, sessions: int = 200, turns: i
     with contextlib.suppress(httpx.HTTPError):  # a crash may cut the answer short
         httpx.post(f"http://{victim}/admin/faults", json={"crash": True}, timeout=2,
                    trust_env=False)
+    # Until the engine is gone, a connect may still be accepted and its request cut
+    # short: a failure the client sees but the kernel counts as a connect that worked
+    # (it resets the trip count). The bound is about refused connects, so wait for those.
+    if not wait_for(lambda: not _answers(victim), 10, 0.05):
+        raise ScenarioError(f"{victim} still answers 10 s after it was told to crash")
     after = connect(names)
     failures = [e for e in after if e.startswith("error")]
     if len(failures) > fail_k:
