@@ -147,25 +147,26 @@ class Plan:
 
     def require(self) -> None:
         """Raise :class:`Unsupported` naming every missing required feature."""
-        if not self.missing:
-            return
-        needs = "; ".join(f"{f.what} (Linux {f.since})" for f in self.missing)
-        newest = max((f.since for f in self.missing), key=_version_key)
-        raise Unsupported(
-            f"kernel {self.release} lacks what the kvroute programs need: {needs}. "
-            f"Run kvroute on Linux {newest} or newer (see README, supported kernels).")
+        _require(self.release, self.missing, "the kvroute programs need",
+                 "Run kvroute on Linux {newest} or newer (see README, supported kernels).")
 
     def require_packet_path(self) -> None:
         """Raise :class:`Unsupported` naming every missing feature of the packet path
         (checked only when it is asked for: --external-interface)."""
-        if not self.packet_missing:
-            return
-        needs = "; ".join(f"{f.what} (Linux {f.since})" for f in self.packet_missing)
-        newest = max((f.since for f in self.packet_missing), key=_version_key)
-        raise Unsupported(
-            f"kernel {self.release} lacks what the packet path (NodePort, external IPs) "
-            f"needs: {needs}. Run it on Linux {newest} or newer, or leave out "
-            "--external-interface.")
+        _require(self.release, self.packet_missing,
+                 "the packet path (NodePort, external IPs) needs",
+                 "Run it on Linux {newest} or newer, or leave out --external-interface.")
+
+
+def _require(release: str, missing: tuple[Feature, ...], who: str, advice: str) -> None:
+    """Raise :class:`Unsupported` naming each of ``missing`` and the release that has it;
+    ``advice`` may name {newest}, the newest of those releases."""
+    if not missing:
+        return
+    needs = "; ".join(f"{f.what} (Linux {f.since})" for f in missing)
+    newest = max((f.since for f in missing), key=_version_key)
+    raise Unsupported(f"kernel {release} lacks what {who}: {needs}. "
+                      + advice.format(newest=newest))
 
 
 def rows(found: Mapping[str, bool]) -> list[dict[str, object]]:
